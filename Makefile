@@ -1,0 +1,65 @@
+# The README's commands. `make test` and `make bench` do all set-up on a fresh machine:
+# a virtual environment in .venv, the dependencies, and the build of the C++ extension.
+#
+# torch: `pip install torch==2.13.0` takes the CPU build on a machine without CUDA here; on a GPU
+# machine install a CUDA build first (e.g. `pip install torch==2.13.0` from PyPI, which is the
+# CUDA 12 build on Linux) into .venv, or point VENV at an environment that has one: the build
+# then also compiles csrc/cuda/*.cu.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+TORCH_SPEC ?= torch==2.13.0
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
+PYTEST_ARGS ?=
+
+.PHONY: setup build test test-slow test-gpu bench lint cuda-check info clean
+
+setup: $(VENV)/.deps
+build: $(VENV)/.built
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) setuptools wheel pybind11 ninja numpy triton faiss-cpu pytest pytest-benchmark matplotlib \
+		ruff scikit-learn pytorch-metric-learning inf-cl
+	# torchattacks without its dependencies: its torchvision pin would pull a CUDA torch.
+	$(PIP) --no-deps torchattacks
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	$(PIP) --no-build-isolation --no-deps -e .
+	$(PY) -m fastssl info
+	touch $@
+
+test: build
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: build
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-gpu: build
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m fastssl bench --quick
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Compile (no link) every CUDA source against the installed torch's headers, so CUDA code
+# cannot break unseen on machines without a GPU.
+cuda-check: setup
+	@for f in $(wildcard csrc/cuda/*.cu); do \
+		echo "nvcc -c $$f"; \
+		nvcc -std=c++17 -O2 -c $$f -o /dev/null -DWITH_CUDA \
+			$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))") \
+			-I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") || exit 1; \
+	done
+
+info: build
+	$(PY) -m fastssl info
+
+clean:
+	rm -rf build *.egg-info fastssl/_C*.so $(VENV)/.built

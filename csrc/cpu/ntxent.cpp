@@ -1,0 +1,150 @@
+// NT-Xent on the CPU: the row log-sum-exp of the self-similarity matrix, without holding it.
+//
+// For unit rows z_i (N x D) and s_ij = z_i . z_j / tau,
+//   lse_i = log sum_{j != i} exp(s_ij)                                            (1)
+// is the only part of the NT-Xent / SupCon loss that needs all N^2 pairs; the positive term is
+// O(N D) and lives in fastssl/ops/ntxent.py. Given g_i = dL/dlse_i and P_ij = exp(s_ij - lse_i),
+//   dL/dz_i = (1/tau) sum_j (g_i P_ij + g_j P_ji) z_j.                             (2)
+//
+// Two facts shape the kernel (Chen et al. 2020, SimCLR; DESIGN.md):
+//  a. S is symmetric, so only tiles (I, J) with J >= I are visited. One tile feeds the row sums
+//     of I and of J in (1), and the gradients of I and of J in (2), through A = A^T where
+//     A_ij = g_i P_ij + g_j P_ji: grad_I += A Z_J and grad_J += A^T Z_I.
+//  b. Rows are unit vectors, so s_ij <= 1/tau =: m. With the fixed shift m no running max is
+//     needed and e_ij = exp(s_ij - m) serves row i and row j alike. Every e_ij >= exp(-2/tau)
+//     stays a normal float while 2/tau <= 80; beyond that (tau < 0.025) rows whose every
+//     neighbour is far away would underflow, so a first pass finds each row's max s_ij and
+//     the sums use that per-row shift (two exponentials per pair instead of one).
+//
+// Threads: stripe I is processed tile by tile, J = I..T-1, with the J tiles split among threads.
+// Rows of J are then written by one thread only; rows of I go to per-thread partials that are
+// reduced after the stripe. Work memory is O(threads * tile * (tile + D)), never N x N.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+
+#include "../ops.h"
+
+namespace {
+
+constexpr int64_t kTile = 256;
+
+// exp(s - m) >= exp(-2/tau) is a normal float (> 1.2e-38) while 2/tau <= 80.
+bool fixed_shift_is_exact(double inv_tau) { return 2.0 * inv_tau <= 80.0; }
+
+enum class Combine { kSum, kMax };
+
+void combine_into(at::Tensor dst, const at::Tensor& src, Combine op) {
+  if (op == Combine::kSum) {
+    dst.add_(src);
+  } else {
+    at::maximum_out(dst, dst, src);
+  }
+}
+
+// Visits every tile (I, J), J >= I, of the N x N matrix over rows of z and accumulates
+// tile(i0, i1, j0, j1, diagonal) -> {part for rows i0..i1, part for rows j0..j1} into out
+// (N x K). On a diagonal tile only the row part is used: it already covers both orders of
+// every pair in the tile.
+template <class TileFn>
+void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity, TileFn tile) {
+  const int64_t num_tiles = (n + kTile - 1) / kTile;
+  const int64_t num_threads = at::get_num_threads();
+  for (int64_t I = 0; I < num_tiles; ++I) {
+    const int64_t i0 = I * kTile, i1 = std::min(n, i0 + kTile);
+    at::Tensor partial = at::full({num_threads, i1 - i0, out.size(1)}, identity, out.options());
+    at::parallel_for(I, num_tiles, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor mine = partial[at::get_thread_num()];
+      for (int64_t J = begin; J < end; ++J) {
+        const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
+        auto parts = tile(i0, i1, j0, j1, I == J);
+        combine_into(mine, parts.first, op);
+        if (I != J) combine_into(out.narrow(0, j0, j1 - j0), parts.second, op);
+      }
+    });
+    at::Tensor rows = out.narrow(0, i0, i1 - i0);
+    combine_into(rows, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);
+  }
+}
+
+at::Tensor tile_scores(const at::Tensor& z, double inv_tau, int64_t i0, int64_t i1, int64_t j0,
+                       int64_t j1) {
+  return at::mm(z.slice(0, i0, i1), z.slice(0, j0, j1).t()).mul_(inv_tau);
+}
+
+// max_{j != i} s_ij for every row: the per-row shift when the fixed one may underflow.
+at::Tensor row_max(const at::Tensor& z, double inv_tau) {
+  const int64_t n = z.size(0);
+  const double lowest = -std::numeric_limits<double>::infinity();
+  at::Tensor out = at::full({n, 1}, lowest, z.options());
+  reduce_upper_tiles(n, out, Combine::kMax, lowest,
+                     [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
+                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1);
+                       if (diagonal) s.fill_diagonal_(lowest);
+                       return std::make_pair(std::get<0>(s.max(1, true)),
+                                             std::get<0>(s.max(0)).unsqueeze(1));
+                     });
+  return out.squeeze(1);
+}
+
+// Unit rows [N, D] as a contiguous fp32 tensor (fp64 for fp64 input: gradcheck).
+at::Tensor unit_rows(const at::Tensor& z, const char* fn) {
+  TORCH_CHECK(z.dim() == 2, fn, ": z must be [N, D], got ", z.sizes());
+  TORCH_CHECK(z.device().is_cpu(), fn, ": z must be a CPU tensor");
+  return z.to(z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+}  // namespace
+
+at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z_in, double inv_tau) {
+  const at::Tensor z = unit_rows(z_in, "ntxent_lse_fwd_cpu");
+  const int64_t n = z.size(0);
+  const bool fixed = fixed_shift_is_exact(inv_tau);
+  // shift_i = m for every row (a), or the row's own max (b).
+  const at::Tensor shift = fixed ? at::full({n}, inv_tau, z.options()) : row_max(z, inv_tau);
+  at::Tensor sums = at::zeros({n, 1}, z.options());
+  reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
+                     [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
+                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1);
+                       at::Tensor e_row = at::exp(s - shift.slice(0, i0, i1).unsqueeze(1));
+                       if (diagonal) e_row.fill_diagonal_(0);
+                       at::Tensor row = e_row.sum(1, true);
+                       if (diagonal) return std::make_pair(row, row);
+                       // fixed shift: e_ij is the same number for row i and for row j
+                       at::Tensor e_col =
+                           fixed ? e_row : at::exp(s - shift.slice(0, j0, j1).unsqueeze(0));
+                       return std::make_pair(row, e_col.sum(0).unsqueeze(1));
+                     });
+  return shift + sums.squeeze(1).log();
+}
+
+at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z_in,
+                              const at::Tensor& lse_in, double inv_tau) {
+  const at::Tensor z = unit_rows(z_in, "ntxent_lse_bwd_cpu");
+  const at::Tensor g = grad_lse.to(z.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(z.scalar_type()).contiguous();
+  const int64_t n = z.size(0);
+  const bool fixed = fixed_shift_is_exact(inv_tau);
+  // (b): P_ij = e_ij c_i with c_i = exp(m - lse_i) <= exp(2/tau), finite under the same bound.
+  const at::Tensor u = fixed ? g * (inv_tau - lse).exp() : g;
+  at::Tensor grad = at::zeros({n, z.size(1)}, z.options());
+  reduce_upper_tiles(
+      n, grad, Combine::kSum, 0.0,
+      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
+        at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1);
+        at::Tensor u_i = u.slice(0, i0, i1).unsqueeze(1), u_j = u.slice(0, j0, j1).unsqueeze(0);
+        at::Tensor a;  // A_ij = g_i P_ij + g_j P_ji, from (2)
+        if (fixed) {
+          a = at::exp(s - inv_tau).mul_(u_i + u_j);
+        } else {
+          a = at::exp(s - lse.slice(0, i0, i1).unsqueeze(1)).mul_(u_i) +
+              at::exp(s - lse.slice(0, j0, j1).unsqueeze(0)).mul_(u_j);
+        }
+        if (diagonal) a.fill_diagonal_(0);
+        at::Tensor row = at::mm(a, z.slice(0, j0, j1));
+        if (diagonal) return std::make_pair(row, row);
+        return std::make_pair(row, at::mm(a.t(), z.slice(0, i0, i1)));
+      });
+  return grad.mul_(inv_tau).to(z_in.scalar_type());
+}

@@ -1,0 +1,19 @@
+// The compiled extension fastssl._C: one binding per kernel. The GIL is released while a kernel
+// runs, so Python threads (data loaders, other streams) are not blocked by it.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastssl C++ kernels (CPU)";
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("ntxent_lse_fwd_cpu", &ntxent_lse_fwd_cpu, nogil);
+  m.def("ntxent_lse_bwd_cpu", &ntxent_lse_bwd_cpu, nogil);
+}

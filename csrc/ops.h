@@ -1,0 +1,9 @@
+// Declarations of the C++ kernels bound in ops.cpp. Each takes and returns plain tensors and
+// knows nothing about autograd: fastssl/ops/<op>.py registers the torch.library op around it.
+#pragma once
+#include <ATen/ATen.h>
+
+// ntxent: lse_i = log sum_{j != i} exp(inv_tau * z_i . z_j) over unit rows z [N, D].
+at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z, double inv_tau);
+at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z,
+                              const at::Tensor& lse, double inv_tau);

@@ -1,0 +1,120 @@
+"""Loads the compiled extension and the Triton kernels, and says which backends are available.
+
+Nothing here fails at import: a backend that cannot load records why, `fastssl info` prints it,
+and an op asked to use it raises an error that quotes the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import types
+
+import torch
+
+IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
+
+try:
+    from fastssl import _C  # type: ignore[attr-defined]
+
+    CPP_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    CPP_ERROR = f"{type(exc).__name__}: {exc}"
+
+if _C is None:
+    CUDA_ERROR: str | None = CPP_ERROR
+elif not _C.WITH_CUDA:
+    CUDA_ERROR = "the extension was built without CUDA (no CUDA torch or nvcc at build time)"
+else:
+    CUDA_ERROR = None
+
+
+def triton_error() -> str | None:
+    """Why the Triton kernels cannot run here, or None."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if torch.cuda.is_available() and _interpreting():
+        return "TRITON_INTERPRET=1 is set: kernels run interpreted on CPU tensors only"
+    return None
+
+
+def triton_mode() -> str:
+    """How Triton kernels run here: compiled for the GPU, or Triton's interpreter on CPU tensors."""
+    return "compiled (CUDA)" if torch.cuda.is_available() and not _interpreting() else "interpreter (CPU tensors)"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_kernels(module: str, device: torch.device) -> types.ModuleType:
+    """fastssl.kernels.<module>, imported on first use (Triton's import is not free).
+
+    On CPU tensors the kernels run through Triton's interpreter, which triton.jit picks when the
+    kernels are decorated; on a machine without CUDA fastssl sets TRITON_INTERPRET=1 for that.
+    """
+    if device.type == "cpu" and not _interpreting():
+        if torch.cuda.is_available() or _loaded():
+            raise RuntimeError(
+                "impl='triton' on CPU tensors runs Triton's interpreter, which must be chosen before the "
+                "kernels load: set TRITON_INTERPRET=1 in the environment before importing fastssl"
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif device.type == "cuda" and _interpreting():
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the Triton kernels run on CPU tensors only")
+    error = triton_error()
+    if error is not None:
+        raise RuntimeError(f"the Triton backend is unavailable: {error}")
+    return importlib.import_module(f"fastssl.kernels.{module}")
+
+
+def _loaded() -> list[str]:
+    import sys
+
+    return [name for name in sys.modules if name.startswith("fastssl.kernels")]
+
+
+def resolve_impl(impl: str, device: torch.device, *, has_cuda_kernel: bool = False) -> str:
+    """The backend an op runs: `impl`, or for "auto" (default, or $FASTSSL_IMPL) the device's best.
+
+    "auto" is the C++ kernel on CPU tensors and the Triton kernel on CUDA tensors; a CUDA C++
+    kernel is chosen only by ops whose kernel a GPU run has shown correct and faster
+    (`has_cuda_kernel`).
+    """
+    if impl == "auto":
+        impl = os.environ.get("FASTSSL_IMPL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cpu":
+            impl = "cpp"
+        elif device.type == "cuda":
+            impl = "cuda" if has_cuda_kernel and CUDA_ERROR is None else "triton"
+        else:
+            impl = "reference"
+    if impl == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs on CPU tensors, got a tensor on {device}")
+        if _C is None:
+            raise RuntimeError(f"the C++ extension fastssl._C did not load: {CPP_ERROR}")
+    if impl == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"impl='cuda' runs on CUDA tensors, got a tensor on {device}")
+        if CUDA_ERROR is not None:
+            raise RuntimeError(f"no CUDA C++ kernels: {CUDA_ERROR}")
+    if impl == "triton" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"impl='triton' runs on CUDA tensors (or CPU ones, interpreted), got {device}")
+    return impl
+
+
+def kernel(impl: str, module: str, name: str, device: torch.device):
+    """The raw kernel `name` of op `module` for a resolved impl ("cpp", "cuda" or "triton")."""
+    if impl == "triton":
+        return getattr(triton_kernels(module, device), name)
+    fn = getattr(_C, f"{name}_{'cpu' if impl == 'cpp' else 'cuda'}", None)
+    if fn is None:
+        raise NotImplementedError(f"{module}: no {impl} kernel {name!r} in fastssl._C")
+    return fn

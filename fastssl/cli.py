@@ -1,0 +1,74 @@
+"""`fastssl info` (environment report) and `fastssl bench` (the benchmark suite)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import subprocess
+import sys
+
+import torch
+
+from fastssl import __version__, _ext
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # report, never fail: this is a diagnostic
+        return f"not available ({type(exc).__name__}: {exc})"
+
+
+def _compiler() -> str:
+    try:
+        out = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return out.splitlines()[0] if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "not found"
+
+
+def info() -> str:
+    lines = [
+        f"fastssl  {__version__}",
+        f"python   {platform.python_version()} ({sys.executable})",
+        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'}, {torch.get_num_threads()} CPU threads)",
+        f"triton   {_version('triton')}",
+        f"faiss    {_version('faiss')}",
+        f"compiler {_compiler()}",
+        f"cpu      {platform.processor() or platform.machine()}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"cuda:{i}   {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+    else:
+        lines.append("cuda     no device")
+    backends = {
+        "cpp": _ext.CPP_ERROR,
+        "cuda": _ext.CUDA_ERROR,
+        "triton": _ext.triton_error(),
+    }
+    lines.append("backends")
+    for name, error in backends.items():
+        status = "ok" if error is None else "unavailable: " + error
+        if name == "triton" and error is None:
+            status += f", {_ext.triton_mode()}"
+        lines.append(f"  {name:7s} {status}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastssl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and which backends loaded")
+    bench = sub.add_parser("bench", help="run the benchmark suite on the present hardware")
+    bench.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
+    bench.add_argument("ops", nargs="*", help="benchmarks to run (default: all)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+        return 0
+    from benchmarks.suite import run_suite  # the repository's benchmarks/, not installed
+
+    return run_suite(args.ops, quick=args.quick)

@@ -1,0 +1,1 @@
+"""Host side of every op: input checks, dispatch by impl/device, torch.library registration."""

@@ -1,0 +1,145 @@
+"""NT-Xent (SimCLR) and its multi-positive form (SupCon): checks, dispatch, autograd.
+
+With unit rows z_i (both views stacked, N rows), s_ij = z_i·z_j/τ and P(i) the positives of i,
+
+    ℓ_i = LSE_{j≠i} s_ij − (1/|P(i)|) Σ_{p∈P(i)} s_ip.                          (1)
+
+Only the log-sum-exp needs all N² pairs; it is the custom op `fastssl::ntxent_lse`, run by the
+C++ kernel (csrc/cpu/ntxent.cpp) or the Triton kernel (kernels/ntxent.py), which never hold an
+N×N matrix. The positive term is O(N·D): with C_c the sum of the rows of class c,
+
+    Σ_{p∈P(i)} z_i·z_p = z_i·(C_{c(i)} − z_i),   |P(i)| = n_{c(i)} − 1,           (2)
+
+so it is plain PyTorch here and autograd differentiates it, and the row normalisation, exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastssl import _ext
+from fastssl.ops import _checks
+from fastssl.reference import ntxent as reference
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@torch.library.custom_op("fastssl::ntxent_lse", mutates_args=())
+def ntxent_lse(z: Tensor, inv_tau: float, impl: str) -> Tensor:
+    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] in fp32 (fp64 for fp64 z)."""
+    return _ext.kernel(impl, "ntxent", "ntxent_lse_fwd", z.device)(z, inv_tau)
+
+
+@ntxent_lse.register_fake
+def _(z, inv_tau, impl):
+    return z.new_empty(z.shape[0], dtype=_checks.accumulate_dtype(z.dtype))
+
+
+@torch.library.custom_op("fastssl::ntxent_lse_backward", mutates_args=())
+def ntxent_lse_backward(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float, impl: str) -> Tensor:
+    """dL/dz_i = inv_tau Σ_j (g_i P_ij + g_j P_ji) z_j with P_ij = exp(s_ij − lse_i); dtype of z."""
+    return _ext.kernel(impl, "ntxent", "ntxent_lse_bwd", z.device)(grad_lse, z, lse, inv_tau)
+
+
+@ntxent_lse_backward.register_fake
+def _(grad_lse, z, lse, inv_tau, impl):
+    return torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, inv_tau, impl = inputs
+    ctx.save_for_backward(z, output)
+    ctx.inv_tau, ctx.impl = inv_tau, impl
+
+
+def _backward(ctx, grad_lse):
+    z, lse = ctx.saved_tensors
+    return ntxent_lse_backward(grad_lse.contiguous(), z, lse, ctx.inv_tau, ctx.impl), None, None
+
+
+ntxent_lse.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor | None = None,
+    *,
+    labels: Tensor | None = None,
+    temperature: float = 0.5,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> Tensor:
+    """NT-Xent / SupCon loss over the rows of both views, without an N×N matrix.
+
+    Args:
+        z1: [B, D] embeddings of the first view, or, without ``z2``, all N rows (``labels``
+            then required).
+        z2: [B, D] embeddings of the second view: row i of ``z1`` and row i of ``z2`` are
+            positives of each other (SimCLR).
+        labels: integer class of each sample, [B] shared by both views (with ``z2``) or [N]
+            (without): every other row with the same label is a positive, and the loss averages
+            the positives' log-probabilities (SupCon's L_out).
+        temperature: τ > 0.
+        reduction: "mean" (over rows that have a positive), "sum", or "none" for the per-row
+            losses [N] (0 for a row without a positive).
+        impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL
+            overrides "auto".
+
+    Rows are L2-normalised inside the op (a zero row stays zero). Accumulation is fp32 and the
+    loss is fp32 for every input dtype. A row without a positive (a label seen once, without
+    ``z2``) is left out of the mean; a batch in which no row has one raises ValueError (under
+    ``torch.compile`` it gives NaN instead). Non-finite embeddings give a non-finite loss.
+    """
+    z, classes = _rows_and_classes(z1, z2, labels)
+    inv_tau = 1.0 / _checks.positive("temperature", temperature)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    impl = _ext.resolve_impl(impl, z.device)
+    n_pos = _positive_counts(classes)
+    if impl == "reference":
+        rows = reference.nt_xent_rows(z, classes, inv_tau)
+    else:
+        zn = F.normalize(z.to(_checks.accumulate_dtype(z.dtype)), dim=1)
+        lse = ntxent_lse(zn.to(z.dtype), inv_tau, impl)
+        rows = lse - inv_tau * _positive_mean(zn, classes, n_pos)
+    if not torch.compiler.is_compiling() and not bool((n_pos > 0).any()):
+        raise ValueError("labels: no row has a positive (every label occurs once)")
+    rows = torch.where(n_pos > 0, rows, 0.0)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / (n_pos > 0).sum()
+
+
+def _rows_and_classes(z1, z2, labels) -> tuple[Tensor, Tensor]:
+    """All rows [N, D] and each row's class as an index into [N] (the first row of its class)."""
+    _checks.features("z1", z1)
+    if z2 is None:
+        if labels is None:
+            raise ValueError("labels is required when z2 is None: without a second view only labels give positives")
+        z = z1
+        y = _checks.labels("labels", labels, z.shape[0], z.device)
+    else:
+        _checks.features("z2", z2)
+        _checks.like("z2", z2, "z1", z1)
+        z = torch.cat([z1, z2])
+        b = z1.shape[0]
+        y = torch.arange(b, device=z.device) if labels is None else _checks.labels("labels", labels, b, z.device)
+        y = y.repeat(2)
+    # index of the first occurrence of each label in sorted order: static shape [N], so the op
+    # traces under torch.compile without data-dependent sizes (torch.unique would not).
+    sorted_y = torch.sort(y).values
+    return z, torch.searchsorted(sorted_y, y)
+
+
+def _positive_counts(classes: Tensor) -> Tensor:
+    """|P(i)| = n_{c(i)} − 1, as float."""
+    ones = torch.ones(classes.shape[0], device=classes.device)
+    return torch.zeros_like(ones).index_add_(0, classes, ones)[classes] - 1
+
+
+def _positive_mean(zn: Tensor, classes: Tensor, n_pos: Tensor) -> Tensor:
+    """(1/|P(i)|) Σ_{p∈P(i)} z_i·z_p by (2); 0 where |P(i)| = 0."""
+    class_sums = torch.zeros_like(zn).index_add_(0, classes, zn)
+    return (zn * (class_sums[classes] - zn)).sum(1) / n_pos.clamp(min=1)

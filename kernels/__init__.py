@@ -1,0 +1,1 @@
+"""Triton kernels, installed as fastssl.kernels: @triton.jit code and launch helpers only."""
