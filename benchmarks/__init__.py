@@ -1,0 +1,1 @@
+"""Benchmarks: one bench_<op>.py per op, sharing harness.py; `make bench` runs suite.py."""

@@ -1,0 +1,114 @@
+"""NT-Xent: fastssl against the eager reference, the reference under torch.compile, and
+pytorch-metric-learning's NTXentLoss, forward and forward+backward, time and peak memory.
+
+    python benchmarks/bench_ntxent.py [--quick] [--B 4096 16384] [--D 128] [--providers fastssl reference]
+
+TFLOP/s counts 3·N²·D per iteration (N = 2B), the work of the fused forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import Case, run
+
+import fastssl
+from fastssl.reference.ntxent import nt_xent_rows
+
+OP = "ntxent"
+TEMPERATURE = 0.1
+PROVIDERS = ("fastssl", "reference", "reference-compile", "pml")
+# (B, target: fastssl time / reference time, target: fastssl memory / reference memory), CPU fp32 D=128
+TARGETS = {4096: (0.3, None), 16384: (0.25, 1 / 20)}
+
+
+def _loss_fn(provider: str):
+    if provider == "fastssl":
+        return lambda z1, z2: fastssl.nt_xent(z1, z2, temperature=TEMPERATURE)
+    if provider == "reference":
+        return lambda z1, z2: fastssl.nt_xent(z1, z2, temperature=TEMPERATURE, impl="reference")
+    if provider == "reference-compile":
+        ref = torch.compile(lambda z, y: nt_xent_rows(z, y, 1 / TEMPERATURE).mean())
+        return lambda z1, z2: ref(torch.cat([z1, z2]), torch.arange(z1.shape[0], device=z1.device).repeat(2))
+    if provider == "pml":
+        from pytorch_metric_learning.losses import NTXentLoss
+
+        pml = NTXentLoss(temperature=TEMPERATURE)
+        return lambda z1, z2: pml(torch.cat([z1, z2]), torch.arange(z1.shape[0], device=z1.device).repeat(2))
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_case(provider: str, mode: str, b: int, d: int, dtype: torch.dtype, device: str, min_reps: int = 3) -> Case:
+    def build():
+        gen = torch.Generator(device=device).manual_seed(0)
+        z1 = torch.randn(b, d, device=device, dtype=dtype, generator=gen, requires_grad=True)
+        z2 = torch.randn(b, d, device=device, dtype=dtype, generator=gen, requires_grad=True)
+        loss_fn = _loss_fn(provider)
+        if mode == "forward":
+            return lambda: loss_fn(z1.detach(), z2.detach())
+        return lambda: torch.autograd.grad(loss_fn(z1, z2), (z1, z2))
+
+    n = 2 * b
+    return Case(provider, mode, dtype, {"B": b, "D": d}, build, flops=3.0 * n * n * d, min_reps=min_reps)
+
+
+def cases(quick: bool, device: str, batch=None, dims=None, providers=PROVIDERS, modes=None) -> list[Case]:
+    if device == "cuda":
+        dtype = torch.bfloat16
+        batch = batch or ([1024, 4096, 16384] if quick else [1024, 4096, 16384, 32768, 65536, 131072, 262144])
+        dims = dims or ([128] if quick else [128, 1024])
+    else:
+        dtype = torch.float32
+        batch = batch or ([256, 1024, 4096] if quick else [256, 1024, 4096, 16384, 65536])
+        dims = dims or [128]
+    modes = modes or (["forward+backward"] if quick else ["forward", "forward+backward"])
+    if quick:
+        providers = [p for p in providers if p != "reference-compile"]  # compile time dominates a quick run
+    out = []
+    for d in dims:
+        for mode in modes:
+            for provider in providers:
+                for b in batch:
+                    out.append(make_case(provider, mode, b, d, dtype, device, min_reps=1 if b >= 32768 else 3))
+    return out
+
+
+def check_targets(rows: list[dict]) -> None:
+    """Prints the README's CPU targets against the rows just measured."""
+    ok = {(r["provider"], r["mode"], r["shape"]): r for r in rows if r.get("status") == "ok"}
+    for b, (t_target, m_target) in TARGETS.items():
+        key = f"B={b},D=128"
+        fs, ref = ok.get(("fastssl", "forward+backward", key)), ok.get(("reference", "forward+backward", key))
+        if not (fs and ref):
+            continue
+        t = fs["median_ms"] / ref["median_ms"]
+        line = f"target B={b}: time {t:.3f} x reference (want <= {t_target}) {'PASS' if t <= t_target else 'MISS'}"
+        if m_target:
+            m = fs["peak_mem_mb"] / ref["peak_mem_mb"]
+            line += f"; peak memory {m:.4f} x reference (want < {m_target:.3f}) {'PASS' if m < m_target else 'MISS'}"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--B", type=int, nargs="+", help="batch sizes (per view)")
+    parser.add_argument("--D", type=int, nargs="+", help="embedding dims")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--modes", nargs="+", choices=["forward", "forward+backward"])
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run(OP, cases(args.quick, device, args.B, args.D, args.providers, args.modes))
+    if device == "cpu":
+        check_targets(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

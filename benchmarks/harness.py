@@ -1,0 +1,346 @@
+"""Benchmark harness shared by every benchmarks/bench_<op>.py.
+
+A bench script defines ``OP`` and ``cases(quick, device)`` returning :class:`Case` objects, each of
+which knows how to build one iteration (forward, or forward+backward) for one provider. The harness
+
+* times each case (warm-up, then repeats until a time budget; median and 20/80 % quantiles),
+* measures peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the case; on the CPU the
+  growth of the peak resident set (VmHWM) of a process forked for that case alone from a parent
+  that has run nothing, so every buffer the case allocates, N×N ones included, is counted,
+* records out-of-memory as ``OOM`` (CPU children run under an address-space limit so a too-large
+  case fails to allocate instead of being killed) and a case past its time limit as ``timeout``;
+  once a provider fails at a size, its larger sizes are recorded as ``skipped``,
+* appends one CSV row per case to ``benchmarks/results/<op>.csv`` keyed by device, dtype, shape and
+  version, prints a table with each provider's time as a ratio of the reference's, and draws a
+  plot from the CSV (``benchmarks/results/<op>_<device>.png``).
+
+The parent process must run no torch op before it forks (GNU OpenMP's thread pool does not survive
+a fork: the child would hang), so bench scripts build their inputs inside ``Case.build``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = [
+    "timestamp", "version", "commit", "device", "op", "provider", "mode", "dtype", "shape",
+    "status", "median_ms", "q20_ms", "q80_ms", "reps", "peak_mem_mb", "tflops", "note",
+]  # fmt: skip
+
+
+@dataclass
+class Case:
+    """One measurement: ``build()`` returns a zero-argument function running one iteration.
+
+    The first entry of ``shape`` is the swept size: a failure at one size skips the larger ones
+    of the same provider, mode, dtype and other dims. ``flops`` (optional) is the work of one
+    iteration, for the TFLOP/s column. ``min_reps`` = 1 suits cases of minutes (no warm-up then).
+    """
+
+    provider: str
+    mode: str  # "forward" or "forward+backward"
+    dtype: torch.dtype
+    shape: dict
+    build: Callable[[], Callable[[], object]]
+    flops: float | None = None
+    note: str = ""
+    min_reps: int = 3
+
+    @property
+    def size(self) -> float:
+        return float(next(iter(self.shape.values())))
+
+    @property
+    def shape_str(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def _version() -> tuple[str, str]:
+    import fastssl
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return fastssl.__version__, commit
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: str, budget_s: float, min_reps: int, max_reps: int) -> list[float]:
+    if min_reps > 1:
+        fn()  # warm-up (compilation, autotuning, allocator)
+        _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "can't allocate" in text
+
+
+def _measure(case: Case, device: str, budget_s: float) -> dict:
+    """Runs in the process that owns the case (a forked child on CPU)."""
+    try:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            base = _rss_kb("VmRSS") * 1024
+        fn = case.build()
+        times = _time(fn, device, budget_s, min_reps=case.min_reps, max_reps=50)
+        peak = (
+            torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
+        )
+        return {
+            "status": "ok",
+            "median_ms": statistics.median(times) * 1e3,
+            "q20_ms": _quantile(times, 0.2) * 1e3,
+            "q80_ms": _quantile(times, 0.8) * 1e3,
+            "reps": len(times),
+            "peak_mem_mb": peak / 2**20,
+        }
+    except Exception as exc:
+        if _is_oom(exc):
+            return {"status": "OOM"}
+        return {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300], "trace": traceback.format_exc()}
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _child(case: Case, budget_s: float, mem_limit: int, conn) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    conn.send(_measure(case, "cpu", budget_s))
+    conn.close()
+
+
+def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
+    """A fresh child per case: its peak RSS is the case's alone, and an OOM cannot hurt the parent."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(case, budget_s, int(total * 0.85), send))
+    proc.start()
+    send.close()
+    result = {"status": "timeout"} if not recv.poll(timeout_s) else None
+    if result is None:
+        try:
+            result = recv.recv()
+        except EOFError:  # the child died without answering: killed for memory, or crashed
+            result = None
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+    if result is None:
+        result = {"status": "OOM" if proc.exitcode in (-9, 137) else "error", "note": f"exit code {proc.exitcode}"}
+    return result
+
+
+def run(
+    op: str,
+    cases: list[Case],
+    *,
+    reference: str = "reference",
+    budget_s: float = 3.0,
+    timeout_s: float = 900.0,
+    csv_path: Path | None = None,
+    plot: bool = True,
+) -> list[dict]:
+    """Measures ``cases`` in order, appends them to the CSV, prints a table and draws the plot."""
+    import torch._dynamo  # noqa: F401  (imported lazily by the first custom-op call; not the case's memory)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev_name = device_name()
+    version, commit = _version()
+    stamp = dt.datetime.now().isoformat(timespec="seconds")
+    failed: dict[tuple, float] = {}  # (provider, mode, dtype, other dims) -> smallest failing size
+    rows = []
+    for i, case in enumerate(cases, 1):
+        key = (case.provider, case.mode, case.dtype, tuple(case.shape.items())[1:])  # all but the swept dim
+        label = f"[{i}/{len(cases)}] {op} {case.provider} {case.mode} {case.dtype} {case.shape_str}"
+        if key in failed and case.size > failed[key]:
+            result = {"status": "skipped", "note": "a smaller size failed"}
+        else:
+            print(f"{label} ...", end="", flush=True, file=sys.stderr)
+            t0 = time.perf_counter()
+            result = (
+                _measure(case, device, budget_s) if device == "cuda" else _measure_forked(case, budget_s, timeout_s)
+            )
+            print(f" {result['status']} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            if result["status"] == "error":
+                print(result.get("trace", result.get("note", "")), file=sys.stderr)
+        if result["status"] != "ok" and result["status"] != "skipped":
+            failed[key] = min(failed.get(key, math.inf), case.size)
+        if result["status"] == "ok" and case.flops:
+            result["tflops"] = case.flops / (result["median_ms"] * 1e-3) / 1e12
+        row = {
+            "timestamp": stamp,
+            "version": version,
+            "commit": commit,
+            "device": dev_name,
+            "op": op,
+            "provider": case.provider,
+            "mode": case.mode,
+            "dtype": str(case.dtype).removeprefix("torch."),
+            "shape": case.shape_str,
+            "note": case.note,
+        }
+        row.update({k: v for k, v in result.items() if k in FIELDS})
+        rows.append(row)
+    path = csv_path or RESULTS / f"{op}.csv"
+    append_csv(path, rows)
+    print(format_table(rows, reference))
+    print(f"\nrows appended to {path}")
+    if plot:
+        png = plot_csv(path, dev_name)
+        if png:
+            print(f"plot: {png}")
+    return rows
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in FIELDS})
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_table(rows: list[dict], reference: str = "reference") -> str:
+    """Time and memory per case, with ratios to the reference provider of the same case."""
+    ref = {
+        (r["mode"], r["dtype"], r["shape"]): r
+        for r in rows
+        if r["provider"] == reference and r.get("status") == "ok"
+    }
+    header = ["provider", "mode", "dtype", "shape", "status", "median ms", "x ref time", "peak MB", "x ref mem"]
+    lines = [header]
+    for r in rows:
+        base = ref.get((r["mode"], r["dtype"], r["shape"]))
+        ok = r.get("status") == "ok"
+        t = float(r["median_ms"]) if ok else None
+        m = float(r["peak_mem_mb"]) if ok else None
+        lines.append([
+            r["provider"], r["mode"], r["dtype"], r["shape"], r.get("status", ""),
+            f"{t:.2f}" if ok else "",
+            f"{t / float(base['median_ms']):.3f}" if ok and base else "",
+            f"{m:.1f}" if ok else "",
+            f"{m / max(float(base['peak_mem_mb']), 1e-9):.4f}" if ok and base else "",
+        ])  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def plot_csv(path: Path, device: str | None = None) -> Path | None:
+    """Time and peak memory against the batch dimension, one line per provider and mode.
+
+    For each (device, provider, mode, dtype, shape) the newest row counts. Returns the PNG path.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    rows = [r for r in read_csv(path) if r["status"] == "ok" and (device is None or r["device"] == device)]
+    if not rows:
+        return None
+    device = device or rows[-1]["device"]
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        latest[(r["provider"], r["mode"], r["dtype"], r["shape"])] = r
+    series: dict[tuple, list] = {}
+    for (provider, mode, dtype, shape), r in latest.items():
+        dims = dict(kv.split("=") for kv in shape.split(","))
+        x = float(dims.pop(next(iter(dims))))  # the first dimension is the swept one
+        rest = ",".join(f"{k}={v}" for k, v in dims.items())
+        series.setdefault((provider, mode, dtype, rest), []).append((x, float(r["median_ms"]), float(r["peak_mem_mb"])))
+    xlabel = next(iter(latest))[3].split("=")[0]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for (provider, mode, dtype, rest), pts in sorted(series.items()):
+        pts.sort()
+        xs, ts, ms = zip(*pts, strict=True)
+        style = "-" if mode == "forward+backward" else "--"
+        label = f"{provider} {mode} {dtype} {rest}"
+        axes[0].plot(xs, ts, style, marker="o", label=label)
+        axes[1].plot(xs, [max(m, 1e-3) for m in ms], style, marker="o", label=label)
+    for ax, ylabel in zip(axes, ["median time (ms)", "peak memory (MB)"], strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    op = path.stem
+    fig.suptitle(f"{op} on {device}")
+    fig.tight_layout()
+    png = path.with_name(f"{op}_{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}.png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

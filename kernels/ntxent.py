@@ -1,0 +1,469 @@
+"""NT-Xent in Triton: the row log-sum-exp of the self-similarity matrix and its gradient.
+
+Same contract as the C++ kernel (csrc/cpu/ntxent.cpp); fastssl/ops/ntxent.py calls
+`ntxent_lse_fwd` and `ntxent_lse_bwd`. For unit rows z_i (N × D) and s_ij = z_i·z_j/τ,
+
+    lse_i = log Σ_{j≠i} exp(s_ij)                                                   (1)
+
+is the only part of the NT-Xent / SupCon loss (Chen et al. 2020, SimCLR; Khosla et al. 2020)
+that needs all N² pairs. With g_i = ∂L/∂lse_i and P_ij = exp(s_ij − lse_i) (P_ii = 0),
+
+    ∂L/∂z_i = (1/τ) Σ_{j≠i} (g_i P_ij + g_j P_ji) z_j = (1/τ) Σ_j A_ij z_j.           (2)
+
+How the kernels compute them (DESIGN.md, "NT-Xent"):
+
+ 3. Symmetric tiles. S = ZZᵀ is cut into BLOCK_N × BLOCK_N tiles and only tiles (I, J) with
+    J ≥ I are visited. In (1) one tile gives the row sums of block I (sum over the tile's
+    columns) and, when I ≠ J, those of block J (sum over its rows). In (2) A = Aᵀ, so one tile
+    gives grad_I += A Z_J and, when I ≠ J, grad_J += Aᵀ Z_I. A diagonal tile (I = J) already
+    holds both orders of each of its pairs, so it feeds block I alone, with i = j masked out.
+ 4. Fixed shift. Rows are unit vectors, so s_ij ≤ m = 1/τ and e_ij = exp(s_ij − m) ≤ 1 needs no
+    running max: it is computed once per pair and serves row i and row j alike, and
+    lse_i = m + log Σ_{j≠i} e_ij. Kernels work in base 2 with log₂e folded into the scale:
+    with k = log₂e/τ, e_ij = 2^{(z_i·z_j − 1)·k}. Every e_ij ≥ exp(−2/τ) is a normal fp32
+    number while 2/τ ≤ 80, which is when the fixed shift is exact.
+ 5. Row shift (2/τ > 80, τ < 0.025), as in the C++ kernel: a first pass (WRITE_MAX) writes
+    M_i = max_{j≠i} s_ij·log₂e, the row side kept in registers, the column side by
+    tl.atomic_max; the second pass (ROW_SHIFT) sums 2^{t_ij − M_i} into row i and 2^{t_ij − M_j}
+    into row j (t_ij = s_ij·log₂e, two exponentials per pair), and lse_i = M_i·ln 2 + log(sum).
+ 6. Backward, fixed shift: P_ij = e_ij c_i with c_i = exp(m − lse_i) ≤ exp(2/τ) (finite under the
+    same bound), so A_ij = e_ij (u_i + u_j) with u_i = g_i c_i/τ: one exponential per pair.
+    Row shift: A_ij = (g_i/τ) 2^{t_ij − lse_i·log₂e} + (g_j/τ) 2^{t_ij − lse_j·log₂e}, each term
+    ≤ |g|/τ since s_ij ≤ lse_i. The 1/τ of (2) is folded into u (or g) here.
+ 7. Work layout. With T row blocks, program column `pair` takes row block p = pair and row block
+    T−1−p: (T − p) + (p + 1) = T + 1 tiles for every pair, so the triangle is shared evenly. The
+    tiles of a pair are cut into `parts` contiguous runs (grid axis 1) so there are enough
+    programs to fill the GPU; a run holds at most two segments, one per row block. Along a
+    segment the row side of block I accumulates in registers (row sums, row max, and in backward
+    grad_I when D fits in one BLOCK_D chunk) and is added once at the segment's end; the column
+    side of block J, and grad_I when D needs several chunks, go through fp32 (fp64) atomics.
+    Every row is so written by several programs: all writes are tl.atomic_add / atomic_max
+    into zero- (or −∞-) initialised buffers, which makes the kernels race-free but their sums
+    order-dependent in the last bits (not bitwise deterministic run to run).
+ 8. Precision. Tiles enter tl.dot in their own dtype with fp32 accumulation (fp64 for fp64
+    input, for gradcheck). fp32 input uses input_precision "tf32x3" (fp32-accurate on tensor
+    cores; plain tf32 would put 1e-3 relative error into s, i.e. 0.1 into s·(1/τ) at τ = 0.01).
+    In backward A is cast to the operand dtype of the A·Z products: bf16 for bf16 (as
+    flash-attention casts P), but fp32 with tf32 for fp16 — A scales like g/(τN), which for a
+    mean loss over thousands of rows falls below fp16's normal range, while fp16 values convert
+    exactly to tf32. Scalars reach the kernel as fp32 hi/lo pairs (x = hi + lo) so that fp64
+    runs see 1/τ and log₂e at fp64 precision.
+
+Memory: O(N·D) (the fp32 gradient buffer and [N] vectors), never an N×N matrix.
+Non-contiguous z, grad_lse and lse are read through their strides.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Block sizes: the largest power of two up to these caps, and at least 16 (tl.dot's minimum).
+# Module constants so that tests can shrink them to exercise many tiles on small inputs.
+_FWD_BLOCK_N = 128
+_BWD_BLOCK_N = 64
+_MAX_BLOCK_D = {2: 128, 4: 64, 8: 32}  # by element size: bf16/fp16, fp32, fp64
+_FP64_BLOCK_N = 64
+_MIN_BLOCK = 16
+# Programs per SM aimed at when the triangle's tiles are cut into runs (7).
+_PROGRAMS_PER_SM = 4
+# Programs aimed at on CPU tensors (Triton's interpreter): a few, so that runs are exercised.
+_INTERPRETER_PROGRAMS = 4
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _hi_lo(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi and lo both fp32 numbers (lo carries what fp32 rounds off)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+_LOG2E_HI, _LOG2E_LO = _hi_lo(_LOG2E)
+LOG2E_HI = tl.constexpr(_LOG2E_HI)
+LOG2E_LO = tl.constexpr(_LOG2E_LO)
+
+
+@triton.jit
+def _scalar(hi, lo, ACC: tl.constexpr):
+    """hi + lo in the accumulation dtype (8: fp64 kernels get the full double)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _times_log2e(x):
+    """x·log₂e at the precision of x (log₂e as an fp32 hi/lo pair)."""
+    return x * LOG2E_HI + x * LOG2E_LO
+
+
+@triton.jit
+def _load_rows(X_ptr, rows, row_ok, d0, D, X_stride_n, X_stride_d, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
+    """X[rows, d0:d0+BLOCK_D] as a [BLOCK_N, BLOCK_D] tile in DTYPE, zeros outside the matrix."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    ptrs = X_ptr + rows[:, None] * X_stride_n + cols[None, :] * X_stride_d
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _segment(pair, seg, parts, part, N, BLOCK_N: tl.constexpr):
+    """Row block I and its column blocks [j_start, j_end) for one of a program's two segments (7)."""
+    T = tl.cdiv(N, BLOCK_N)
+    lo_blk = pair
+    hi_blk = T - 1 - pair
+    n_lo = T - pair  # tiles (lo_blk, J) for J = lo_blk .. T-1
+    n_hi = tl.where(hi_blk > lo_blk, pair + 1, 0)  # tiles (hi_blk, J) for J = hi_blk .. T-1
+    total = n_lo + n_hi
+    t0 = total * part // parts
+    t1 = total * (part + 1) // parts
+    if seg == 0:
+        I = lo_blk
+        j_start = lo_blk + t0
+        j_end = lo_blk + tl.minimum(t1, n_lo)
+    else:
+        I = hi_blk
+        j_start = hi_blk + tl.maximum(t0, n_lo) - n_lo
+        j_end = hi_blk + t1 - n_lo
+    return I, j_start, j_end
+
+
+@triton.jit
+def _ntxent_lse_fwd_kernel(
+    Z_ptr,
+    Out_ptr,  # [N] ACC: row sums (zeros in), or with WRITE_MAX the row max M (−∞ in)
+    Shift_ptr,  # [N] ACC: M from the WRITE_MAX pass, read when ROW_SHIFT
+    N,
+    D,
+    Z_stride_n,
+    Z_stride_d,
+    scale_hi,  # k = log₂e/τ as an fp32 hi/lo pair (8)
+    scale_lo,
+    ACC: tl.constexpr,
+    Z_DOT: tl.constexpr,  # operand dtype of z_i·z_j: z's own, or fp32 for bf16 when interpreted
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,  # D <= BLOCK_D: the I rows are loaded once per segment
+    ROW_SHIFT: tl.constexpr,
+    WRITE_MAX: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1).to(tl.int64)
+    parts = tl.num_programs(1).to(tl.int64)
+    scale = _scalar(scale_hi, scale_lo, ACC)
+    offs = tl.arange(0, BLOCK_N)
+    for seg in range(2):
+        I, j_start, j_end = _segment(pair, seg, parts, part, N, BLOCK_N)
+        rows_i = I * BLOCK_N + offs
+        ok_i = rows_i < N
+        if WRITE_MAX:
+            acc_i = tl.full([BLOCK_N], float("-inf"), ACC)
+        else:
+            acc_i = tl.zeros([BLOCK_N], ACC)
+        if ROW_SHIFT:
+            shift_i = tl.load(Shift_ptr + rows_i, mask=ok_i, other=0.0)
+        if ONE_D_BLOCK:
+            z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+        for J in range(j_start, j_end):
+            rows_j = J * BLOCK_N + offs
+            ok_j = rows_j < N
+            # z_i·z_j for the tile, D in BLOCK_D chunks (3)
+            if ONE_D_BLOCK:
+                z_j = _load_rows(Z_ptr, rows_j, ok_j, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+                dots = tl.dot(z_i, tl.trans(z_j), input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                dots = tl.zeros([BLOCK_N, BLOCK_N], ACC)
+                for d0 in range(0, D, BLOCK_D):
+                    zi = _load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+                    zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+                    dots = tl.dot(zi, tl.trans(zj), dots, input_precision=DOT_PRECISION)
+            # pairs that count: both rows inside the matrix, and i ≠ j on the diagonal tile
+            keep = ok_i[:, None] & ok_j[None, :] & ((I != J) | (offs[:, None] != offs[None, :]))
+            if WRITE_MAX:
+                # (5) t_ij = s_ij·log₂e; row max here, column max of block J by atomic max
+                t = tl.where(keep, dots * scale, float("-inf"))
+                acc_i = tl.maximum(acc_i, tl.max(t, axis=1))
+                if I != J:
+                    tl.atomic_max(Out_ptr + rows_j, tl.max(t, axis=0), mask=ok_j, sem="relaxed")
+            elif ROW_SHIFT:
+                # (5) two exponentials per pair: 2^{t_ij − M_i} for row i, 2^{t_ij − M_j} for row j
+                # (exponents are ≤ 0 on kept pairs; the clamp keeps masked lanes finite)
+                t = dots * scale
+                e_row = tl.exp2(tl.minimum(t - shift_i[:, None], 0.0))
+                acc_i += tl.sum(tl.where(keep, e_row, 0.0), axis=1)
+                if I != J:
+                    shift_j = tl.load(Shift_ptr + rows_j, mask=ok_j, other=0.0)
+                    e_col = tl.where(keep, tl.exp2(tl.minimum(t - shift_j[None, :], 0.0)), 0.0)
+                    tl.atomic_add(Out_ptr + rows_j, tl.sum(e_col, axis=0), mask=ok_j, sem="relaxed")
+            else:
+                # (4) e_ij = 2^{(z_i·z_j − 1)·k}, once per pair, for row i and row j
+                e = tl.where(keep, tl.exp2(dots * scale - scale), 0.0)
+                acc_i += tl.sum(e, axis=1)
+                if I != J:
+                    tl.atomic_add(Out_ptr + rows_j, tl.sum(e, axis=0), mask=ok_j, sem="relaxed")
+        if j_start < j_end:
+            if WRITE_MAX:
+                tl.atomic_max(Out_ptr + rows_i, acc_i, mask=ok_i, sem="relaxed")
+            else:
+                tl.atomic_add(Out_ptr + rows_i, acc_i, mask=ok_i, sem="relaxed")
+
+
+@triton.jit
+def _ntxent_lse_bwd_kernel(
+    Z_ptr,
+    G_ptr,  # [N] ∂L/∂lse
+    Lse_ptr,  # [N] lse from the forward
+    Grad_ptr,  # [N, D] ACC, zeros in: (2) accumulates here
+    N,
+    D,
+    Z_stride_n,
+    Z_stride_d,
+    G_stride_n,
+    Lse_stride_n,
+    Grad_stride_n,
+    Grad_stride_d,
+    scale_hi,  # k = log₂e/τ as an fp32 hi/lo pair (8)
+    scale_lo,
+    inv_tau_hi,  # 1/τ as an fp32 hi/lo pair
+    inv_tau_lo,
+    ACC: tl.constexpr,
+    Z_DOT: tl.constexpr,  # operand dtype of z_i·z_j: z's own, or fp32 for bf16 when interpreted
+    DOT_PRECISION: tl.constexpr,
+    A_DTYPE: tl.constexpr,  # A is rounded to this dtype (8) ...
+    A_DOT: tl.constexpr,  # ... and enters the products A·Z in this one, with z
+    A_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,  # D <= BLOCK_D: z_I loaded once, grad_I kept in registers
+    ROW_SHIFT: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1).to(tl.int64)
+    parts = tl.num_programs(1).to(tl.int64)
+    scale = _scalar(scale_hi, scale_lo, ACC)
+    inv_tau = _scalar(inv_tau_hi, inv_tau_lo, ACC)
+    offs = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    for seg in range(2):
+        I, j_start, j_end = _segment(pair, seg, parts, part, N, BLOCK_N)
+        rows_i = I * BLOCK_N + offs
+        ok_i = rows_i < N
+        g_i = tl.load(G_ptr + rows_i * G_stride_n, mask=ok_i, other=0.0).to(ACC) * inv_tau
+        lse2_i = _times_log2e(tl.load(Lse_ptr + rows_i * Lse_stride_n, mask=ok_i, other=0.0).to(ACC))
+        if not ROW_SHIFT:
+            # (6) u_i = (g_i/τ)·exp(m − lse_i), m = 1/τ
+            u_i = g_i * tl.exp2(scale - lse2_i)
+        if ONE_D_BLOCK:
+            z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+            grad_i = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        for J in range(j_start, j_end):
+            rows_j = J * BLOCK_N + offs
+            ok_j = rows_j < N
+            if ONE_D_BLOCK:
+                z_j = _load_rows(Z_ptr, rows_j, ok_j, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+                dots = tl.dot(z_i, tl.trans(z_j), input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                dots = tl.zeros([BLOCK_N, BLOCK_N], ACC)
+                for d0 in range(0, D, BLOCK_D):
+                    zi = _load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+                    zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+                    dots = tl.dot(zi, tl.trans(zj), dots, input_precision=DOT_PRECISION)
+            keep = ok_i[:, None] & ok_j[None, :] & ((I != J) | (offs[:, None] != offs[None, :]))
+            if ROW_SHIFT:
+                # (6) A_ij = (g_i/τ)·2^{t_ij − lse_i·log₂e} + (g_j/τ)·2^{t_ij − lse_j·log₂e}
+                g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
+                lse2_j = _times_log2e(tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC))
+                # (s_ij ≤ lse_i on kept pairs; the clamp keeps masked lanes, i = j, finite)
+                t = dots * scale
+                p_ij = tl.exp2(tl.minimum(t - lse2_i[:, None], 0.0))
+                p_ji = tl.exp2(tl.minimum(t - lse2_j[None, :], 0.0))
+                a = g_i[:, None] * p_ij + g_j[None, :] * p_ji
+            else:
+                # (6) A_ij = e_ij·(u_i + u_j), one exponential per pair
+                g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
+                lse2_j = _times_log2e(tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC))
+                u_j = g_j * tl.exp2(scale - lse2_j)
+                a = tl.exp2(dots * scale - scale) * (u_i[:, None] + u_j[None, :])
+            a = tl.where(keep, a, 0.0).to(A_DTYPE).to(A_DOT)
+            # (3) grad_I += A Z_J and, off the diagonal, grad_J += Aᵀ Z_I, over D in chunks
+            if ONE_D_BLOCK:
+                grad_i = tl.dot(a, z_j.to(A_DOT), grad_i, input_precision=A_PRECISION)
+                if I != J:
+                    grad_j = tl.dot(tl.trans(a), z_i.to(A_DOT), input_precision=A_PRECISION, out_dtype=ACC)
+                    ptrs = Grad_ptr + rows_j[:, None] * Grad_stride_n + cols[None, :] * Grad_stride_d
+                    tl.atomic_add(ptrs, grad_j, mask=ok_j[:, None] & (cols < D)[None, :], sem="relaxed")
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    ok_d = (d0 + cols) < D
+                    zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, A_DOT)
+                    part_i = tl.dot(a, zj, input_precision=A_PRECISION, out_dtype=ACC)
+                    ptrs = Grad_ptr + rows_i[:, None] * Grad_stride_n + (d0 + cols)[None, :] * Grad_stride_d
+                    tl.atomic_add(ptrs, part_i, mask=ok_i[:, None] & ok_d[None, :], sem="relaxed")
+                    if I != J:
+                        zi = _load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, A_DOT)
+                        part_j = tl.dot(tl.trans(a), zi, input_precision=A_PRECISION, out_dtype=ACC)
+                        ptrs = Grad_ptr + rows_j[:, None] * Grad_stride_n + (d0 + cols)[None, :] * Grad_stride_d
+                        tl.atomic_add(ptrs, part_j, mask=ok_j[:, None] & ok_d[None, :], sem="relaxed")
+        if ONE_D_BLOCK:
+            if j_start < j_end:
+                ptrs = Grad_ptr + rows_i[:, None] * Grad_stride_n + cols[None, :] * Grad_stride_d
+                tl.atomic_add(ptrs, grad_i, mask=ok_i[:, None] & (cols < D)[None, :], sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# launch helpers
+
+# triton.jit gave an interpreter stand-in instead of a JITFunction (TRITON_INTERPRET=1 at import)
+_INTERPRETED = not isinstance(_ntxent_lse_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _fixed_shift_is_exact(inv_tau: float) -> bool:
+    """(4): exp(s − m) ≥ exp(−2/τ) is a normal fp32 number while 2/τ ≤ 80 (as the C++ kernel)."""
+    return 2.0 * inv_tau <= 80.0
+
+
+def _check_z(fn: str, z: Tensor) -> None:
+    if not isinstance(z, Tensor) or z.dim() != 2:
+        raise ValueError(f"{fn}: z must be a [N, D] tensor, got {getattr(z, 'shape', type(z).__name__)}")
+    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{fn}: z must be fp16, bf16, fp32 or fp64, got {z.dtype}")
+
+
+def _check_rows(fn: str, name: str, x: Tensor, z: Tensor) -> None:
+    if x.shape != (z.shape[0],):
+        raise ValueError(f"{fn}: {name} must have shape ({z.shape[0]},), got {tuple(x.shape)}")
+    if x.device != z.device:
+        raise ValueError(f"{fn}: {name} is on {x.device} but z is on {z.device}")
+
+
+def _dtypes(z: Tensor) -> tuple[torch.dtype, dict]:
+    """The accumulation dtype and the kernels' dtype switches for z's dtype (8).
+
+    Triton's interpreter cannot compute on bf16 (it multiplies the raw bits in tl.dot), so there
+    bf16 tiles are widened to fp32 after their load, exactly, and A still goes through bf16.
+    """
+    if z.dtype == torch.float64:
+        acc, z_dot, precision, a_dtype = tl.float64, tl.float64, "ieee", tl.float64
+    elif z.dtype == torch.float32:
+        acc, z_dot, precision, a_dtype = tl.float32, tl.float32, "tf32x3", tl.float32
+    elif z.dtype == torch.float16:
+        acc, z_dot, precision, a_dtype = tl.float32, tl.float16, "tf32", tl.float32
+    else:
+        acc, z_dot, precision, a_dtype = tl.float32, tl.bfloat16, "tf32", tl.bfloat16
+    if _INTERPRETED and z_dot == tl.bfloat16:
+        z_dot = tl.float32
+    # z is fed to the A·Z products in A's dtype (fp16 → fp32 is exact, so is fp16 → tf32)
+    a_dot = tl.float32 if _INTERPRETED and a_dtype == tl.bfloat16 else a_dtype
+    a_precision = "tf32" if z.dtype == torch.float16 else precision
+    meta = dict(ACC=acc, Z_DOT=z_dot, DOT_PRECISION=precision, A_DTYPE=a_dtype, A_DOT=a_dot, A_PRECISION=a_precision)
+    return (torch.float64 if acc == tl.float64 else torch.float32), meta
+
+
+def _blocks(z: Tensor, block_n_cap: int) -> tuple[int, int]:
+    n, d = z.shape
+    if z.dtype == torch.float64:
+        block_n_cap = min(block_n_cap, _FP64_BLOCK_N)
+    block_n = max(_MIN_BLOCK, min(block_n_cap, triton.next_power_of_2(n)))
+    block_d = max(_MIN_BLOCK, min(_MAX_BLOCK_D[z.element_size()], triton.next_power_of_2(d)))
+    return block_n, block_d
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _grid(n: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(pairs of row blocks, runs per pair) as in (7)."""
+    tiles = triton.cdiv(n, block_n)
+    pairs = triton.cdiv(tiles, 2)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = _PROGRAMS_PER_SM * _sm_count(index)
+    else:
+        target = _INTERPRETER_PROGRAMS
+    parts = max(1, min(tiles + 1, triton.cdiv(target, pairs)))
+    return pairs, parts
+
+
+def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
+    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] fp32 (fp64 for fp64 z).
+
+    A single row gives −inf (an empty sum).
+    """
+    _check_z("ntxent_lse_fwd", z)
+    inv_tau = float(inv_tau)
+    n, d = z.shape
+    acc_dtype, dtypes = _dtypes(z)
+    sums = torch.zeros(n, dtype=acc_dtype, device=z.device)
+    if n == 0:
+        return sums
+    block_n, block_d = _blocks(z, _FWD_BLOCK_N)
+    grid = _grid(n, block_n, z.device)
+    scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
+    meta = dict(
+        ACC=dtypes["ACC"],
+        Z_DOT=dtypes["Z_DOT"],
+        DOT_PRECISION=dtypes["DOT_PRECISION"],
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ONE_D_BLOCK=d <= block_d,
+        num_warps=8 if block_n >= 128 else 4,
+    )
+    args = (n, d, z.stride(0), z.stride(1), scale_hi, scale_lo)
+    if _fixed_shift_is_exact(inv_tau):
+        _ntxent_lse_fwd_kernel[grid](z, sums, sums, *args, ROW_SHIFT=False, WRITE_MAX=False, **meta)
+        return sums.log_().add_(inv_tau)
+    # (5) per-row shift M_i (in log₂ units), then the shifted sums
+    row_max = torch.full((n,), -math.inf, dtype=acc_dtype, device=z.device)
+    _ntxent_lse_fwd_kernel[grid](z, row_max, row_max, *args, ROW_SHIFT=False, WRITE_MAX=True, **meta)
+    _ntxent_lse_fwd_kernel[grid](z, sums, row_max, *args, ROW_SHIFT=True, WRITE_MAX=False, **meta)
+    return sums.log_().add_(row_max, alpha=_LN2)
+
+
+def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> Tensor:
+    """dL/dz_i = inv_tau Σ_{j≠i} (g_i P_ij + g_j P_ji) z_j, P_ij = exp(inv_tau·z_i·z_j − lse_i); z's dtype."""
+    _check_z("ntxent_lse_bwd", z)
+    _check_rows("ntxent_lse_bwd", "grad_lse", grad_lse, z)
+    _check_rows("ntxent_lse_bwd", "lse", lse, z)
+    inv_tau = float(inv_tau)
+    n, d = z.shape
+    acc_dtype, dtypes = _dtypes(z)
+    grad = torch.zeros((n, d), dtype=acc_dtype, device=z.device)
+    if n == 0:
+        return grad.to(z.dtype)
+    block_n, block_d = _blocks(z, _BWD_BLOCK_N)
+    grid = _grid(n, block_n, z.device)
+    scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
+    inv_tau_hi, inv_tau_lo = _hi_lo(inv_tau)
+    _ntxent_lse_bwd_kernel[grid](
+        z,
+        grad_lse,
+        lse,
+        grad,
+        n,
+        d,
+        z.stride(0),
+        z.stride(1),
+        grad_lse.stride(0),
+        lse.stride(0),
+        grad.stride(0),
+        grad.stride(1),
+        scale_hi,
+        scale_lo,
+        inv_tau_hi,
+        inv_tau_lo,
+        **dtypes,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ONE_D_BLOCK=d <= block_d,
+        ROW_SHIFT=not _fixed_shift_is_exact(inv_tau),
+        num_warps=8 if block_n >= 128 else 4,
+    )
+    return grad if grad.dtype == z.dtype else grad.to(z.dtype)
