@@ -71,3 +71,77 @@ def choice(name: str, value, options: tuple) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def batch(name: str, x) -> torch.Tensor:
+    """A floating tensor [B, ...] with at least one sample, each of at least one value."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must be a batch [B, ...], got a scalar")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name} has no values per sample (shape {tuple(x.shape)})")
+    return x
+
+
+def per_sample(name: str, value, x: torch.Tensor, *, strict: bool = False) -> torch.Tensor:
+    """A number or a [B] tensor (one per sample of x), finite and ≥ 0 (> 0 when strict).
+
+    Returned as a [B] tensor in x's accumulation dtype on x's device. A tensor's values are
+    checked with one device sync, skipped while torch.compile traces.
+    """
+    want = "> 0" if strict else ">= 0"
+    n = x.shape[0]
+    if isinstance(value, torch.Tensor):
+        if not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a number or a real tensor, got dtype {value.dtype}")
+        if value.shape != (n,):
+            raise ValueError(f"{name} must be a number or a tensor of shape ({n},), one per sample; got {tuple(value.shape)}")
+        if value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but the inputs are on {x.device}")
+        out = value.detach().to(accumulate_dtype(x.dtype))
+        if not torch.compiler.is_compiling():
+            bad = ~torch.isfinite(out) | ((out <= 0) if strict else (out < 0))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name} must be finite and {want}, got {out[i].item()} for sample {i}")
+        return out
+    return torch.full((n,), nonnegative(name, value, strict=strict), dtype=accumulate_dtype(x.dtype), device=x.device)
+
+
+def nonnegative(name: str, value, *, strict: bool = False) -> float:
+    """A finite number ≥ 0 (> 0 when strict)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if strict else '>= 0'}, got {value}")
+    return float(value)
+
+
+def interval(name: str, value) -> tuple[float, float]:
+    """(lo, hi) with lo < hi (either may be infinite); None gives (−inf, inf)."""
+    if value is None:
+        return -math.inf, math.inf
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (lo, hi) or None, got {value!r}") from None
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a pair of numbers, got {value!r}")
+    if not lo < hi:  # also catches NaN
+        raise ValueError(f"{name} must be (lo, hi) with lo < hi, got {value!r}")
+    return float(lo), float(hi)
+
+
+def integer(name: str, value, minimum: int) -> int:
+    """A Python int ≥ minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
