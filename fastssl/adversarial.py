@@ -111,7 +111,9 @@ def pgd_attack(
     eps_b, alpha_b = step_sizes(x, eps, alpha)
     steps = _checks.integer("steps", steps, 0)
     restarts = _checks.integer("restarts", restarts, 1)
-    per_forward = restarts if restarts_per_forward is None else _checks.integer("restarts_per_forward", restarts_per_forward, 1)
+    per_forward = (
+        restarts if restarts_per_forward is None else _checks.integer("restarts_per_forward", restarts_per_forward, 1)
+    )
     _checks.choice("norm", norm, NORMS)
     lo, hi = _checks.interval("bounds", bounds)
     _check_inside("x", x, lo, hi)
@@ -177,7 +179,9 @@ def _losses(model, x_adv: Tensor, y, loss_fn, runs: int, targeted: bool) -> tupl
 
 def _loss_function(loss_fn, y, x: Tensor):
     if y is not None and (not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]):
-        raise ValueError(f"y must be a tensor with one entry per sample of x ({x.shape[0]}), got {getattr(y, 'shape', y)!r}")
+        raise ValueError(
+            f"y must be a tensor with one entry per sample of x ({x.shape[0]}), got {getattr(y, 'shape', y)!r}"
+        )
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -196,7 +200,9 @@ def _check_inside(name: str, x: Tensor, lo: float, hi: float) -> None:
         raise ValueError(f"{name} must lie inside bounds ({lo}, {hi}); its values span [{lo_x}, {hi_x}]")
 
 
-def instance_attack(encoder: Callable[[Tensor], Tensor], x1: Tensor, x2: Tensor, *, temperature: float = 0.5, **pgd) -> Tensor:
+def instance_attack(
+    encoder: Callable[[Tensor], Tensor], x1: Tensor, x2: Tensor, *, temperature: float = 0.5, **pgd
+) -> Tensor:
     """Instance-wise attack (RoCL, Kim et al. 2020; ACL, Jiang et al. 2020): x1_adv maximising
     ``nt_xent(encoder(x1_adv), encoder(x2))`` around view x1, without labels.
 
@@ -237,7 +243,11 @@ def feature_attack(encoder: Callable[[Tensor], Tensor], x: Tensor, **pgd) -> Ten
 
 
 def robust_accuracy(
-    model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: Sequence[float] = (0, 2 / 255, 4 / 255, 8 / 255), **pgd
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: Sequence[float] = (0, 2 / 255, 4 / 255, 8 / 255),
+    **pgd,
 ) -> dict[float, float]:
     """Accuracy under PGD at each ε: {ε: fraction of x classified as y after the attack}.
 

@@ -68,7 +68,9 @@ def small_triton_blocks(monkeypatch):
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("dtype", LOWP)
-@pytest.mark.parametrize("shape, bounds", [((1, 1), None), ((3, 7), (0.0, 1.0)), ((5, 3, 11, 13), None), ((2, 1000), (0.0, 1.0))])
+@pytest.mark.parametrize(
+    "shape, bounds", [((1, 1), None), ((3, 7), (0.0, 1.0)), ((5, 3, 11, 13), None), ((2, 1000), (0.0, 1.0))]
+)
 def test_step_matches_reference(impl, norm, dtype, shape, bounds, small_triton_blocks):
     x0, x, g, eps, alpha = _step_inputs(shape, dtype)
     lo, hi = (-math.inf, math.inf) if bounds is None else bounds
@@ -86,7 +88,16 @@ def test_step_matches_reference(impl, norm, dtype, shape, bounds, small_triton_b
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_step_fp64_and_scalar_hyperparameters(impl, norm):
     x0, x, g, _, _ = _step_inputs((4, 30), torch.float64)
-    expected = reference.pgd_step(x, g, x0, torch.full((4,), 0.03, dtype=torch.float64), torch.full((4,), 0.01, dtype=torch.float64), norm, 0.0, 1.0)
+    expected = reference.pgd_step(
+        x,
+        g,
+        x0,
+        torch.full((4,), 0.03, dtype=torch.float64),
+        torch.full((4,), 0.01, dtype=torch.float64),
+        norm,
+        0.0,
+        1.0,
+    )
     fastssl.pgd_step_(x, g, x0, eps=0.03, alpha=0.01, norm=norm, impl=impl)
     assert_verbose_allclose(x, expected, rtol=1e-12, atol=1e-14)
 
@@ -317,7 +328,15 @@ def test_adversarial_training_matches_reference():
         losses = []
         for _ in range(5):
             x_adv = fastssl.pgd_attack(
-                model, x, y, eps=0.5, alpha=0.2, steps=3, norm="l2", generator=torch.Generator().manual_seed(0), impl=impl
+                model,
+                x,
+                y,
+                eps=0.5,
+                alpha=0.2,
+                steps=3,
+                norm="l2",
+                generator=torch.Generator().manual_seed(0),
+                impl=impl,
             )
             loss = F.cross_entropy(model(x_adv), y)
             opt.zero_grad()

@@ -100,7 +100,8 @@ def per_sample(name: str, value, x: torch.Tensor, *, strict: bool = False) -> to
         if not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a number or a real tensor, got dtype {value.dtype}")
         if value.shape != (n,):
-            raise ValueError(f"{name} must be a number or a tensor of shape ({n},), one per sample; got {tuple(value.shape)}")
+            shape = tuple(value.shape)
+            raise ValueError(f"{name} must be a number or a [{n}] tensor (one per sample), got shape {shape}")
         if value.device != x.device:
             raise ValueError(f"{name} is on {value.device} but the inputs are on {x.device}")
         out = value.detach().to(accumulate_dtype(x.dtype))
