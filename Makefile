@@ -34,10 +34,11 @@ $(VENV)/.built: $(VENV)/.deps $(CSRC)
 	touch $@
 
 test: build
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	# PASSIVE: idle OpenMP threads sleep instead of spinning, so a busy machine does not stall the suite
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: build
-	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 test-gpu: build
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
