@@ -50,11 +50,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # Compile (no link) every CUDA source against the installed torch's headers, so CUDA code
-# cannot break unseen on machines without a GPU.
+# cannot break unseen on machines without a GPU. A CPU torch ships no c10/cuda or ATen/cuda
+# headers, so .cu files include only ATen/ATen.h and the CUDA runtime, and take the CUDA stream
+# from Python (torch.cuda.current_stream().cuda_stream) as an integer.
 cuda-check: setup
 	@for f in $(wildcard csrc/cuda/*.cu); do \
 		echo "nvcc -c $$f"; \
-		nvcc -std=c++17 -O2 -c $$f -o /dev/null -DWITH_CUDA \
+		nvcc -std=c++20 -O2 -c $$f -o /dev/null -DWITH_CUDA \
 			$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))") \
 			-I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") || exit 1; \
 	done
