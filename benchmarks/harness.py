@@ -135,9 +135,7 @@ def _measure(case: Case, device: str, budget_s: float) -> dict:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             base = _rss_kb("VmRSS") * 1024
         times = _time(fn, device, budget_s, min_reps=case.min_reps, max_reps=50)
-        peak = (
-            torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
-        )
+        peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
         return {
             "status": "ok",
             "median_ms": statistics.median(times) * 1e3,
@@ -216,7 +214,7 @@ def run(
     plot: bool = True,
 ) -> list[dict]:
     """Measures ``cases`` in order, appends them to the CSV, prints a table and draws the plot."""
-    import torch._dynamo  # noqa: F401  (imported lazily by the first custom-op call; not the case's memory)
+    import torch._dynamo
 
     _fixed_mmap_threshold()
 
@@ -287,9 +285,7 @@ def _fmt(v) -> str:
 def format_table(rows: list[dict], reference: str = "reference") -> str:
     """Time and memory per case, with ratios to the reference provider of the same case."""
     ref = {
-        (r["mode"], r["dtype"], r["shape"]): r
-        for r in rows
-        if r["provider"] == reference and r.get("status") == "ok"
+        (r["mode"], r["dtype"], r["shape"]): r for r in rows if r["provider"] == reference and r.get("status") == "ok"
     }
     header = ["provider", "mode", "dtype", "shape", "status", "median ms", "x ref time", "peak MB", "x ref mem"]
     lines = [header]
