@@ -11,8 +11,9 @@ of the plain sums of DINO); it turns the scores into class probabilities, which 
 of a pseudo-label, and it lets the weights be computed as exp((s_qj − max_j s_qj)/T) ≤ 1, which
 cannot overflow at any T (exp(s/T) itself overflows fp32 for T < 1/88).
 
-**Search** is exact (brute force), in fp32, over query chunks so that extra memory stays
-O(chunk · N):
+**Search** is exact (brute force), in fp32, over chunks of queries, so that memory beyond the
+inputs and the result stays bounded (a chunk × N similarity block for the matmul; FAISS tiles
+the similarities itself):
 
 * CPU tensors: FAISS's flat inner-product search (``faiss.knn``, the search of ``IndexFlatIP``
   without copying the train rows into an index): BLAS tiles plus a heap per query.
@@ -53,7 +54,10 @@ __all__ = [
 IMPLS = ("auto", "faiss", "torch")
 INITS = ("random", "k-means++")
 FAISS_GPU_MAX_K = 2048  # faiss's GPU_MAX_SELECTION_K: bfKnn selects at most this many neighbours
-CHUNK_ELEMENTS = 1 << 25  # default query chunk: chunk · N ≤ 2^25 similarities (128 MiB in fp32)
+TORCH_CHUNK_ELEMENTS = 1 << 25  # default torch chunk: chunk · N ≤ 2^25 similarities (128 MiB in fp32)
+# Default FAISS chunk. FAISS tiles the similarities itself (4096 × 1024 at a time), so a chunk only
+# bounds the outputs; below ~128000 / D queries per call (faiss ≥ 1.13) it skips BLAS, ~10× slower.
+FAISS_CHUNK = 16384
 
 
 # -- FAISS ---------------------------------------------------------------------------------------------------
@@ -163,9 +167,12 @@ def _neighbor_chunks(train_feats, query_feats, k, chunk_size, leave_one_out, imp
             f"k={k} is more than the {n - leave_one_out} train samples available"
             + (" (leave_one_out excludes each sample itself)" if leave_one_out else "")
         )
-    chunk = max(1, CHUNK_ELEMENTS // n) if chunk_size is None else _checks.positive_int("chunk_size", chunk_size)
+    if chunk_size is not None:
+        _checks.positive_int("chunk_size", chunk_size)
     k_search = k + leave_one_out
-    search = _searcher(train, k_search, _resolve_impl(impl, train.device, k_search))
+    impl = _resolve_impl(impl, train.device, k_search)
+    chunk = chunk_size or (FAISS_CHUNK if impl == "faiss" else max(1, TORCH_CHUNK_ELEMENTS // n))
+    search = _searcher(train, k_search, impl)
 
     def chunks():
         for start in range(0, query.shape[0], chunk):
@@ -237,7 +244,9 @@ def knn_search(
         train_feats: [N, D] train (database) features, any float dtype.
         query_feats: [Q, D] query features, on the same device.
         k: neighbours per query, 1 ≤ k ≤ N (N − 1 with ``leave_one_out``); a larger k raises ValueError.
-        chunk_size: queries per search call; None picks chunk · N ≤ 2^25.
+        chunk_size: queries per search call. None picks 16384 for FAISS (which tiles the
+            similarities itself; fewer than ~128000 / D queries per call make it skip BLAS) and
+            2^25 / N for the matmul + topk (a 128 MiB similarity block).
         leave_one_out: the queries are the train rows (row i of ``query_feats`` is sample i of
             ``train_feats``) and each sample is left out of its own neighbours.
         impl: "auto" (FAISS on CPU tensors and on CUDA tensors with a faiss GPU build, else a
