@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -456,10 +457,12 @@ def _kmeans_inputs(feats, num_clusters, niter, spherical, seed, init) -> tuple[T
     if num_clusters > x.shape[0]:
         raise ValueError(f"num_clusters={num_clusters} is more than the {x.shape[0]} samples")
     niter = _checks.positive_int("niter", niter)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an integer in [0, 2^31), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2^31), got {seed}")
     _checks.choice("init", init, INITS)
-    return x, num_clusters, niter, seed
+    return x, num_clusters, niter, int(seed)
 
 
 def kmeans(
