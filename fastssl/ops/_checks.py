@@ -71,3 +71,19 @@ def choice(name: str, value, options: tuple) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x has no NaN or ±inf (one pass over x; on CUDA it waits for the result)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    return x
+
+
+def positive_int(name: str, value) -> int:
+    """An integer > 0 (Python or NumPy integer; not bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
