@@ -262,7 +262,8 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: boo
 
     Returns the loss in fp32 (fp64 for fp64 inputs); with ``impl="reference"`` MAE's own formula in
     the inputs' dtype. The kernels compute the gradient in the forward pass, in the same sweep over
-    the rows, and skip the rows whose weight is 0: those are never read, so a non-finite value
+    the rows (in fp32, stored in pred's dtype: the upstream gradient then scales it, exactly when it is
+    1 or a power of two, else with one more rounding in bf16/fp16), and skip the rows whose weight is 0: those are never read, so a non-finite value
     there does not reach the loss (one in a masked patch makes the loss non-finite). A mask
     without a positive sum raises ValueError (under torch.compile the loss is NaN instead).
     """
@@ -443,8 +444,8 @@ def _place_blocks(b, h, w, n, min_block, lo, hi, generator, device) -> tuple[Ten
         bw = torch.round(torch.sqrt(area / aspect)).long()
         top = (u[2] * (h - bh + 1)).long().clamp(min=0)
         left = (u[3] * (w - bw + 1)).long().clamp(min=0)
-        rect = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
-        new = (rect & ~mask).sum((1, 2), keepdim=True)
+        rect = ((rows >= top) & (rows < top + bh)) & ((cols >= left) & (cols < left + bw))
+        new = bh * bw - (rect & mask).sum((1, 2), keepdim=True)  # rect lies inside the grid when it fits
         ok = (bh <= h) & (bw <= w) & (bh * bw >= min_block) & (new > 0) & (new <= budget)
         mask |= rect & ok
         count += (new * ok).view(b)
