@@ -327,6 +327,22 @@ def test_masked_mse_without_grad_and_target_not_differentiated(impl):
     assert target.grad is None and p.grad is not None
 
 
+@pytest.mark.parametrize("impl", KERNELS)
+def test_masked_mse_backward_accumulates(impl):
+    """loss.backward() (upstream 1: the precomputed gradient is handed back as is) twice accumulates 2·grad."""
+    pred, target, mask = _loss_inputs(2, 5, 6, torch.float32)
+    pred.requires_grad_()
+    loss = fastssl.masked_mse_loss(pred, target, mask, impl=impl)
+    loss.backward(retain_graph=True)
+    first = pred.grad.clone()
+    loss.backward()
+    (ref,) = torch.autograd.grad(fastssl.masked_mse_loss(pred, target, mask, impl="reference"), pred)
+    assert_verbose_allclose(first, ref, rtol=1e-5, atol=1e-8, name="grad")
+    assert_verbose_allclose(pred.grad, 2 * ref, rtol=1e-5, atol=1e-8, name="accumulated grad")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fastssl.masked_mse_loss(pred, target, mask, impl=impl), pred, create_graph=True)
+
+
 def test_masked_mse_convergence_matches_reference():
     """A tiny masked autoencoder trained with the kernels and with MAE's code ends in the same place."""
     torch.manual_seed(1)  # four near-copies of one pattern per image: masked patches are predictable

@@ -155,8 +155,16 @@ def _mse_setup(ctx, inputs, output):
 
 def _mse_backward(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
-    # without need_grad pred did not require grad (the target and the weights are not differentiated)
-    return grad * grad_loss if ctx.need_grad else None, None, None, None, None, None
+    if not ctx.need_grad:  # pred did not require grad (the target and the weights are not differentiated)
+        return None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient has no graph back to pred
+        raise RuntimeError("masked_mse_loss: double backward is not supported by the kernels; use impl='reference'")
+    # loss.backward() passes 1: the gradient is already complete. Checked on real CPU tensors only,
+    # where reading the value costs no device sync (not while tracing: FakeTensor, FunctionalTensor);
+    # autograd clones it before it accumulates into .grad.
+    if grad.device.type == "cpu" and type(grad_loss) is torch.Tensor and grad_loss.item() == 1.0:
+        return grad, None, None, None, None, None
+    return grad * grad_loss, None, None, None, None, None
 
 
 masked_mse.register_autograd(_mse_backward, setup_context=_mse_setup)
@@ -265,7 +273,8 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: boo
     the rows (in fp32, stored in pred's dtype: the upstream gradient then scales it, exactly when it is
     1 or a power of two, else with one more rounding in bf16/fp16), and skip the rows whose weight is 0: those are never read, so a non-finite value
     there does not reach the loss (one in a masked patch makes the loss non-finite). A mask
-    without a positive sum raises ValueError (under torch.compile the loss is NaN instead).
+    without a positive sum raises ValueError (under torch.compile the loss is NaN instead). The kernels
+    give first derivatives only: a double backward (create_graph=True) raises RuntimeError.
     """
     _checks.features("pred", pred, ndim=3)
     _checks.features("target", target, ndim=3)
