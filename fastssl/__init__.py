@@ -13,4 +13,5 @@ from fastssl.masking import (
 
 __version__ = "0.1.0"
 __all__ = ["NTXentLoss", "__version__", "nt_xent"]
-__all__ += ["block_masking", "masked_mse_loss", "noise_masking", "patchify", "random_masking", "unpatchify", "unshuffle"]
+__all__ += ["block_masking", "masked_mse_loss", "noise_masking", "patchify", "random_masking"]
+__all__ += ["unpatchify", "unshuffle"]

@@ -43,7 +43,9 @@ _MAX_BLOCK_P = 1024
 
 
 @triton.jit
-def _masking_rank_kernel(Noise_ptr, Ids_ptr, L, Noise_stride_b, Ids_stride_b, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _masking_rank_kernel(
+    Noise_ptr, Ids_ptr, L, Noise_stride_b, Ids_stride_b, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = i < L
@@ -236,7 +238,9 @@ def masking_rank(noise: Tensor) -> Tensor:
     return ids
 
 
-def masking_gather(x: Tensor, ids_restore: Tensor, keep: int, num_prefix: int, sum_masked: bool) -> tuple[Tensor, Tensor]:
+def masking_gather(
+    x: Tensor, ids_restore: Tensor, keep: int, num_prefix: int, sum_masked: bool
+) -> tuple[Tensor, Tensor]:
     """(visible [B, P + keep, D], Σ of masked rows [B·blocks, D] fp32/fp64 or [0, D]) as in (2)."""
     if x.stride(2) != 1:
         x = x.contiguous()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from _assertions import assert_lowprec_close, assert_verbose_allclose
@@ -296,7 +294,7 @@ def test_masked_mse_gradcheck_fp64(impl, norm_pix):
     pred = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 3, 3, dtype=torch.float64)
     mask = torch.tensor([[1, 0, 1], [0, 0.5, 2]], dtype=torch.float64)
-    fn = lambda p: fastssl.masked_mse_loss(p, target, mask, norm_pix=norm_pix, impl=impl)  # noqa: E731
+    fn = lambda p: fastssl.masked_mse_loss(p, target, mask, norm_pix=norm_pix, impl=impl)
     assert torch.autograd.gradcheck(fn, (pred,))
     assert fn(pred).dtype == torch.float64
 
@@ -583,7 +581,7 @@ def test_gpu_against_reference(dtype, norm_pix):
     x = torch.randn(b, p + l, d, device="cuda", dtype=dtype)
     token = torch.randn(d, device="cuda", dtype=dtype)
     weights = torch.randn(b, p + l, d, device="cuda")
-    gen = lambda: _gen(1, "cuda")  # noqa: E731
+    gen = lambda: _gen(1, "cuda")
     ours = fastssl.random_masking(x, generator=gen(), num_prefix_tokens=p)
     ref = fastssl.random_masking(x, generator=gen(), num_prefix_tokens=p, impl="reference")
     assert all(torch.equal(a, r) for a, r in zip(ours, ref, strict=True))

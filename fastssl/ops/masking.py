@@ -21,7 +21,7 @@ The loss averages the per-patch MSE over the masked patches only, with weights w
 
 t̂ the target, or with norm_pix each patch's target normalised by its mean and unbiased variance
 (+1e-6), as MAE's norm_pix_loss. `fastssl::masked_mse` returns the loss and, in the same pass, the
-gradient; backward only scales it. The target is not differentiated (it is the image, as in MAE).
+gradient; backward only scales it by the upstream gradient. The target is not differentiated (it is the image, as in MAE).
 
 BEiT's block masks (Bao et al. 2022) and ColorMAE's noise masks (Hinojosa et al. 2024) are plain
 tensor code here, generated for the whole batch on the device.
@@ -80,7 +80,7 @@ def _(x, ids_restore, keep, num_prefix, sum_masked, impl):
 
 
 def _gather_setup(ctx, inputs, output):
-    x, ids_restore, keep, num_prefix, sum_masked, impl = inputs
+    _, ids_restore, _, num_prefix, sum_masked, impl = inputs
     ctx.save_for_backward(ids_restore)
     ctx.num_prefix, ctx.sum_masked, ctx.impl = num_prefix, sum_masked, impl
 
@@ -113,7 +113,7 @@ def _(visible, ids_restore, mask_token, num_prefix, impl):
 
 
 def _unshuffle_setup(ctx, inputs, output):
-    visible, ids_restore, mask_token, num_prefix, impl = inputs
+    visible, ids_restore, _, num_prefix, impl = inputs
     ctx.save_for_backward(ids_restore)
     ctx.keep, ctx.num_prefix, ctx.impl = visible.shape[1] - num_prefix, num_prefix, impl
 
@@ -255,7 +255,9 @@ def unshuffle(
     return masking_unshuffle(_dense_rows(x_visible), ids_restore, token, p, impl)
 
 
-def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: bool = False, impl: str = "auto") -> Tensor:
+def masked_mse_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: bool = False, impl: str = "auto"
+) -> Tensor:
     """MAE's reconstruction loss: the per-patch mean squared error, averaged over the masked patches.
 
     Args:
@@ -269,11 +271,12 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: boo
         impl: as for :func:`random_masking`.
 
     Returns the loss in fp32 (fp64 for fp64 inputs); with ``impl="reference"`` MAE's own formula in
-    the inputs' dtype. The kernels compute the gradient in the forward pass, in the same sweep over
-    the rows (in fp32, stored in pred's dtype: the upstream gradient then scales it, exactly when it is
-    1 or a power of two, else with one more rounding in bf16/fp16), and skip the rows whose weight is 0: those are never read, so a non-finite value
-    there does not reach the loss (one in a masked patch makes the loss non-finite). A mask
-    without a positive sum raises ValueError (under torch.compile the loss is NaN instead). The kernels
+    the inputs' dtype. The kernels form the gradient in the forward sweep over the rows, in fp32,
+    stored in pred's dtype (the upstream gradient then scales it: exactly when it is 1 or a power of
+    two, else with one more rounding in bf16/fp16). They skip the rows whose weight is 0: those are
+    never read, so a non-finite value there does not reach the loss (one in a masked patch makes the
+    loss non-finite). A mask without a positive sum raises ValueError (under torch.compile the loss is
+    NaN instead). The kernels
     give first derivatives only: a double backward (create_graph=True) raises RuntimeError.
     """
     _checks.features("pred", pred, ndim=3)
@@ -291,7 +294,9 @@ def masked_mse_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: boo
     if not isinstance(norm_pix, bool):
         raise TypeError(f"norm_pix must be a bool, got {type(norm_pix).__name__}")
     if norm_pix and pred.shape[2] < 2:
-        raise ValueError(f"norm_pix normalises each patch by its variance, which needs P >= 2 values; P = {pred.shape[2]}")
+        raise ValueError(
+            f"norm_pix normalises each patch by its variance, which needs P >= 2 values; P = {pred.shape[2]}"
+        )
     impl = _ext.resolve_impl(impl, pred.device)
     weight = mask.to(_acc(pred.dtype, target.dtype))
     if not torch.compiler.is_compiling():
