@@ -21,7 +21,8 @@ The loss averages the per-patch MSE over the masked patches only, with weights w
 
 t̂ the target, or with norm_pix each patch's target normalised by its mean and unbiased variance
 (+1e-6), as MAE's norm_pix_loss. `fastssl::masked_mse` returns the loss and, in the same pass, the
-gradient; backward only scales it by the upstream gradient. The target is not differentiated (it is the image, as in MAE).
+gradient; backward only scales it by the upstream gradient. The target is not differentiated (it is
+the image, as in MAE).
 
 BEiT's block masks (Bao et al. 2022) and ColorMAE's noise masks (Hinojosa et al. 2024) are plain
 tensor code here, generated for the whole batch on the device.
