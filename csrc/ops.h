@@ -7,3 +7,14 @@
 at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z, double inv_tau);
 at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z,
                               const at::Tensor& lse, double inv_tau);
+
+// masking: MAE's random masking (rank of the noise, gather of the visible tokens), the decoder's
+// unshuffle, and the masked MSE loss with its gradient (csrc/cpu/masking.cpp).
+at::Tensor masking_rank_cpu(const at::Tensor& noise);
+std::tuple<at::Tensor, at::Tensor> masking_gather_cpu(const at::Tensor& x, const at::Tensor& ids_restore, int64_t keep,
+                                                      int64_t num_prefix, bool sum_masked);
+at::Tensor masking_unshuffle_cpu(const at::Tensor& visible, const at::Tensor& ids_restore,
+                                 const at::Tensor& mask_token, int64_t num_prefix);
+std::tuple<at::Tensor, at::Tensor> masked_mse_fwd_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                      const at::Tensor& weight, const at::Tensor& weight_sum,
+                                                      bool norm_pix, bool need_grad);

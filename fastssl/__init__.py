@@ -1,6 +1,15 @@
 """fastssl: kernel-accelerated losses and tools for self-supervised, semi-supervised and robust training."""
 
 from fastssl.contrastive import NTXentLoss, nt_xent
+from fastssl.masking import (
+    block_masking,
+    masked_mse_loss,
+    noise_masking,
+    patchify,
+    random_masking,
+    unpatchify,
+    unshuffle,
+)
 from fastssl.neighbors import (
     KNNClassifier,
     cluster_metrics,
@@ -12,13 +21,22 @@ from fastssl.neighbors import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["NTXentLoss", "__version__", "nt_xent"]
-__all__ += [
+__all__ = [
     "KNNClassifier",
+    "NTXentLoss",
+    "__version__",
+    "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
     "kmeans",
     "knn_classify",
     "knn_pseudo_labels",
     "knn_search",
+    "masked_mse_loss",
+    "noise_masking",
+    "nt_xent",
+    "patchify",
+    "random_masking",
+    "unpatchify",
+    "unshuffle",
 ]

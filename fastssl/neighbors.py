@@ -156,7 +156,7 @@ def _neighbor_chunks(train_feats, query_feats, k, chunk_size, leave_one_out, imp
     train = _unit_rows("train_feats", train_feats)
     query = _unit_rows("query_feats", query_feats)
     _checks.like("query_feats", query, "train_feats", train, dims=[1])
-    k = _checks.positive_int("k", k)
+    k = _checks.integer("k", k, minimum=1)
     n = train.shape[0]
     if leave_one_out and query.shape[0] != n:
         raise ValueError(
@@ -169,7 +169,7 @@ def _neighbor_chunks(train_feats, query_feats, k, chunk_size, leave_one_out, imp
             + (" (leave_one_out excludes each sample itself)" if leave_one_out else "")
         )
     if chunk_size is not None:
-        _checks.positive_int("chunk_size", chunk_size)
+        _checks.integer("chunk_size", chunk_size, minimum=1)
     k_search = k + leave_one_out
     impl = _resolve_impl(impl, train.device, k_search)
     chunk = chunk_size or (FAISS_CHUNK if impl == "faiss" else max(1, TORCH_CHUNK_ELEMENTS // n))
@@ -207,7 +207,7 @@ def _class_labels(name: str, y, n: int, device: torch.device, num_classes) -> in
         raise ValueError(f"{name} must be >= 0, got a label {lo}")
     if num_classes is None:
         return hi + 1
-    num_classes = _checks.positive_int("num_classes", num_classes)
+    num_classes = _checks.integer("num_classes", num_classes, minimum=1)
     if hi >= num_classes:
         raise ValueError(f"{name} has a label {hi}, which is not below num_classes={num_classes}")
     return num_classes
@@ -357,7 +357,7 @@ class KNNClassifier:
     """
 
     def __init__(self, k: int = 20, temperature: float = 0.07, *, chunk_size: int | None = None, impl: str = "auto"):
-        self.k = _checks.positive_int("k", k)
+        self.k = _checks.integer("k", k, minimum=1)
         self.temperature = _checks.positive("temperature", temperature)
         self.chunk_size = chunk_size
         self.impl = _checks.choice("impl", impl, IMPLS)
@@ -453,10 +453,10 @@ def _kmeans(x: Tensor, num_clusters: int, niter: int, spherical: bool, seed: int
 def _kmeans_inputs(feats, num_clusters, niter, spherical, seed, init) -> tuple[Tensor, int, int, int]:
     x = _unit_rows("feats", feats) if spherical else _checks.finite("feats", _checks.features("feats", feats))
     x = x.detach().float().contiguous()
-    num_clusters = _checks.positive_int("num_clusters", num_clusters)
+    num_clusters = _checks.integer("num_clusters", num_clusters, minimum=1)
     if num_clusters > x.shape[0]:
         raise ValueError(f"num_clusters={num_clusters} is more than the {x.shape[0]} samples")
-    niter = _checks.positive_int("niter", niter)
+    niter = _checks.integer("niter", niter, minimum=1)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     if not 0 <= seed < 2**31:
