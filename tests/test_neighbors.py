@@ -376,7 +376,7 @@ def test_bad_inputs_raise():
         (ValueError, "train_labels must be >= 0", lambda: fastssl.knn_classify(train, labels - 1, query, k=2)),
         (ValueError, "num_classes=2", lambda: fastssl.knn_classify(train, labels + 1, query, k=2, num_classes=2)),
         (ValueError, "temperature", lambda: fastssl.knn_classify(train, labels, query, k=2, temperature=0)),
-        (ValueError, "k must be > 0", lambda: fastssl.knn_search(train, query, k=0)),
+        (ValueError, "k must be >= 1", lambda: fastssl.knn_search(train, query, k=0)),
         (TypeError, "k must be an integer", lambda: fastssl.knn_search(train, query, k=2.0)),
         (ValueError, "chunk_size", lambda: fastssl.knn_search(train, query, k=2, chunk_size=0)),
         (ValueError, "impl", lambda: fastssl.knn_search(train, query, k=2, impl="cpp")),
