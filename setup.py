@@ -20,13 +20,13 @@ with_cuda = (
     and os.environ.get("FASTSSL_NO_CUDA") != "1"
 )
 
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3", "-std=c++20"]
 if with_cuda:
     ext = cpp_extension.CUDAExtension(
         "fastssl._C",
         sources + cuda_sources,
         define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
     )
 else:
     ext = cpp_extension.CppExtension("fastssl._C", sources, extra_compile_args={"cxx": cxx_flags})

@@ -16,9 +16,8 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import Case, run
-
 import fastssl
+from benchmarks.harness import Case, run
 from fastssl.reference.ntxent import nt_xent_rows
 
 OP = "ntxent"

@@ -4,9 +4,10 @@ A bench script defines ``OP`` and ``cases(quick, device)`` returning :class:`Cas
 which knows how to build one iteration (forward, or forward+backward) for one provider. The harness
 
 * times each case (warm-up, then repeats until a time budget; median and 20/80 % quantiles),
-* measures peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the case; on the CPU the
-  growth of the peak resident set (VmHWM) of a process forked for that case alone from a parent
-  that has run nothing, so every buffer the case allocates, N×N ones included, is counted,
+* measures peak memory over the timed repetitions (after one warm-up call): on CUDA
+  ``torch.cuda.max_memory_allocated``; on the CPU the growth of the peak resident set (VmHWM) of a
+  process forked for that case alone from a parent that has run nothing, with glibc's mmap
+  threshold fixed so that every large buffer the case allocates, N×N ones included, is counted,
 * records out-of-memory as ``OOM`` (CPU children run under an address-space limit so a too-large
   case fails to allocate instead of being killed) and a case past its time limit as ``timeout``;
   once a provider fails at a size, its larger sizes are recorded as ``skipped``,
@@ -96,9 +97,6 @@ def _sync(device: str) -> None:
 
 
 def _time(fn: Callable[[], object], device: str, budget_s: float, min_reps: int, max_reps: int) -> list[float]:
-    if min_reps > 1:
-        fn()  # warm-up (compilation, autotuning, allocator)
-        _sync(device)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
@@ -125,6 +123,10 @@ def _is_oom(exc: BaseException) -> bool:
 def _measure(case: Case, device: str, budget_s: float) -> dict:
     """Runs in the process that owns the case (a forked child on CPU)."""
     try:
+        fn = case.build()
+        if case.min_reps > 1:  # warm-up (compilation, autotuning), outside the memory window
+            fn()
+            _sync(device)
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -132,11 +134,8 @@ def _measure(case: Case, device: str, budget_s: float) -> dict:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             base = _rss_kb("VmRSS") * 1024
-        fn = case.build()
         times = _time(fn, device, budget_s, min_reps=case.min_reps, max_reps=50)
-        peak = (
-            torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
-        )
+        peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
         return {
             "status": "ok",
             "median_ms": statistics.median(times) * 1e3,
@@ -162,6 +161,24 @@ def _child(case: Case, budget_s: float, mem_limit: int, conn) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     conn.send(_measure(case, "cpu", budget_s))
     conn.close()
+
+
+def _fixed_mmap_threshold() -> None:
+    """Every allocation over 128 KiB gets its own mapping, returned to the OS when freed.
+
+    glibc otherwise raises its mmap threshold (up to 32 MiB) after the first large free, and keeps
+    later buffers in its heap: a warm-up's buffers would then be reused without showing in the RSS.
+    Children forked after this inherit it.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.mallopt(m_trim_threshold, 128 * 1024)
 
 
 def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
@@ -197,7 +214,9 @@ def run(
     plot: bool = True,
 ) -> list[dict]:
     """Measures ``cases`` in order, appends them to the CSV, prints a table and draws the plot."""
-    import torch._dynamo  # noqa: F401  (imported lazily by the first custom-op call; not the case's memory)
+    import torch._dynamo
+
+    _fixed_mmap_threshold()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = device_name()
@@ -266,9 +285,7 @@ def _fmt(v) -> str:
 def format_table(rows: list[dict], reference: str = "reference") -> str:
     """Time and memory per case, with ratios to the reference provider of the same case."""
     ref = {
-        (r["mode"], r["dtype"], r["shape"]): r
-        for r in rows
-        if r["provider"] == reference and r.get("status") == "ok"
+        (r["mode"], r["dtype"], r["shape"]): r for r in rows if r["provider"] == reference and r.get("status") == "ok"
     }
     header = ["provider", "mode", "dtype", "shape", "status", "median ms", "x ref time", "peak MB", "x ref mem"]
     lines = [header]

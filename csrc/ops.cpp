@@ -16,6 +16,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("ntxent_lse_fwd_cpu", &ntxent_lse_fwd_cpu, nogil);
   m.def("ntxent_lse_bwd_cpu", &ntxent_lse_bwd_cpu, nogil);
+  m.def("masking_rank_cpu", &masking_rank_cpu, nogil);
+  m.def("masking_gather_cpu", &masking_gather_cpu, nogil);
+  m.def("masking_unshuffle_cpu", &masking_unshuffle_cpu, nogil);
+  m.def("masked_mse_fwd_cpu", &masked_mse_fwd_cpu, nogil);
   m.def("pgd_step_cpu", &pgd_step_cpu, nogil);
 #ifdef WITH_CUDA
   m.def("pgd_step_cuda", &pgd_step_cuda, nogil);

@@ -8,11 +8,24 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z, double inv_tau);
 at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z,
                               const at::Tensor& lse, double inv_tau);
 
+// masking: MAE's random masking (rank of the noise, gather of the visible tokens), the decoder's
+// unshuffle, and the masked MSE loss with its gradient (csrc/cpu/masking.cpp).
+at::Tensor masking_rank_cpu(const at::Tensor& noise);
+std::tuple<at::Tensor, at::Tensor> masking_gather_cpu(const at::Tensor& x, const at::Tensor& ids_restore, int64_t keep,
+                                                      int64_t num_prefix, bool sum_masked);
+at::Tensor masking_unshuffle_cpu(const at::Tensor& visible, const at::Tensor& ids_restore,
+                                 const at::Tensor& mask_token, int64_t num_prefix);
+std::tuple<at::Tensor, at::Tensor> masked_mse_fwd_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                      const at::Tensor& weight, const at::Tensor& weight_sum,
+                                                      bool norm_pix, bool need_grad);
+
 // pgd: one projected-gradient step on x_adv [B, ...] in place (L-inf, or L2 when l2), with
 // per-sample eps [B] and alpha [B], clamped to [lo, hi]; grad and x_orig are like x_adv.
 void pgd_step_cpu(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_orig,
                   const at::Tensor& eps, const at::Tensor& alpha, bool l2, double lo, double hi);
 #ifdef WITH_CUDA
+// the same on CUDA, on the stream torch.cuda.current_stream().cuda_stream passed as an integer
 void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_orig,
-                   const at::Tensor& eps, const at::Tensor& alpha, bool l2, double lo, double hi);
+                   const at::Tensor& eps, const at::Tensor& alpha, bool l2, double lo, double hi,
+                   int64_t stream);
 #endif

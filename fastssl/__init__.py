@@ -2,7 +2,48 @@
 
 from fastssl.adversarial import feature_attack, instance_attack, pgd_attack, pgd_step_, random_start, robust_accuracy
 from fastssl.contrastive import NTXentLoss, nt_xent
+from fastssl.masking import (
+    block_masking,
+    masked_mse_loss,
+    noise_masking,
+    patchify,
+    random_masking,
+    unpatchify,
+    unshuffle,
+)
+from fastssl.neighbors import (
+    KNNClassifier,
+    cluster_metrics,
+    cluster_pseudo_labels,
+    kmeans,
+    knn_classify,
+    knn_pseudo_labels,
+    knn_search,
+)
 
 __version__ = "0.1.0"
-__all__ = ["NTXentLoss", "__version__", "nt_xent"]
-__all__ += ["feature_attack", "instance_attack", "pgd_attack", "pgd_step_", "random_start", "robust_accuracy"]
+__all__ = [
+    "KNNClassifier",
+    "NTXentLoss",
+    "__version__",
+    "block_masking",
+    "cluster_metrics",
+    "cluster_pseudo_labels",
+    "feature_attack",
+    "instance_attack",
+    "kmeans",
+    "knn_classify",
+    "knn_pseudo_labels",
+    "knn_search",
+    "masked_mse_loss",
+    "noise_masking",
+    "nt_xent",
+    "patchify",
+    "pgd_attack",
+    "pgd_step_",
+    "random_masking",
+    "random_start",
+    "robust_accuracy",
+    "unpatchify",
+    "unshuffle",
+]

@@ -45,6 +45,7 @@ def random_start(
     _checks.choice("norm", norm, NORMS)
     lo, hi = _checks.interval("bounds", bounds)
     _check_inside("x", x, lo, hi)
+    _checks.generator("generator", generator, x.device)
     return _random_start(x, eps_b, norm, lo, hi, generator)
 
 
@@ -109,14 +110,17 @@ def pgd_attack(
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     _checks.batch("x", x)
     eps_b, alpha_b = step_sizes(x, eps, alpha)
-    steps = _checks.integer("steps", steps, 0)
-    restarts = _checks.integer("restarts", restarts, 1)
+    steps = _checks.integer("steps", steps, minimum=0)
+    restarts = _checks.integer("restarts", restarts, minimum=1)
     per_forward = (
-        restarts if restarts_per_forward is None else _checks.integer("restarts_per_forward", restarts_per_forward, 1)
+        restarts
+        if restarts_per_forward is None
+        else _checks.integer("restarts_per_forward", restarts_per_forward, minimum=1)
     )
     _checks.choice("norm", norm, NORMS)
     lo, hi = _checks.interval("bounds", bounds)
     _check_inside("x", x, lo, hi)
+    _checks.generator("generator", generator, x.device)
     loss_fn = _loss_function(loss_fn, y, x)
     impl = _ext.resolve_impl(impl, x.device)
     if torch.is_inference_mode_enabled():

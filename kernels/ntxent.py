@@ -30,8 +30,8 @@ How the kernels compute them (DESIGN.md, "NT-Xent"):
     same bound), so A_ij = e_ij (u_i + u_j) with u_i = g_i c_i/τ: one exponential per pair.
     Row shift: A_ij = (g_i/τ) 2^{t_ij − lse_i·log₂e} + (g_j/τ) 2^{t_ij − lse_j·log₂e}, each term
     ≤ |g|/τ since s_ij ≤ lse_i. The 1/τ of (2) is folded into u (or g) here.
- 7. Work layout. With T row blocks, program column `pair` takes row block p = pair and row block
-    T−1−p: (T − p) + (p + 1) = T + 1 tiles for every pair, so the triangle is shared evenly. The
+ 7. Work layout. With T row blocks, the programs of grid axis 0 index `pair` take row block
+    p = pair and row block T−1−p: (T − p) + (p + 1) = T + 1 tiles for every pair, so the triangle is shared evenly. The
     tiles of a pair are cut into `parts` contiguous runs (grid axis 1) so there are enough
     programs to fill the GPU; a run holds at most two segments, one per row block. Along a
     segment the row side of block I accumulates in registers (row sums, row max, and in backward
@@ -42,7 +42,9 @@ How the kernels compute them (DESIGN.md, "NT-Xent"):
     order-dependent in the last bits (not bitwise deterministic run to run).
  8. Precision. Tiles enter tl.dot in their own dtype with fp32 accumulation (fp64 for fp64
     input, for gradcheck). fp32 input uses input_precision "tf32x3" (fp32-accurate on tensor
-    cores; plain tf32 would put 1e-3 relative error into s, i.e. 0.1 into s·(1/τ) at τ = 0.01).
+    cores; plain tf32 rounds z to 11 significant bits, ~0.05 of error in s at τ = 0.01).
+    Triton's interpreter cannot compute on bf16, so there bf16 tiles are widened to fp32 after
+    their load (exactly) before tl.dot.
     In backward A is cast to the operand dtype of the A·Z products: bf16 for bf16 (as
     flash-attention casts P), but fp32 with tf32 for fp16 — A scales like g/(τN), which for a
     mean loss over thousands of rows falls below fp16's normal range, while fp16 values convert
@@ -64,12 +66,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Block sizes: the largest power of two up to these caps, and at least 16 (tl.dot's minimum).
-# Module constants so that tests can shrink them to exercise many tiles on small inputs.
-_FWD_BLOCK_N = 128
-_BWD_BLOCK_N = 64
-_MAX_BLOCK_D = {2: 128, 4: 64, 8: 32}  # by element size: bf16/fp16, fp32, fp64
-_FP64_BLOCK_N = 64
+# Launch configurations, (BLOCK_N, BLOCK_D, num_warps, num_stages), per kernel and dtype: the first
+# when D fits in one BLOCK_D chunk (z_I loaded once per segment, grad_I kept in registers) or None
+# where that variant spills, the second for D in chunks. Chosen by compiling every variant for
+# sm_90 with ptxas (stride_d = 1) and keeping it within 255 registers: no spills but fp16 backward
+# in one chunk, bf16 chunked row-shift backward and fp64 (16-48 bytes); not yet timed on a GPU.
+# BLOCK_N and BLOCK_D shrink to triton.next_power_of_2 of N and D, down to 16 (tl.dot's minimum).
+# Tests may replace the table to exercise many tiles on small inputs.
+_CONFIGS = {
+    ("fwd", torch.bfloat16): ((128, 128, 8, 3), (128, 64, 8, 3)),
+    ("fwd", torch.float16): ((128, 128, 8, 3), (128, 64, 8, 3)),
+    ("fwd", torch.float32): ((128, 64, 8, 2), (64, 32, 4, 2)),
+    ("fwd", torch.float64): ((64, 32, 4, 2), (64, 32, 4, 2)),
+    ("bwd", torch.bfloat16): ((64, 64, 4, 3), (128, 64, 8, 3)),
+    ("bwd", torch.float16): ((64, 64, 4, 3), (64, 64, 4, 3)),
+    ("bwd", torch.float32): (None, (64, 32, 8, 2)),
+    ("bwd", torch.float64): ((32, 32, 4, 2), (32, 32, 4, 2)),
+}
 _MIN_BLOCK = 16
 # Programs per SM aimed at when the triangle's tiles are cut into runs (7).
 _PROGRAMS_PER_SM = 4
@@ -77,7 +90,6 @@ _PROGRAMS_PER_SM = 4
 _INTERPRETER_PROGRAMS = 4
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def _hi_lo(x: float) -> tuple[float, float]:
@@ -86,21 +98,10 @@ def _hi_lo(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-_LOG2E_HI, _LOG2E_LO = _hi_lo(_LOG2E)
-LOG2E_HI = tl.constexpr(_LOG2E_HI)
-LOG2E_LO = tl.constexpr(_LOG2E_LO)
-
-
 @triton.jit
 def _scalar(hi, lo, ACC: tl.constexpr):
     """hi + lo in the accumulation dtype (8: fp64 kernels get the full double)."""
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
-
-
-@triton.jit
-def _times_log2e(x):
-    """x·log₂e at the precision of x (log₂e as an fp32 hi/lo pair)."""
-    return x * LOG2E_HI + x * LOG2E_LO
 
 
 @triton.jit
@@ -144,6 +145,8 @@ def _ntxent_lse_fwd_kernel(
     Z_stride_d,
     scale_hi,  # k = log₂e/τ as an fp32 hi/lo pair (8)
     scale_lo,
+    inv_tau_hi,  # 1/τ as an fp32 hi/lo pair
+    inv_tau_lo,
     ACC: tl.constexpr,
     Z_DOT: tl.constexpr,  # operand dtype of z_i·z_j: z's own, or fp32 for bf16 when interpreted
     DOT_PRECISION: tl.constexpr,
@@ -157,6 +160,7 @@ def _ntxent_lse_fwd_kernel(
     part = tl.program_id(1).to(tl.int64)
     parts = tl.num_programs(1).to(tl.int64)
     scale = _scalar(scale_hi, scale_lo, ACC)
+    inv_tau = _scalar(inv_tau_hi, inv_tau_lo, ACC)
     offs = tl.arange(0, BLOCK_N)
     for seg in range(2):
         I, j_start, j_end = _segment(pair, seg, parts, part, N, BLOCK_N)
@@ -186,24 +190,24 @@ def _ntxent_lse_fwd_kernel(
             # pairs that count: both rows inside the matrix, and i ≠ j on the diagonal tile
             keep = ok_i[:, None] & ok_j[None, :] & ((I != J) | (offs[:, None] != offs[None, :]))
             if WRITE_MAX:
-                # (5) t_ij = s_ij·log₂e; row max here, column max of block J by atomic max
-                t = tl.where(keep, dots * scale, float("-inf"))
-                acc_i = tl.maximum(acc_i, tl.max(t, axis=1))
+                # (5) row max of s here, column max of block J by atomic max
+                s = tl.where(keep, dots * inv_tau, float("-inf"))
+                acc_i = tl.maximum(acc_i, tl.max(s, axis=1))
                 if I != J:
-                    tl.atomic_max(Out_ptr + rows_j, tl.max(t, axis=0), mask=ok_j, sem="relaxed")
+                    tl.atomic_max(Out_ptr + rows_j, tl.max(s, axis=0), mask=ok_j, sem="relaxed")
             elif ROW_SHIFT:
-                # (5) two exponentials per pair: 2^{t_ij − M_i} for row i, 2^{t_ij − M_j} for row j
+                # (5) two exponentials per pair: exp(s_ij − M_i) for row i, exp(s_ij − M_j) for row j
                 # (exponents are ≤ 0 on kept pairs; the clamp keeps masked lanes finite)
-                t = dots * scale
-                e_row = tl.exp2(tl.minimum(t - shift_i[:, None], 0.0))
+                e_row = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -shift_i[:, None]), 0.0))
                 acc_i += tl.sum(tl.where(keep, e_row, 0.0), axis=1)
                 if I != J:
                     shift_j = tl.load(Shift_ptr + rows_j, mask=ok_j, other=0.0)
-                    e_col = tl.where(keep, tl.exp2(tl.minimum(t - shift_j[None, :], 0.0)), 0.0)
+                    e_col = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -shift_j[None, :]), 0.0))
+                    e_col = tl.where(keep, e_col, 0.0)
                     tl.atomic_add(Out_ptr + rows_j, tl.sum(e_col, axis=0), mask=ok_j, sem="relaxed")
             else:
-                # (4) e_ij = 2^{(z_i·z_j − 1)·k}, once per pair, for row i and row j
-                e = tl.where(keep, tl.exp2(dots * scale - scale), 0.0)
+                # (4) e_ij = 2^{z_i·z_j·k − k}, once per pair, for row i and row j
+                e = tl.where(keep, tl.exp2(tl.fma(dots, scale, -scale)), 0.0)
                 acc_i += tl.sum(e, axis=1)
                 if I != J:
                     tl.atomic_add(Out_ptr + rows_j, tl.sum(e, axis=0), mask=ok_j, sem="relaxed")
@@ -255,10 +259,10 @@ def _ntxent_lse_bwd_kernel(
         rows_i = I * BLOCK_N + offs
         ok_i = rows_i < N
         g_i = tl.load(G_ptr + rows_i * G_stride_n, mask=ok_i, other=0.0).to(ACC) * inv_tau
-        lse2_i = _times_log2e(tl.load(Lse_ptr + rows_i * Lse_stride_n, mask=ok_i, other=0.0).to(ACC))
+        lse_i = tl.load(Lse_ptr + rows_i * Lse_stride_n, mask=ok_i, other=0.0).to(ACC)
         if not ROW_SHIFT:
             # (6) u_i = (g_i/τ)·exp(m − lse_i), m = 1/τ
-            u_i = g_i * tl.exp2(scale - lse2_i)
+            u_i = g_i * tl.exp(inv_tau - lse_i)
         if ONE_D_BLOCK:
             z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
             grad_i = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -275,21 +279,18 @@ def _ntxent_lse_bwd_kernel(
                     zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
                     dots = tl.dot(zi, tl.trans(zj), dots, input_precision=DOT_PRECISION)
             keep = ok_i[:, None] & ok_j[None, :] & ((I != J) | (offs[:, None] != offs[None, :]))
+            g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
+            lse_j = tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC)
             if ROW_SHIFT:
-                # (6) A_ij = (g_i/τ)·2^{t_ij − lse_i·log₂e} + (g_j/τ)·2^{t_ij − lse_j·log₂e}
-                g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
-                lse2_j = _times_log2e(tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC))
+                # (6) A_ij = (g_i/τ)·exp(s_ij − lse_i) + (g_j/τ)·exp(s_ij − lse_j)
                 # (s_ij ≤ lse_i on kept pairs; the clamp keeps masked lanes, i = j, finite)
-                t = dots * scale
-                p_ij = tl.exp2(tl.minimum(t - lse2_i[:, None], 0.0))
-                p_ji = tl.exp2(tl.minimum(t - lse2_j[None, :], 0.0))
+                p_ij = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -lse_i[:, None]), 0.0))
+                p_ji = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -lse_j[None, :]), 0.0))
                 a = g_i[:, None] * p_ij + g_j[None, :] * p_ji
             else:
                 # (6) A_ij = e_ij·(u_i + u_j), one exponential per pair
-                g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
-                lse2_j = _times_log2e(tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC))
-                u_j = g_j * tl.exp2(scale - lse2_j)
-                a = tl.exp2(dots * scale - scale) * (u_i[:, None] + u_j[None, :])
+                u_j = g_j * tl.exp(inv_tau - lse_j)
+                a = tl.exp2(tl.fma(dots, scale, -scale)) * (u_i[:, None] + u_j[None, :])
             a = tl.where(keep, a, 0.0).to(A_DTYPE).to(A_DOT)
             # (3) grad_I += A Z_J and, off the diagonal, grad_J += Aᵀ Z_I, over D in chunks
             if ONE_D_BLOCK:
@@ -365,13 +366,21 @@ def _dtypes(z: Tensor) -> tuple[torch.dtype, dict]:
     return (torch.float64 if acc == tl.float64 else torch.float32), meta
 
 
-def _blocks(z: Tensor, block_n_cap: int) -> tuple[int, int]:
+def _launch_config(kernel: str, z: Tensor) -> dict:
+    """BLOCK_N, BLOCK_D, ONE_D_BLOCK, num_warps and num_stages for z (see _CONFIGS)."""
     n, d = z.shape
-    if z.dtype == torch.float64:
-        block_n_cap = min(block_n_cap, _FP64_BLOCK_N)
-    block_n = max(_MIN_BLOCK, min(block_n_cap, triton.next_power_of_2(n)))
-    block_d = max(_MIN_BLOCK, min(_MAX_BLOCK_D[z.element_size()], triton.next_power_of_2(d)))
-    return block_n, block_d
+    one_chunk, chunked = _CONFIGS[(kernel, z.dtype)]
+    one_d = one_chunk is not None and d <= one_chunk[1]
+    block_n, block_d, num_warps, num_stages = one_chunk if one_d else chunked
+    block_n = max(_MIN_BLOCK, min(block_n, triton.next_power_of_2(n)))
+    block_d = max(_MIN_BLOCK, min(block_d, triton.next_power_of_2(d)))
+    return dict(
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ONE_D_BLOCK=one_d,
+        num_warps=num_warps if block_n >= 64 else 4,
+        num_stages=num_stages,
+    )
 
 
 @functools.cache
@@ -404,27 +413,18 @@ def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
     sums = torch.zeros(n, dtype=acc_dtype, device=z.device)
     if n == 0:
         return sums
-    block_n, block_d = _blocks(z, _FWD_BLOCK_N)
-    grid = _grid(n, block_n, z.device)
-    scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
-    meta = dict(
-        ACC=dtypes["ACC"],
-        Z_DOT=dtypes["Z_DOT"],
-        DOT_PRECISION=dtypes["DOT_PRECISION"],
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        ONE_D_BLOCK=d <= block_d,
-        num_warps=8 if block_n >= 128 else 4,
-    )
-    args = (n, d, z.stride(0), z.stride(1), scale_hi, scale_lo)
+    config = _launch_config("fwd", z)
+    grid = _grid(n, config["BLOCK_N"], z.device)
+    meta = dict(ACC=dtypes["ACC"], Z_DOT=dtypes["Z_DOT"], DOT_PRECISION=dtypes["DOT_PRECISION"], **config)
+    args = (n, d, z.stride(0), z.stride(1), *_hi_lo(inv_tau * _LOG2E), *_hi_lo(inv_tau))
     if _fixed_shift_is_exact(inv_tau):
         _ntxent_lse_fwd_kernel[grid](z, sums, sums, *args, ROW_SHIFT=False, WRITE_MAX=False, **meta)
         return sums.log_().add_(inv_tau)
-    # (5) per-row shift M_i (in log₂ units), then the shifted sums
+    # (5) per-row shift M_i, then the shifted sums
     row_max = torch.full((n,), -math.inf, dtype=acc_dtype, device=z.device)
     _ntxent_lse_fwd_kernel[grid](z, row_max, row_max, *args, ROW_SHIFT=False, WRITE_MAX=True, **meta)
     _ntxent_lse_fwd_kernel[grid](z, sums, row_max, *args, ROW_SHIFT=True, WRITE_MAX=False, **meta)
-    return sums.log_().add_(row_max, alpha=_LN2)
+    return sums.log_().add_(row_max)
 
 
 def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> Tensor:
@@ -438,8 +438,8 @@ def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> 
     grad = torch.zeros((n, d), dtype=acc_dtype, device=z.device)
     if n == 0:
         return grad.to(z.dtype)
-    block_n, block_d = _blocks(z, _BWD_BLOCK_N)
-    grid = _grid(n, block_n, z.device)
+    config = _launch_config("bwd", z)
+    grid = _grid(n, config["BLOCK_N"], z.device)
     scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
     inv_tau_hi, inv_tau_lo = _hi_lo(inv_tau)
     _ntxent_lse_bwd_kernel[grid](
@@ -459,11 +459,8 @@ def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> 
         scale_lo,
         inv_tau_hi,
         inv_tau_lo,
-        **dtypes,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        ONE_D_BLOCK=d <= block_d,
         ROW_SHIFT=not _fixed_shift_is_exact(inv_tau),
-        num_warps=8 if block_n >= 128 else 4,
+        **dtypes,
+        **config,
     )
     return grad if grad.dtype == z.dtype else grad.to(z.dtype)

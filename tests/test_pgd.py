@@ -382,6 +382,7 @@ MODEL = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
         ({"loss_fn": lambda out, y: out}, ValueError, "loss_fn"),
         ({"impl": "cuda"}, ValueError, "cuda"),
         ({"model": "resnet"}, TypeError, "model"),
+        ({"generator": 0}, TypeError, "generator"),
     ],
 )
 def test_attack_bad_input(kwargs, error, match):

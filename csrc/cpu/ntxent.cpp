@@ -68,9 +68,11 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
   }
 }
 
+// s_ij - shift_i for the tile, with the scale and the shift folded into the GEMM:
+// addmm(-shift, Z_I, Z_J^T, beta=1, alpha=inv_tau).
 at::Tensor tile_scores(const at::Tensor& z, double inv_tau, int64_t i0, int64_t i1, int64_t j0,
-                       int64_t j1) {
-  return at::mm(z.slice(0, i0, i1), z.slice(0, j0, j1).t()).mul_(inv_tau);
+                       int64_t j1, const at::Tensor& neg_shift_i) {
+  return at::addmm(neg_shift_i, z.slice(0, i0, i1), z.slice(0, j0, j1).t(), 1.0, inv_tau);
 }
 
 // max_{j != i} s_ij for every row: the per-row shift when the fixed one may underflow.
@@ -78,9 +80,10 @@ at::Tensor row_max(const at::Tensor& z, double inv_tau) {
   const int64_t n = z.size(0);
   const double lowest = -std::numeric_limits<double>::infinity();
   at::Tensor out = at::full({n, 1}, lowest, z.options());
+  const at::Tensor zero = at::zeros({1, 1}, z.options());
   reduce_upper_tiles(n, out, Combine::kMax, lowest,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1);
+                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, zero);
                        if (diagonal) s.fill_diagonal_(lowest);
                        return std::make_pair(std::get<0>(s.max(1, true)),
                                              std::get<0>(s.max(0)).unsqueeze(1));
@@ -103,17 +106,19 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z_in, double inv_tau) {
   const bool fixed = fixed_shift_is_exact(inv_tau);
   // shift_i = m for every row (a), or the row's own max (b).
   const at::Tensor shift = fixed ? at::full({n}, inv_tau, z.options()) : row_max(z, inv_tau);
+  const at::Tensor neg_shift = -shift.unsqueeze(1);
   at::Tensor sums = at::zeros({n, 1}, z.options());
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1);
-                       at::Tensor e_row = at::exp(s - shift.slice(0, i0, i1).unsqueeze(1));
+                       // s_ij - shift_i; with the fixed shift, e_ij serves row i and row j
+                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+                       at::Tensor e_row = fixed ? s.exp_() : s.exp();
                        if (diagonal) e_row.fill_diagonal_(0);
                        at::Tensor row = e_row.sum(1, true);
                        if (diagonal) return std::make_pair(row, row);
-                       // fixed shift: e_ij is the same number for row i and for row j
-                       at::Tensor e_col =
-                           fixed ? e_row : at::exp(s - shift.slice(0, j0, j1).unsqueeze(0));
+                       if (fixed) return std::make_pair(row, e_row.sum(0).unsqueeze(1));
+                       // s_ij - shift_j = (s_ij - shift_i) + shift_i - shift_j
+                       at::Tensor e_col = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
                        return std::make_pair(row, e_col.sum(0).unsqueeze(1));
                      });
   return shift + sums.squeeze(1).log();
@@ -128,18 +133,20 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z_in
   const bool fixed = fixed_shift_is_exact(inv_tau);
   // (b): P_ij = e_ij c_i with c_i = exp(m - lse_i) <= exp(2/tau), finite under the same bound.
   const at::Tensor u = fixed ? g * (inv_tau - lse).exp() : g;
+  const at::Tensor neg_shift = fixed ? at::full({n, 1}, -inv_tau, z.options()) : -lse.unsqueeze(1);
   at::Tensor grad = at::zeros({n, z.size(1)}, z.options());
   reduce_upper_tiles(
       n, grad, Combine::kSum, 0.0,
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-        at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1);
         at::Tensor u_i = u.slice(0, i0, i1).unsqueeze(1), u_j = u.slice(0, j0, j1).unsqueeze(0);
-        at::Tensor a;  // A_ij = g_i P_ij + g_j P_ji, from (2)
-        if (fixed) {
-          a = at::exp(s - inv_tau).mul_(u_i + u_j);
-        } else {
-          a = at::exp(s - lse.slice(0, i0, i1).unsqueeze(1)).mul_(u_i) +
-              at::exp(s - lse.slice(0, j0, j1).unsqueeze(0)).mul_(u_j);
+        // A_ij = g_i P_ij + g_j P_ji, from (2); s below is s_ij - shift_i
+        at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+        at::Tensor a;
+        if (fixed) {  // P_ij = e_ij c_i, P_ji = e_ij c_j
+          a = s.exp_().mul_(u_i + u_j);
+        } else {  // P_ij = exp(s_ij - lse_i), P_ji = exp(s_ij - lse_j)
+          at::Tensor p_ji = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
+          a = s.exp_().mul_(u_i).add_(p_ji.mul_(u_j));
         }
         if (diagonal) a.fill_diagonal_(0);
         at::Tensor row = at::mm(a, z.slice(0, j0, j1));

@@ -12,23 +12,16 @@
 // the same f) and then writes the tile: two passes, no atomics, deterministic.
 //
 // Not yet the default GPU path: fastssl dispatches CUDA tensors to the Triton kernel until a GPU
-// run has shown this one correct and faster (DESIGN.md, Dispatch).
+// run has shown this one correct and faster (DESIGN.md, Dispatch). As every .cu file here, it
+// includes only ATen headers and the CUDA runtime (a CPU torch ships no c10/cuda headers, and
+// `make cuda-check` compiles against those) and takes torch's current stream from Python.
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/core/DeviceGuard.h>
+#include <cuda_runtime.h>
 
 #include "../ops.h"
-
-// torch's current stream. A CPU-only torch ships c10/cuda without its generated config header,
-// so `make cuda-check` (nvcc against those headers) compiles the kernels with the legacy default
-// stream instead; every real CUDA build has the header and takes torch's stream.
-#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#include <c10/cuda/CUDAStream.h>
-static cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
-#else
-static cudaStream_t current_stream() { return cudaStreamLegacy; }
-#endif
 
 namespace {
 
@@ -157,7 +150,8 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& x_adv) 
 }  // namespace
 
 void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_orig,
-                   const at::Tensor& eps, const at::Tensor& alpha, bool l2, double lo, double hi) {
+                   const at::Tensor& eps, const at::Tensor& alpha, bool l2, double lo, double hi,
+                   int64_t stream_handle) {
   TORCH_CHECK(x_adv.is_cuda(), "pgd_step_cuda: x_adv must be a CUDA tensor");
   TORCH_CHECK(x_adv.dim() >= 1, "pgd_step_cuda: x_adv must be [B, ...], got a scalar");
   check_like(x_adv, "x_adv", x_adv);
@@ -168,12 +162,12 @@ void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x
   TORCH_CHECK(eps.sizes() == at::IntArrayRef{batch} && alpha.sizes() == at::IntArrayRef{batch},
               "pgd_step_cuda: eps and alpha must be [B] = [", batch, "], got ", eps.sizes(), " and ",
               alpha.sizes());
-  const c10::DeviceGuard guard(x_adv.device());
+  const at::DeviceGuard guard(x_adv.device());
   const int64_t n = x_adv.numel() / batch;
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t blocks = batch * tiles;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "pgd_step_cuda: too many tiles (", blocks, ")");
-  const cudaStream_t stream = current_stream();
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "pgd_step_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;

@@ -73,6 +73,43 @@ def choice(name: str, value, options: tuple) -> str:
     return value
 
 
+def finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x has no NaN or ±inf (one pass over x; on CUDA it waits for the result)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    return x
+
+
+def fraction(name: str, value) -> float:
+    """A real number in [0, 1) (a ratio of something removed, never all of it)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0 <= value < 1:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def integer(name: str, value, *, minimum: int = 0) -> int:
+    """A Python (or numpy) integer >= minimum; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def generator(name: str, gen, device: torch.device) -> None:
+    """None, or a torch.Generator on the device the random numbers are drawn on."""
+    if gen is None:
+        return
+    if not isinstance(gen, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(gen).__name__}")
+    if gen.device.type != device.type:
+        raise ValueError(f"{name} is on {gen.device} but the random numbers are drawn on {device}")
+
+
 def batch(name: str, x) -> torch.Tensor:
     """A floating tensor [B, ...] with at least one sample, each of at least one value."""
     if not isinstance(x, torch.Tensor):
@@ -137,12 +174,3 @@ def interval(name: str, value) -> tuple[float, float]:
     if not lo < hi:  # also catches NaN
         raise ValueError(f"{name} must be (lo, hi) with lo < hi, got {value!r}")
     return float(lo), float(hi)
-
-
-def integer(name: str, value, minimum: int) -> int:
-    """A Python int ≥ minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)

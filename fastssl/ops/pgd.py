@@ -36,7 +36,10 @@ def pgd_step_op(
     kernel = _ext.kernel(impl, "pgd", "pgd_step", x_adv.device)
     # the kernels read [B, n] rows: a non-contiguous x_adv is stepped in a copy and written back
     work = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
-    kernel(work, grad.contiguous(), x_orig.contiguous(), eps, alpha, norm == "l2", lo, hi)
+    args = (work, grad.contiguous(), x_orig.contiguous(), eps, alpha, norm == "l2", lo, hi)
+    if impl == "cuda":  # the .cu kernels take torch's current stream as an integer (see Makefile, cuda-check)
+        args += (torch.cuda.current_stream(x_adv.device).cuda_stream,)
+    kernel(*args)
     if work is not x_adv:
         x_adv.copy_(work)
 

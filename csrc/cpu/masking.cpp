@@ -1,0 +1,239 @@
+// Masked image modelling on the CPU: MAE's random masking, its gather and unshuffle, and the
+// masked MSE loss with its gradient in one pass (He et al. 2022, "Masked Autoencoders Are
+// Scalable Vision Learners"; fastssl/ops/masking.py defines the ops around these kernels).
+//
+// Token layout shared by the gather and the unshuffle kernels: a sequence of N = P + L rows holds
+// P prefix tokens (a class token), which are always kept, and L patch tokens. For patch i,
+// r_i = ids_restore[b, i] is its rank in the sample's noise; it is visible when r_i < keep, and
+// then it sits at row P + r_i of the visible sequence [B, P + keep, D].
+//  1. masking_rank:      r_i = #{j : n_j < n_i, or n_j = n_i and j < i}: a stable argsort's inverse,
+//                        i.e. MAE's argsort(argsort(noise)) with ties broken by index.
+//  2. masking_gather:    visible[b, P + r_i] = x[b, P + i] for r_i < keep (prefix rows copied as they
+//                        are); optionally sum_{i : r_i >= keep} x[b, P + i], which is the gradient
+//                        of the mask token when this gather is the unshuffle's backward.
+//  3. masking_unshuffle: out[b, P + i] = visible[b, P + r_i] if r_i < keep else the mask token.
+//     (2) and (3) are each other's adjoint: each is the other's backward.
+// Values of ids_restore outside [0, keep) are treated as masked, so a corrupted index can never
+// read or write outside the tensors. Rows are moved with memcpy, for every dtype.
+//
+//  4. masked_mse_fwd: for row r (a patch) with weight w_r, target t and prediction p of P values,
+//       t̂ = (t − mean t) / sqrt(var t + 1e-6)  with the unbiased variance (norm_pix; MAE), else t,
+//       ℓ_r = (1/P) Σ_k (p_k − t̂_k)²,   loss = Σ_r w_r ℓ_r / Σ_r w_r,
+//       ∂loss/∂p_k = 2 w_r (p_k − t̂_k) / (P Σ_r w_r).
+//     The kernel returns w_r ℓ_r per row and, when asked, the gradient (the target is not
+//     differentiated, as in MAE). Rows with w_r = 0 are not read: their loss and gradient are 0.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "../ops.h"
+
+namespace {
+
+// Rows per parallel chunk so that a chunk moves at least ~64 KiB.
+int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, row_bytes)); }
+
+void check_tokens(const at::Tensor& x, const at::Tensor& ids_restore, int64_t num_prefix, const char* fn) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), fn, ": x must be a [B, N, D] CPU tensor, got ", x.sizes());
+  TORCH_CHECK(x.stride(2) == 1, fn, ": the last dim of x must be contiguous");
+  TORCH_CHECK(ids_restore.scalar_type() == at::kLong && ids_restore.dim() == 2 &&
+                  ids_restore.size(0) == x.size(0) && ids_restore.is_contiguous(),
+              fn, ": ids_restore must be a contiguous int64 [B, L] tensor, got ", ids_restore.sizes());
+  TORCH_CHECK(num_prefix >= 0, fn, ": num_prefix must be >= 0");
+}
+
+// Reads n values of any floating dtype into acc (float or double).
+template <class acc_t>
+void load_row(const at::Tensor& t, int64_t offset, int64_t n, acc_t* acc) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "load_row", [&] {
+    const scalar_t* src = t.const_data_ptr<scalar_t>() + offset;
+    for (int64_t k = 0; k < n; ++k) acc[k] = static_cast<acc_t>(src[k]);
+  });
+}
+
+// Σ a_k with eight independent partial sums, which the compiler keeps in vector registers.
+template <class acc_t>
+acc_t sum(const acc_t* a, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[k + j];
+  acc_t s = 0;
+  for (; k < n; ++k) s += a[k];
+  for (int j = 0; j < 8; ++j) s += part[j];
+  return s;
+}
+
+template <class acc_t>
+acc_t sum_sq(const acc_t* a, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * a[k + j];
+  acc_t s = 0;
+  for (; k < n; ++k) s += a[k] * a[k];
+  for (int j = 0; j < 8; ++j) s += part[j];
+  return s;
+}
+
+template <class acc_t>
+void masked_mse_rows(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight, acc_t weight_sum,
+                     bool norm_pix, at::Tensor& row_loss, at::Tensor* grad) {
+  const int64_t rows = weight.numel(), p = pred.size(-1);
+  const acc_t* w = weight.const_data_ptr<acc_t>();
+  acc_t* out = row_loss.data_ptr<acc_t>();
+  at::parallel_for(0, rows, grain_rows(4 * p * pred.element_size()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> d(p), t(p);
+    for (int64_t r = begin; r < end; ++r) {
+      if (w[r] == 0) {  // not a masked patch: contributes nothing, and is not read
+        out[r] = 0;
+        if (grad) std::memset(static_cast<char*>(grad->data_ptr()) + r * p * grad->element_size(), 0,
+                              p * grad->element_size());
+        continue;
+      }
+      load_row(target, r * p, p, t.data());
+      if (norm_pix) {
+        const acc_t mean = sum(t.data(), p) / p;
+        for (int64_t k = 0; k < p; ++k) t[k] -= mean;
+        const acc_t rstd = 1 / std::sqrt(sum_sq(t.data(), p) / (p - 1) + acc_t(1e-6));
+        for (int64_t k = 0; k < p; ++k) t[k] *= rstd;
+      }
+      load_row(pred, r * p, p, d.data());
+      for (int64_t k = 0; k < p; ++k) d[k] -= t[k];
+      out[r] = w[r] * sum_sq(d.data(), p) / p;
+      if (grad) {
+        const acc_t scale = 2 * w[r] / (p * weight_sum);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad->scalar_type(), "masked_mse_grad", [&] {
+          scalar_t* g = grad->data_ptr<scalar_t>() + r * p;
+          for (int64_t k = 0; k < p; ++k) g[k] = static_cast<scalar_t>(d[k] * scale);
+        });
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor masking_rank_cpu(const at::Tensor& noise_in) {
+  TORCH_CHECK(noise_in.dim() == 2 && noise_in.device().is_cpu(), "masking_rank_cpu: noise must be a [B, L] CPU tensor");
+  const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
+  const int64_t b = noise.size(0), l = noise.size(1);
+  at::Tensor ids_restore = at::empty({b, l}, noise.options().dtype(at::kLong));
+  const float* n = noise.const_data_ptr<float>();
+  int64_t* out = ids_restore.data_ptr<int64_t>();
+  at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, l)), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(l);
+    for (int64_t s = begin; s < end; ++s) {
+      const float* ns = n + s * l;
+      std::iota(order.begin(), order.end(), 0);
+      // stable: equal noise keeps index order, as torch.argsort(stable=True)
+      std::stable_sort(order.begin(), order.end(), [ns](int64_t i, int64_t j) { return ns[i] < ns[j]; });
+      for (int64_t r = 0; r < l; ++r) out[s * l + order[r]] = r;
+    }
+  });
+  return ids_restore;
+}
+
+std::tuple<at::Tensor, at::Tensor> masking_gather_cpu(const at::Tensor& x, const at::Tensor& ids_restore, int64_t keep,
+                                                      int64_t num_prefix, bool sum_masked) {
+  check_tokens(x, ids_restore, num_prefix, "masking_gather_cpu");
+  const int64_t b = x.size(0), d = x.size(2), l = ids_restore.size(1);
+  TORCH_CHECK(x.size(1) == num_prefix + l, "masking_gather_cpu: x has ", x.size(1), " tokens, expected ",
+              num_prefix + l);
+  TORCH_CHECK(keep >= 0 && keep <= l, "masking_gather_cpu: keep must be in [0, L]");
+  const int64_t n_out = num_prefix + keep, row_bytes = d * x.element_size();
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({b, n_out, d}, x.options());
+  at::Tensor partial = at::zeros({sum_masked ? b : 0, d}, x.options().dtype(acc));
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* ids = ids_restore.const_data_ptr<int64_t>();
+  const int64_t sb = x.stride(0) * x.element_size(), sn = x.stride(1) * x.element_size();
+  at::parallel_for(0, b, grain_rows((num_prefix + l) * row_bytes), [&](int64_t begin, int64_t end) {
+    std::vector<double> masked(sum_masked ? d : 0);
+    for (int64_t s = begin; s < end; ++s) {
+      for (int64_t j = 0; j < num_prefix; ++j)
+        std::memcpy(dst + (s * n_out + j) * row_bytes, src + s * sb + j * sn, row_bytes);
+      std::fill(masked.begin(), masked.end(), 0.0);
+      for (int64_t i = 0; i < l; ++i) {
+        const int64_t r = ids[s * l + i];
+        const char* row = src + s * sb + (num_prefix + i) * sn;
+        if (static_cast<uint64_t>(r) < static_cast<uint64_t>(keep)) {
+          std::memcpy(dst + (s * n_out + num_prefix + r) * row_bytes, row, row_bytes);
+        } else if (sum_masked) {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_sum", [&] {
+            const scalar_t* v = reinterpret_cast<const scalar_t*>(row);
+            for (int64_t k = 0; k < d; ++k) masked[k] += static_cast<double>(v[k]);
+          });
+        }
+      }
+      if (sum_masked) {
+        at::Tensor dst_row = partial.select(0, s);
+        dst_row.copy_(at::from_blob(masked.data(), {d}, at::TensorOptions().dtype(at::kDouble)));
+      }
+    }
+  });
+  return {out, partial};
+}
+
+at::Tensor masking_unshuffle_cpu(const at::Tensor& visible, const at::Tensor& ids_restore,
+                                 const at::Tensor& mask_token_in, int64_t num_prefix) {
+  check_tokens(visible, ids_restore, num_prefix, "masking_unshuffle_cpu");
+  const int64_t b = visible.size(0), d = visible.size(2), l = ids_restore.size(1);
+  const int64_t keep = visible.size(1) - num_prefix;
+  TORCH_CHECK(keep >= 0 && keep <= l, "masking_unshuffle_cpu: visible has ", visible.size(1),
+              " tokens, expected num_prefix + keep with keep in [0, ", l, "]");
+  TORCH_CHECK(mask_token_in.numel() == d && mask_token_in.scalar_type() == visible.scalar_type(),
+              "masking_unshuffle_cpu: mask_token must hold D values of visible's dtype");
+  const at::Tensor mask_token = mask_token_in.contiguous();
+  const int64_t n_out = num_prefix + l, row_bytes = d * visible.element_size();
+  at::Tensor out = at::empty({b, n_out, d}, visible.options());
+  const char* src = static_cast<const char*>(visible.const_data_ptr());
+  const char* token = static_cast<const char*>(mask_token.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* ids = ids_restore.const_data_ptr<int64_t>();
+  const int64_t sb = visible.stride(0) * visible.element_size(), sn = visible.stride(1) * visible.element_size();
+  at::parallel_for(0, b * n_out, grain_rows(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t s = row / n_out, j = row % n_out;
+      const char* from = token;
+      if (j < num_prefix) {
+        from = src + s * sb + j * sn;
+      } else {
+        const int64_t r = ids[s * l + j - num_prefix];
+        if (static_cast<uint64_t>(r) < static_cast<uint64_t>(keep)) from = src + s * sb + (num_prefix + r) * sn;
+      }
+      std::memcpy(dst + row * row_bytes, from, row_bytes);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_mse_fwd_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
+                                                      const at::Tensor& weight_in, const at::Tensor& weight_sum,
+                                                      bool norm_pix, bool need_grad) {
+  TORCH_CHECK(pred_in.dim() == 3 && pred_in.sizes() == target_in.sizes() && pred_in.device().is_cpu(),
+              "masked_mse_fwd_cpu: pred and target must be [B, L, P] CPU tensors of one shape");
+  TORCH_CHECK(weight_in.numel() == pred_in.size(0) * pred_in.size(1), "masked_mse_fwd_cpu: weight must be [B, L]");
+  TORCH_CHECK(!norm_pix || pred_in.size(2) > 1, "masked_mse_fwd_cpu: norm_pix needs P > 1");
+  const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
+  const bool fp64 = pred.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
+  const auto acc = fp64 ? at::kDouble : at::kFloat;
+  const at::Tensor weight = weight_in.to(acc).contiguous().view(-1);
+  at::Tensor row_loss = at::empty({weight.numel()}, weight.options());
+  at::Tensor grad = need_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+  at::Tensor grad_rows = need_grad ? grad.view({-1, pred.size(2)}) : grad;
+  at::Tensor* g = need_grad ? &grad_rows : nullptr;
+  if (fp64) {
+    masked_mse_rows<double>(pred, target, weight, weight_sum.item<double>(), norm_pix, row_loss, g);
+  } else {
+    masked_mse_rows<float>(pred, target, weight, weight_sum.item<float>(), norm_pix, row_loss, g);
+  }
+  return {row_loss, grad};
+}
