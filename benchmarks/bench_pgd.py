@@ -69,14 +69,14 @@ def _cnn(device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     return (
         nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
+            nn.Conv2d(3, 16, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
+            nn.Conv2d(16, 32, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 8 * 8, 10),
+            nn.Linear(32 * 8 * 8, 10),
         )
         .to(device, dtype)
         .eval()

@@ -15,7 +15,9 @@ the same arithmetic in the same order):
     BLOCK elements per sample; offsets in int64). For (2) `_pgd_l2_sums_kernel` writes each
     block's three sums to partials [B, T, 3]; every program of the step kernel then sums its
     sample's T partials itself, in the same order, so all blocks of a sample agree on f: no
-    atomics, no third launch, deterministic. Sums and arithmetic are fp32 (fp64 for fp64).
+    atomics, no third launch, deterministic. When a sample fits in one block (T = 1, e.g.
+    3×32×32 images) the step kernel takes the sums from its own tile: one pass, one launch.
+    Sums and arithmetic are fp32 (fp64 for fp64).
  4. NaN is never turned into a number: sign(NaN) = NaN (torch.sign gives 0), and the clamps
     propagate NaN as torch.clamp does.
 
@@ -91,6 +93,7 @@ def _pgd_step_kernel(
     lo,
     hi,
     L2: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # a sample fits in one block: (3) from the tile itself
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     SUM_BLOCK: tl.constexpr,
@@ -106,20 +109,27 @@ def _pgd_step_kernel(
     x0 = tl.load(X0_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
     g = tl.load(G_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
     if L2:
-        # (3) this sample's sums, from its blocks' partials
-        dd = tl.zeros([SUM_BLOCK], ACC)
-        dg = tl.zeros([SUM_BLOCK], ACC)
-        gg = tl.zeros([SUM_BLOCK], ACC)
-        for j0 in range(0, blocks, SUM_BLOCK):
-            j = j0 + tl.arange(0, SUM_BLOCK)
-            p = Partials_ptr + (b * blocks + j) * 3
-            ok = j < blocks
-            dd += tl.load(p, mask=ok, other=0.0)
-            dg += tl.load(p + 1, mask=ok, other=0.0)
-            gg += tl.load(p + 2, mask=ok, other=0.0)
-        sum_dd = tl.sum(dd, axis=0)
-        sum_dg = tl.sum(dg, axis=0)
-        sum_gg = tl.sum(gg, axis=0)
+        if ONE_BLOCK:
+            # (3) the whole sample is this tile (CIFAR-sized inputs): one pass, no partials
+            d = x - x0
+            sum_dd = tl.sum(d * d, axis=0)
+            sum_dg = tl.sum(d * g, axis=0)
+            sum_gg = tl.sum(g * g, axis=0)
+        else:
+            # (3) this sample's sums, from its blocks' partials
+            dd = tl.zeros([SUM_BLOCK], ACC)
+            dg = tl.zeros([SUM_BLOCK], ACC)
+            gg = tl.zeros([SUM_BLOCK], ACC)
+            for j0 in range(0, blocks, SUM_BLOCK):
+                j = j0 + tl.arange(0, SUM_BLOCK)
+                p = Partials_ptr + (b * blocks + j) * 3
+                ok = j < blocks
+                dd += tl.load(p, mask=ok, other=0.0)
+                dg += tl.load(p + 1, mask=ok, other=0.0)
+                gg += tl.load(p + 2, mask=ok, other=0.0)
+            sum_dd = tl.sum(dd, axis=0)
+            sum_dg = tl.sum(dg, axis=0)
+            sum_gg = tl.sum(gg, axis=0)
         # (2) c = α/(‖g‖ + 1e-10), f = min(1, ε/‖δ‖) (1 when ε = ‖δ‖ = 0)
         c = _div(alpha, _sqrt(sum_gg, ACC) + 1e-10, ACC)
         norm = _sqrt(tl.maximum(sum_dd + 2.0 * c * sum_dg + c * c * sum_gg, 0.0), ACC)
@@ -161,9 +171,23 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
     blocks = triton.cdiv(n, block)
     grid = (batch * blocks,)
     meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, num_warps=_NUM_WARPS)
-    partials = x_adv.new_empty(batch * blocks * 3 if l2 else 1, dtype=acc)
-    if l2:
+    one_block = blocks == 1
+    partials = x_adv.new_empty(1 if one_block or not l2 else batch * blocks * 3, dtype=acc)
+    if l2 and not one_block:
         _pgd_l2_sums_kernel[grid](x_adv, x_orig, grad, partials, n, blocks, **meta)
     _pgd_step_kernel[grid](
-        x_adv, x_orig, grad, eps, alpha, partials, n, blocks, float(lo), float(hi), L2=l2, SUM_BLOCK=_SUM_BLOCK, **meta
+        x_adv,
+        x_orig,
+        grad,
+        eps,
+        alpha,
+        partials,
+        n,
+        blocks,
+        float(lo),
+        float(hi),
+        L2=l2,
+        ONE_BLOCK=one_block,
+        SUM_BLOCK=_SUM_BLOCK,
+        **meta,
     )
