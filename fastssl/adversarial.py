@@ -95,7 +95,8 @@ def pgd_attack(
         restarts: independent runs; the result keeps, per sample, the run with the highest loss
             (with a scalar loss, whole runs are compared). All runs go through the model
             together, R·B rows per forward, unless ``restarts_per_forward`` caps the rows at
-            restarts_per_forward·B (for memory).
+            restarts_per_forward·B (for memory). With R > 1 one more forward (no gradient)
+            scores the runs' final points.
         random_start: start each run at :func:`fastssl.random_start` (else at x). Run r draws
             its start r-th from ``generator``, so run 0 matches a one-run attack with the same
             generator state.
