@@ -16,4 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("ntxent_lse_fwd_cpu", &ntxent_lse_fwd_cpu, nogil);
   m.def("ntxent_lse_bwd_cpu", &ntxent_lse_bwd_cpu, nogil);
+  m.def("mochi_mix_fwd_cpu", &mochi_mix_fwd_cpu, nogil);
+  m.def("mochi_mix_bwd_cpu", &mochi_mix_bwd_cpu, nogil);
 }

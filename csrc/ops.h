@@ -7,3 +7,13 @@
 at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z, double inv_tau);
 at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z,
                               const at::Tensor& lse, double inv_tau);
+
+// mochi: synthetic-negative logits inv_tau q_b.norm(w a^ + (1 - w) n^) [B, S] and the backward's
+// coefficients [B, S, 2]; a = queue[first] (q_bar[b] where first = -1), n = queue[second], x^ = x/|x|.
+std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q, const at::Tensor& q_bar,
+                                                     const at::Tensor& queue, const at::Tensor& first,
+                                                     const at::Tensor& second, const at::Tensor& weight,
+                                                     double inv_tau);
+at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad, const at::Tensor& q_bar, const at::Tensor& queue,
+                             const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef,
+                             double inv_tau);

@@ -71,3 +71,23 @@ def choice(name: str, value, options: tuple) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def count(name: str, value, *, minimum: int = 0) -> int:
+    """A Python integer (not a bool) ≥ `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def generator(name: str, gen, device: torch.device) -> torch.Generator | None:
+    """None, or a torch.Generator on the device the random numbers are drawn on."""
+    if gen is None:
+        return None
+    if not isinstance(gen, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(gen).__name__}")
+    if gen.device.type != device.type:
+        raise ValueError(f"{name} is on {gen.device} but the tensors are on {device}: draws are made on their device")
+    return gen
