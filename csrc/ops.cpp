@@ -18,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ntxent_lse_bwd_cpu", &ntxent_lse_bwd_cpu, nogil);
   m.def("mochi_mix_fwd_cpu", &mochi_mix_fwd_cpu, nogil);
   m.def("mochi_mix_bwd_cpu", &mochi_mix_bwd_cpu, nogil);
+  m.def("mochi_hard_set_cpu", &mochi_hard_set_cpu, nogil);
 }

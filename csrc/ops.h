@@ -17,3 +17,5 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q, const 
 at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad, const at::Tensor& q_bar, const at::Tensor& queue,
                              const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef,
                              double inv_tau);
+// mochi: the columns of the n largest scores of every row of scores [B, K], [B, n] int64, unordered.
+at::Tensor mochi_hard_set_cpu(const at::Tensor& scores, int64_t n);

@@ -225,6 +225,26 @@ def test_two_hard_rows_give_both_orders():
         assert len(pairs) == 2 and {(b, a) for a, b in pairs} == pairs
 
 
+@pytest.mark.parametrize("b, k, n", [(4, 50, 9), (2, 300, 300), (3, 20000, 100), (2, 70000, 1024), (2, 70000, 9000)])
+def test_hard_set_matches_topk(b, k, n):
+    """The C++ selection (sampled threshold, then nth_element) picks torch.topk's set."""
+    scores = torch.randn(b, k)
+    got, expected = ops.mochi_hard_set(scores, n, "cpp"), scores.topk(n, dim=1).indices
+    for row in range(b):
+        assert set(got[row].tolist()) == set(expected[row].tolist())
+
+
+def test_hard_set_ties_and_nan():
+    scores = torch.randint(0, 3, (3, 30000)).double()  # ties at the boundary: any n of the tied columns
+    scores[0, 7] = float("nan")  # NaN ranks first, as in torch.topk
+    scores[2] = float("nan")
+    got = ops.mochi_hard_set(scores, 1000, "cpp")
+    nth = scores[:2].nan_to_num(9.0).topk(1000, dim=1).values[:, -1:]
+    assert (scores[:2].nan_to_num(9.0).gather(1, got[:2]) >= nth).all() and 7 in got[0].tolist()
+    assert all(len(set(row.tolist())) == 1000 for row in got) and got.max() < 30000
+    torch.library.opcheck(ops.mochi_hard_set, (scores, 1000, "cpp"))
+
+
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 def test_seed_reproduces_logits(impl):
     q, key, queue = _inputs(3, 40, 8)
@@ -282,6 +302,22 @@ def test_opcheck(impl):
     q, queue, first, second, weight = _mix_args(dtype=torch.float32)
     torch.library.opcheck(ops.mochi_mix, (q, q, queue, first, second, weight, 2.0, impl))
     torch.library.opcheck(ops.mochi_mix, (q.clone().requires_grad_(), q, queue, first, second, weight, 2.0, impl))
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace (custom ops with fake kernels, the autograd.Function); draws under compile use
+    inductor's RNG, so only the unmixed loss is compared with eager."""
+
+    def step(q, k, queue):
+        moco = fastssl.mochi_loss(q, k, queue, n_mix=0, n_mix_query=0)
+        return moco, fastssl.mochi_loss(q, k, queue, n_hard=10, n_mix=12, n_mix_query=3)
+
+    q, key, queue = _inputs(9, 100, 16)
+    q.requires_grad_()
+    moco, mixed = torch.compile(step, fullgraph=True)(q, key, queue)
+    grads = torch.autograd.grad(moco + mixed, q)
+    assert_verbose_allclose(moco, fastssl.mochi_loss(q, key, queue, n_mix=0, n_mix_query=0), name="compiled loss")
+    assert torch.isfinite(mixed) and mixed > moco and torch.isfinite(grads[0]).all()
 
 
 def test_convergence_matches_reference():

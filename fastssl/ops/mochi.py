@@ -19,8 +19,9 @@ v = w·â + (1 − w)·n̂ of two rows a, n (x̂ = x/‖x‖), with c_a = w/‖a
 five dot products of the rows involved, O(D) per synthetic negative. h is detached, so
 ∂(q̂·h)/∂q̂ = h = (c_a a + c_n n)/‖v‖, formed again in backward from a and n. The custom op
 `fastssl::mochi_mix` (csrc/cpu/mochi.cpp, kernels/mochi.py) computes (4) and that backward. The
-positive, the queue logits (one matmul, the queue's 1/‖n‖ applied to its columns), the top-n
-selection and the loss are plain PyTorch here. The loss is LSE(row) − logit₀ per query, with the
+top-n selection is `fastssl::mochi_hard_set` on CPU (an O(K) selection in C++) and torch.topk on
+GPU. The positive, the queue logits (one matmul, the queue's 1/‖n‖ applied to its columns) and
+the loss are plain PyTorch here. The loss is LSE(row) − logit₀ per query, with the
 queue's LSE and its gradient computed by chunks of rows (_QueueLogSumExp), so that beyond the
 [B, K] queue logits no [B, K] buffer is held: the [B, 1 + K + S] logits exist only in mochi_logits.
 """
@@ -111,14 +112,32 @@ def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor, out: Tensor | None = 
     return out.mul_(scale)
 
 
-def hard_negatives(scores: Tensor, n_hard: int) -> Tensor:
-    """H(q): the indices [B, min(n_hard, K)] of each row's largest scores, in no particular order."""
-    return torch.topk(scores.detach(), min(n_hard, scores.shape[1]), dim=1, sorted=False).indices
+@torch.library.custom_op("fastssl::mochi_hard_set", mutates_args=())
+def mochi_hard_set(scores: Tensor, n_hard: int, impl: str) -> Tensor:
+    """The columns [B, n_hard] of each row's n_hard largest scores, unordered (C++: O(K) per row)."""
+    return _ext.kernel(impl, "mochi", "mochi_hard_set", scores.device)(scores, n_hard)
+
+
+@mochi_hard_set.register_fake
+def _(scores, n_hard, impl):
+    return scores.new_empty((scores.shape[0], n_hard), dtype=torch.long)
+
+
+def hard_negatives(scores: Tensor, n_hard: int, impl: str) -> Tensor:
+    """H(q): the indices [B, min(n_hard, K)] of each row's largest scores, in no particular order.
+
+    The C++ selection on CPU (torch.topk sorts (value, index) pairs, several times slower there);
+    torch.topk's radix select on GPU. NaN ranks above every number in both.
+    """
+    n_hard = min(n_hard, scores.shape[1])
+    if impl == "cpp":
+        return mochi_hard_set(scores.detach(), n_hard, impl)
+    return torch.topk(scores.detach(), n_hard, dim=1, sorted=False).indices
 
 
 def _chunk_rows(k: int) -> int:
     """Rows per chunk of the scores [B, K]: about 2M elements (8 MB in fp32)."""
-    return max(1, (1 << 21) // max(1, k))
+    return max(1, (1 << 22) // max(1, k))
 
 
 class _QueueLogSumExp(torch.autograd.Function):
@@ -134,19 +153,17 @@ class _QueueLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qs, queue, scale, n_hard):
+    def forward(ctx, qs, queue, scale, n_hard, impl):
         (b, d), k = qs.shape, queue.shape[0]
         step, n_hard = _chunk_rows(k), min(n_hard, k)
         lse = scale.new_empty(b)
         hard = torch.empty((b, n_hard), dtype=torch.long, device=qs.device)
-        hard_values = scale.new_empty((min(step, b), n_hard))
         grad_dir = queue.new_empty((b, d)) if ctx.needs_input_grad[0] else None
         buf = scale.new_empty((min(step, b), k))
         for r0 in range(0, b, step):
             r1 = min(b, r0 + step)
             s = queue_scores(qs[r0:r1], queue, scale, out=buf[: r1 - r0])
-            if n_hard > 0:
-                torch.topk(s, n_hard, dim=1, sorted=False, out=(hard_values[: r1 - r0], hard[r0:r1]))
+            hard[r0:r1] = hard_negatives(s, n_hard, impl)
             # lse = m + log Σ exp(s − m), m the row max; s becomes exp(s − m) in place
             m = s.amax(1, keepdim=True)
             total = s.sub_(m).exp_().sum(1, keepdim=True)
@@ -162,7 +179,7 @@ class _QueueLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse, _):
         (grad_dir,) = ctx.saved_tensors
-        return grad_lse[:, None] * grad_dir.to(grad_lse.dtype), None, None, None
+        return grad_lse[:, None] * grad_dir.to(grad_lse.dtype), None, None, None, None
 
 
 def draw_negatives(
@@ -214,7 +231,8 @@ def mochi_logits(
             β ~ U(0, 0.5) (the query's share).
         temperature: τ > 0; every logit is divided by it.
         generator: a torch.Generator on q's device for the draws (hard-set positions, α, β);
-            the same seed gives the same logits.
+            the same seed gives the same logits (for one impl: the hard sets' order, which the
+            positions index, differs between the C++ selection and torch.topk).
         impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL overrides "auto".
 
     Rows of q, k and queue are L2-normalised inside. Synthetic negatives are detached and never
@@ -245,7 +263,9 @@ def mochi_loss(
 
     Same arguments as :func:`mochi_logits`, plus ``reduction``: "mean", "sum", or "none" for the
     per-query losses [B]. The loss is fp32 for every input dtype; with n_mix = n_mix_query = 0 it
-    is MoCo's InfoNCE loss. Non-finite inputs give a non-finite loss.
+    is MoCo's InfoNCE loss. Non-finite inputs give a non-finite loss. Memory beyond the inputs is
+    O(B·(D + n_hard + S)) plus one [rows, K] work buffer: neither the logits nor the mixed
+    vectors are held.
     """
     _checks.choice("reduction", reduction, REDUCTIONS)
     q, k, queue, n_hard, draw, inv_tau, impl = _prepare(
@@ -316,7 +336,7 @@ def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_ta
     # the queue is never normalised in memory
     step = _chunk_rows(queue.shape[0])
     neg = torch.cat([queue_scores(c, queue, scale) for c in (qn * inv_tau).split(step)])
-    hard = torch.cat([hard_negatives(c, n_hard) for c in neg.split(step)])
+    hard = torch.cat([hard_negatives(c, n_hard, impl) for c in neg.split(step)])
     pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
     return torch.cat([pos[:, None], neg, mixed], dim=1)
 
@@ -328,6 +348,6 @@ def _loss_rows(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv
         logits = reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
         return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
     qn, kn, scale = _unit_rows(q, k, queue)
-    lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard)
+    lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
     pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
     return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos
