@@ -19,6 +19,10 @@ class MemoryQueue(nn.Module):
     them with the write position and fill count, ``.to()`` moves them. Pass the module itself as
     the ``queue`` of :func:`fastssl.mochi_loss`, which reads its filled rows.
 
+    The loss keeps the queue's rows for its backward: enqueue after ``backward()`` (or pass
+    ``queue.get().clone()``); enqueueing in between makes the backward raise autograd's
+    "modified by an inplace operation" error rather than use the new rows.
+
     Example::
 
         queue = fastssl.MemoryQueue(65536, 128, device="cuda")
@@ -50,7 +54,8 @@ class MemoryQueue(nn.Module):
         return self._filled
 
     def get(self) -> Tensor:
-        """The filled rows [len(self), dim], oldest first (a copy once the buffer has wrapped around)."""
+        """The filled rows [len(self), dim], oldest first: a view of the buffer (later enqueues write
+        into it) until the buffer wraps around, then a reordered copy."""
         return self._in_order(self.rows)
 
     @property

@@ -4,6 +4,9 @@ all-gather over gloo)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -146,6 +149,39 @@ def test_triton_dtypes(dtype):
 def test_triton_gpu(dtype, b, k, d):
     atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     _check_against_reference("auto", b, k, d, 1024, 1024, 128, dtype=dtype, device="cuda", atol=atol, rtol=1e-4)
+
+
+_COMPILE_FOR_H100 = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastssl.kernels import mochi as K
+
+assert isinstance(K._mochi_mix_fwd_kernel, triton.runtime.JITFunction)  # not the interpreter's stand-in
+for rows, acc, acc_name in (("fp32", tl.float32, "fp32"), ("bf16", tl.float32, "fp32"), ("fp64", tl.float64, "fp64")):
+    for kernel, consts in (
+        (K._mochi_mix_fwd_kernel, dict(ACC=acc, EPS=K._EPS, BLOCK_S=K._BLOCK_S, BLOCK_D=128)),
+        (K._mochi_mix_bwd_kernel, dict(ACC=acc, BLOCK_S=K._BLOCK_S, BLOCK_D=128)),
+    ):
+        kinds = {"First_ptr": "*i64", "Second_ptr": "*i64", "W_ptr": "*fp32"}
+        kinds.update(dict.fromkeys(("Q_ptr", "QBar_ptr", "Queue_ptr"), "*" + rows))
+        signature = {
+            name: "constexpr" if name in consts else kinds.get(name, "*" + acc_name if name.endswith("_ptr") else "i32")
+            for name in kernel.arg_names
+        }
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_h100():
+    """Without a GPU: the kernels lower to PTX and a cubin for sm_90 (fp32, bf16, fp64 rows)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [sys.executable, "-c", _COMPILE_FOR_H100]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # -- known values: MoCo's InfoNCE ------------------------------------------------------------------------------
@@ -304,6 +340,15 @@ def test_opcheck(impl):
     torch.library.opcheck(ops.mochi_mix, (q.clone().requires_grad_(), q, queue, first, second, weight, 2.0, impl))
 
 
+def test_no_double_backward():
+    q, key, queue = _inputs(3, 20, 4)
+    q.requires_grad_()
+    loss = fastssl.mochi_loss(q, key, queue, n_hard=5, n_mix=4, n_mix_query=2)
+    (g,) = torch.autograd.grad(loss, q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     """The ops trace (custom ops with fake kernels, the autograd.Function); draws under compile use
     inductor's RNG, so only the unmixed loss is compared with eager."""
@@ -401,6 +446,16 @@ def test_queue_as_loss_argument():
     kw = dict(n_hard=4, n_mix=5, n_mix_query=2)
     expected = fastssl.mochi_loss(q, key, queue_rows, generator=torch.Generator().manual_seed(0), **kw)
     assert fastssl.mochi_loss(q, key, queue, generator=torch.Generator().manual_seed(0), **kw).item() == expected.item()
+
+
+def test_enqueue_before_backward_is_an_error_not_a_silent_change():
+    queue = fastssl.MemoryQueue(64, 8)
+    queue.enqueue(torch.randn(40, 8))
+    q = torch.randn(4, 8, requires_grad=True)
+    loss = fastssl.mochi_loss(q, torch.randn(4, 8), queue, n_hard=8, n_mix=5, n_mix_query=2)
+    queue.enqueue(torch.randn(4, 8))  # the rows the backward needs change
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 @pytest.mark.parametrize(

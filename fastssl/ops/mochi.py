@@ -177,6 +177,7 @@ class _QueueLogSumExp(torch.autograd.Function):
         return lse, hard
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # G is a constant here: no second derivative
     def backward(ctx, grad_lse, _):
         (grad_dir,) = ctx.saved_tensors
         return grad_lse[:, None] * grad_dir.to(grad_lse.dtype), None, None, None, None
