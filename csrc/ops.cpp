@@ -24,4 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef WITH_CUDA
   m.def("pgd_step_cuda", &pgd_step_cuda, nogil);
 #endif
+  m.def("mochi_mix_fwd_cpu", &mochi_mix_fwd_cpu, nogil);
+  m.def("mochi_mix_bwd_cpu", &mochi_mix_bwd_cpu, nogil);
+  m.def("mochi_hard_set_cpu", &mochi_hard_set_cpu, nogil);
 }

@@ -11,6 +11,7 @@ from fastssl.masking import (
     unpatchify,
     unshuffle,
 )
+from fastssl.mixing import MemoryQueue, mochi_logits, mochi_loss
 from fastssl.neighbors import (
     KNNClassifier,
     cluster_metrics,
@@ -24,6 +25,7 @@ from fastssl.neighbors import (
 __version__ = "0.1.0"
 __all__ = [
     "KNNClassifier",
+    "MemoryQueue",
     "NTXentLoss",
     "__version__",
     "block_masking",
@@ -36,6 +38,8 @@ __all__ = [
     "knn_pseudo_labels",
     "knn_search",
     "masked_mse_loss",
+    "mochi_logits",
+    "mochi_loss",
     "noise_masking",
     "nt_xent",
     "patchify",

@@ -23,13 +23,14 @@ How the kernels compute them (DESIGN.md, "NT-Xent"):
     with k = log₂e/τ, e_ij = 2^{(z_i·z_j − 1)·k}. Every e_ij ≥ exp(−2/τ) is a normal fp32
     number while 2/τ ≤ 80, which is when the fixed shift is exact.
  5. Row shift (2/τ > 80, τ < 0.025), as in the C++ kernel: a first pass (WRITE_MAX) writes
-    M_i = max_{j≠i} s_ij·log₂e, the row side kept in registers, the column side by
-    tl.atomic_max; the second pass (ROW_SHIFT) sums 2^{t_ij − M_i} into row i and 2^{t_ij − M_j}
-    into row j (t_ij = s_ij·log₂e, two exponentials per pair), and lse_i = M_i·ln 2 + log(sum).
+    M_i = max_{j≠i} s_ij, the row side kept in registers, the column side by tl.atomic_max;
+    the second pass (ROW_SHIFT) sums exp(s_ij − M_i) into row i and exp(s_ij − M_j) into row j
+    (two exponentials per pair), and lse_i = M_i + log(sum). A single row (N = 1) has an empty
+    sum: lse = −∞ and a zero gradient, returned without a launch.
  6. Backward, fixed shift: P_ij = e_ij c_i with c_i = exp(m − lse_i) ≤ exp(2/τ) (finite under the
     same bound), so A_ij = e_ij (u_i + u_j) with u_i = g_i c_i/τ: one exponential per pair.
-    Row shift: A_ij = (g_i/τ) 2^{t_ij − lse_i·log₂e} + (g_j/τ) 2^{t_ij − lse_j·log₂e}, each term
-    ≤ |g|/τ since s_ij ≤ lse_i. The 1/τ of (2) is folded into u (or g) here.
+    Row shift: A_ij = (g_i/τ) exp(s_ij − lse_i) + (g_j/τ) exp(s_ij − lse_j), each term ≤ |g|/τ
+    since s_ij ≤ lse_i. The 1/τ of (2) is folded into u (or g) here.
  7. Work layout. With T row blocks, the programs of grid axis 0 index `pair` take row block
     p = pair and row block T−1−p: (T − p) + (p + 1) = T + 1 tiles for every pair, so the triangle is shared evenly. The
     tiles of a pair are cut into `parts` contiguous runs (grid axis 1) so there are enough
@@ -50,6 +51,11 @@ How the kernels compute them (DESIGN.md, "NT-Xent"):
     mean loss over thousands of rows falls below fp16's normal range, while fp16 values convert
     exactly to tf32. Scalars reach the kernel as fp32 hi/lo pairs (x = hi + lo) so that fp64
     runs see 1/τ and log₂e at fp64 precision.
+    Forward and backward compute s_ij the same way (same BLOCK_D chunks, same rounding of
+    z_i·z_j/τ), so the P of (2) matches the lse it is given: where the positive pair dominates
+    a row, P_ip ≈ 1 cancels against the positive term of the loss, and an lse rounded from other
+    numbers than P's would put 1/τ times fp32 noise into the gradient (3× the C++ kernel's error
+    at τ = 0.01 in fp32 when BLOCK_D differed, or when s was fused into an fma).
 
 Memory: O(N·D) (the fp32 gradient buffer and [N] vectors), never an N×N matrix.
 Non-contiguous z, grad_lse and lse are read through their strides.
@@ -69,15 +75,18 @@ from torch import Tensor
 # Launch configurations, (BLOCK_N, BLOCK_D, num_warps, num_stages), per kernel and dtype: the first
 # when D fits in one BLOCK_D chunk (z_I loaded once per segment, grad_I kept in registers) or None
 # where that variant spills, the second for D in chunks. Chosen by compiling every variant for
-# sm_90 with ptxas (stride_d = 1) and keeping it within 255 registers: no spills but fp16 backward
-# in one chunk, bf16 chunked row-shift backward and fp64 (16-48 bytes); not yet timed on a GPU.
-# BLOCK_N and BLOCK_D shrink to triton.next_power_of_2 of N and D, down to 16 (tl.dot's minimum).
-# Tests may replace the table to exercise many tiles on small inputs.
+# sm_90 with ptxas (stride_d = 1) and keeping it within 255 registers: no spills except fp16
+# backward in one chunk (40-56 bytes); wgmma for 16-bit and fp32. Not yet timed on a GPU.
+# For fp32 and fp64 forward and backward share BLOCK_N and BLOCK_D, so that s_ij is rounded alike
+# in both (8; Triton's interpreter rounds a matmul differently for other tile shapes); for bf16 and
+# fp16 the difference stays far below the output's precision. BLOCK_N and BLOCK_D shrink to
+# triton.next_power_of_2 of N and D, down to 16 (tl.dot's minimum). Tests may replace the table
+# to exercise many tiles on small inputs.
 _CONFIGS = {
     ("fwd", torch.bfloat16): ((128, 128, 8, 3), (128, 64, 8, 3)),
     ("fwd", torch.float16): ((128, 128, 8, 3), (128, 64, 8, 3)),
-    ("fwd", torch.float32): ((128, 64, 8, 2), (64, 32, 4, 2)),
-    ("fwd", torch.float64): ((64, 32, 4, 2), (64, 32, 4, 2)),
+    ("fwd", torch.float32): ((64, 32, 4, 2), (64, 32, 4, 2)),
+    ("fwd", torch.float64): ((32, 32, 4, 2), (32, 32, 4, 2)),
     ("bwd", torch.bfloat16): ((64, 64, 4, 3), (128, 64, 8, 3)),
     ("bwd", torch.float16): ((64, 64, 4, 3), (64, 64, 4, 3)),
     ("bwd", torch.float32): (None, (64, 32, 8, 2)),
@@ -196,18 +205,19 @@ def _ntxent_lse_fwd_kernel(
                 if I != J:
                     tl.atomic_max(Out_ptr + rows_j, tl.max(s, axis=0), mask=ok_j, sem="relaxed")
             elif ROW_SHIFT:
-                # (5) two exponentials per pair: exp(s_ij − M_i) for row i, exp(s_ij − M_j) for row j
-                # (exponents are ≤ 0 on kept pairs; the clamp keeps masked lanes finite)
-                e_row = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -shift_i[:, None]), 0.0))
-                acc_i += tl.sum(tl.where(keep, e_row, 0.0), axis=1)
+                # (5) two exponentials per pair: exp(s_ij − M_i) for row i, exp(s_ij − M_j) for row j.
+                # s is rounded exactly as in the WRITE_MAX pass (the where between the product and
+                # the subtraction keeps them from fusing into an fma), so s_ij − M_i ≤ 0; masked
+                # pairs give exp(−∞) = 0.
+                s = tl.where(keep, dots * inv_tau, float("-inf"))
+                acc_i += tl.sum(tl.exp(s - shift_i[:, None]), axis=1)
                 if I != J:
                     shift_j = tl.load(Shift_ptr + rows_j, mask=ok_j, other=0.0)
-                    e_col = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -shift_j[None, :]), 0.0))
-                    e_col = tl.where(keep, e_col, 0.0)
+                    e_col = tl.exp(s - shift_j[None, :])
                     tl.atomic_add(Out_ptr + rows_j, tl.sum(e_col, axis=0), mask=ok_j, sem="relaxed")
             else:
                 # (4) e_ij = 2^{z_i·z_j·k − k}, once per pair, for row i and row j
-                e = tl.where(keep, tl.exp2(tl.fma(dots, scale, -scale)), 0.0)
+                e = tl.where(keep, tl.exp2(dots * scale - scale), 0.0)
                 acc_i += tl.sum(e, axis=1)
                 if I != J:
                     tl.atomic_add(Out_ptr + rows_j, tl.sum(e, axis=0), mask=ok_j, sem="relaxed")
@@ -282,16 +292,15 @@ def _ntxent_lse_bwd_kernel(
             g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
             lse_j = tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC)
             if ROW_SHIFT:
-                # (6) A_ij = (g_i/τ)·exp(s_ij − lse_i) + (g_j/τ)·exp(s_ij − lse_j)
-                # (s_ij ≤ lse_i on kept pairs; the clamp keeps masked lanes, i = j, finite)
-                p_ij = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -lse_i[:, None]), 0.0))
-                p_ji = tl.exp(tl.minimum(tl.fma(dots, inv_tau, -lse_j[None, :]), 0.0))
-                a = g_i[:, None] * p_ij + g_j[None, :] * p_ji
+                # (6) A_ij = (g_i/τ)·exp(s_ij − lse_i) + (g_j/τ)·exp(s_ij − lse_j), s rounded as in the
+                # forward (5) so that P matches the lse it was given; masked pairs give exp(−∞) = 0
+                s = tl.where(keep, dots * inv_tau, float("-inf"))
+                a = g_i[:, None] * tl.exp(s - lse_i[:, None]) + g_j[None, :] * tl.exp(s - lse_j[None, :])
             else:
-                # (6) A_ij = e_ij·(u_i + u_j), one exponential per pair
+                # (6) A_ij = e_ij·(u_i + u_j), one exponential per pair, e_ij as in the forward (4)
                 u_j = g_j * tl.exp(inv_tau - lse_j)
-                a = tl.exp2(tl.fma(dots, scale, -scale)) * (u_i[:, None] + u_j[None, :])
-            a = tl.where(keep, a, 0.0).to(A_DTYPE).to(A_DOT)
+                a = tl.where(keep, tl.exp2(dots * scale - scale) * (u_i[:, None] + u_j[None, :]), 0.0)
+            a = a.to(A_DTYPE).to(A_DOT)
             # (3) grad_I += A Z_J and, off the diagonal, grad_J += Aᵀ Z_I, over D in chunks
             if ONE_D_BLOCK:
                 grad_i = tl.dot(a, z_j.to(A_DOT), grad_i, input_precision=A_PRECISION)
@@ -410,9 +419,9 @@ def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
     inv_tau = float(inv_tau)
     n, d = z.shape
     acc_dtype, dtypes = _dtypes(z)
+    if n <= 1:  # an empty sum (5 needs a finite row max)
+        return torch.full((n,), -math.inf, dtype=acc_dtype, device=z.device)
     sums = torch.zeros(n, dtype=acc_dtype, device=z.device)
-    if n == 0:
-        return sums
     config = _launch_config("fwd", z)
     grid = _grid(n, config["BLOCK_N"], z.device)
     meta = dict(ACC=dtypes["ACC"], Z_DOT=dtypes["Z_DOT"], DOT_PRECISION=dtypes["DOT_PRECISION"], **config)
@@ -435,9 +444,9 @@ def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> 
     inv_tau = float(inv_tau)
     n, d = z.shape
     acc_dtype, dtypes = _dtypes(z)
+    if n <= 1:
+        return torch.zeros_like(z, memory_format=torch.contiguous_format)
     grad = torch.zeros((n, d), dtype=acc_dtype, device=z.device)
-    if n == 0:
-        return grad.to(z.dtype)
     config = _launch_config("bwd", z)
     grid = _grid(n, config["BLOCK_N"], z.device)
     scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)

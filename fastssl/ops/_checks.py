@@ -100,14 +100,15 @@ def integer(name: str, value, *, minimum: int = 0) -> int:
     return int(value)
 
 
-def generator(name: str, gen, device: torch.device) -> None:
+def generator(name: str, gen, device: torch.device) -> torch.Generator | None:
     """None, or a torch.Generator on the device the random numbers are drawn on."""
     if gen is None:
-        return
+        return None
     if not isinstance(gen, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(gen).__name__}")
     if gen.device.type != device.type:
         raise ValueError(f"{name} is on {gen.device} but the random numbers are drawn on {device}")
+    return gen
 
 
 def batch(name: str, x) -> torch.Tensor:

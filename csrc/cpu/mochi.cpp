@@ -1,0 +1,296 @@
+// MoCHi synthetic negatives on the CPU: their logits and gradient, without building them.
+//
+// Kalantidis et al. 2020, "Hard Negative Mixing for Contrastive Learning". Synthetic negative s of
+// query b mixes two rows: n = queue[second_bs] and a = queue[first_bs], or a = q_bar_b (the
+// detached query) where first_bs = -1. Rows are normalised on the fly (no normalised copy of the
+// queue): with x^ = x / max(|x|, eps) as F.normalize, the negative is h = v / |v| where
+//   v = w a^ + (1 - w) n^ = c_a a + c_n n,   c_a = w / |a|,  c_n = (1 - w) / |n|,          (1)
+//   logit_bs = inv_tau q.h = inv_tau (c_a q.a + c_n q.n) / |v|,                          (2)
+//   |v|^2 = c_a^2 a.a + c_n^2 n.n + 2 c_a c_n a.n,                                        (3)
+// so five dot products of the two rows and q (q.a, q.n, a.a, n.n, a.n) give it, O(D) per
+// negative. h is a constant (detached), so with g_bs = dL/dlogit_bs
+//   dL/dq_b = inv_tau sum_s g_bs h_bs = inv_tau sum_s g_bs (k_a a + k_n n),                (4)
+// k_a = c_a / |v|, k_n = c_n / |v|: the forward saves (k_a, k_n) and the backward forms h again
+// from the two rows.
+//
+// Threads split the queries; each owns its output rows, so there are no races. Work memory is
+// three rows per thread (fp16/bf16 rows are widened to fp32 there), never a [B, S, D] tensor.
+//
+// The hard sets H(q), the n largest scores of each row, come from mochi_hard_set_cpu, a
+// selection in O(K) per row that beats torch.topk (which builds and sorts (value, index) pairs):
+//  a. the value t of rank ~1.25 n + margin among a strided sample of the row (one entry in
+//     K / 4096) bounds the n-th largest from below with high probability;
+//  b. one pass keeps the columns with s >= t (about 1.5 n of them); std::nth_element then picks
+//     the n largest among those. When fewer than n pass (ties, or an unlucky sample) the
+//     selection runs over the whole row instead, so the result is always exact.
+// NaN ranks above every number, as in torch.topk.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>  // at::vec::convert
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+
+namespace {
+
+constexpr double kNormEps = 1e-12;  // F.normalize's eps
+
+// Inner loops run over kLanes independent accumulators, which the compiler turns into SIMD
+// (a plain sum would need -ffast-math to be reordered); the lanes are added at the end.
+constexpr int64_t kLanes = 16;
+
+// A row of x in acc_t: the row itself when x already is acc_t, else widened into buf.
+template <typename scalar_t, typename acc_t>
+const acc_t* widen(const scalar_t* row, int64_t d, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    at::vec::convert(row, buf, d);
+    return buf;
+  }
+}
+
+template <typename acc_t>
+struct Dots {
+  acc_t qa, qn, aa, nn, an;
+};
+
+// The five dot products of (2) and (3).
+template <typename acc_t>
+Dots<acc_t> dots(const acc_t* q, const acc_t* a, const acc_t* n, int64_t d) {
+  acc_t qa[kLanes] = {}, qn[kLanes] = {}, aa[kLanes] = {}, nn[kLanes] = {}, an[kLanes] = {};
+  const auto add = [&](int64_t i, int64_t l) {
+    qa[l] += q[i] * a[i];
+    qn[l] += q[i] * n[i];
+    aa[l] += a[i] * a[i];
+    nn[l] += n[i] * n[i];
+    an[l] += a[i] * n[i];
+  };
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= d; i0 += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) add(i0 + l, l);
+  }
+  for (int64_t l = 0; i0 + l < d; ++l) add(i0 + l, l);  // the tail, into the first lanes
+  Dots<acc_t> r{0, 0, 0, 0, 0};
+  for (int64_t l = 0; l < kLanes; ++l) {
+    r.qa += qa[l], r.qn += qn[l], r.aa += aa[l], r.nn += nn[l], r.an += an[l];
+  }
+  return r;
+}
+
+// out += x a + y n
+template <typename acc_t>
+void axpy2(acc_t* out, acc_t x, const acc_t* a, acc_t y, const acc_t* n, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) out[i] += x * a[i] + y * n[i];
+}
+
+// The inputs of one call, checked and made contiguous.
+struct Mix {
+  at::Tensor q_bar, queue, first, second;
+  int64_t b, s, k, d;
+
+  Mix(const at::Tensor& q_bar_in, const at::Tensor& queue_in, const at::Tensor& first_in,
+      const at::Tensor& second_in, const char* fn)
+      : q_bar(q_bar_in.contiguous()),
+        queue(queue_in.contiguous()),
+        first(first_in.contiguous()),
+        second(second_in.contiguous()) {
+    TORCH_CHECK(q_bar.dim() == 2 && queue.dim() == 2, fn, ": q and queue must be 2-D, got ",
+                q_bar.sizes(), " and ", queue.sizes());
+    TORCH_CHECK(q_bar.device().is_cpu() && queue.device().is_cpu(), fn, ": CPU tensors only");
+    TORCH_CHECK(queue.scalar_type() == q_bar.scalar_type(), fn, ": queue dtype ",
+                queue.scalar_type(), " differs from q's ", q_bar.scalar_type());
+    b = q_bar.size(0), d = q_bar.size(1), k = queue.size(0);
+    TORCH_CHECK(queue.size(1) == d, fn, ": queue has ", queue.size(1), " features, q has ", d);
+    TORCH_CHECK(first.dim() == 2 && first.size(0) == b && second.sizes() == first.sizes(), fn,
+                ": first and second must be [B, S] with B = ", b, ", got ", first.sizes(), " and ",
+                second.sizes());
+    TORCH_CHECK(first.scalar_type() == at::kLong && second.scalar_type() == at::kLong, fn,
+                ": first and second must be int64");
+    s = first.size(1);
+    if (first.numel() > 0) {
+      TORCH_CHECK(first.min().item<int64_t>() >= -1 && first.max().item<int64_t>() < k &&
+                      second.min().item<int64_t>() >= 0 && second.max().item<int64_t>() < k,
+                  fn, ": queue index out of range for a queue of ", k, " rows");
+    }
+  }
+
+  // Calls fn(col, a, n) for every negative of query `row`, a and n the rows of its mix.
+  template <typename scalar_t, typename Fn>
+  void for_each(int64_t row, Fn fn) const {
+    const int64_t* i = first.data_ptr<int64_t>() + row * s;
+    const int64_t* j = second.data_ptr<int64_t>() + row * s;
+    const scalar_t* rows = queue.data_ptr<scalar_t>();
+    const scalar_t* self = q_bar.data_ptr<scalar_t>() + row * d;
+    constexpr int64_t kAhead = 4;  // rows are random: fetch the mix kAhead columns ahead
+    for (int64_t col = 0; col < s; ++col) {
+      if (col + kAhead < s) {
+        const int64_t i_next = i[col + kAhead];
+        const char* a_next = reinterpret_cast<const char*>(i_next < 0 ? self : rows + i_next * d);
+        const char* n_next = reinterpret_cast<const char*>(rows + j[col + kAhead] * d);
+        for (int64_t off = 0; off < d * int64_t(sizeof(scalar_t)); off += 64) {
+          __builtin_prefetch(a_next + off);
+          __builtin_prefetch(n_next + off);
+        }
+      }
+      fn(col, i[col] < 0 ? self : rows + i[col] * d, rows + j[col] * d);
+    }
+  }
+};
+
+// 1 / max(sqrt(sq), eps), as F.normalize; sq >= 0 up to rounding.
+template <typename acc_t>
+acc_t clamped_inverse_sqrt(acc_t sq) {
+  return acc_t(1) / std::max(std::sqrt(std::max(sq, acc_t(0))), acc_t(kNormEps));
+}
+
+// x ranks before y: larger first, NaN first of all (torch.topk's order).
+template <typename T>
+bool ranks_before(T x, T y) {
+  return (std::isnan(x) && !std::isnan(y)) || x > y;
+}
+
+// Writes the columns of the n largest entries of row v[0, k) to out[0, n), in no particular order.
+template <typename T>
+void select_largest(const T* v, int64_t k, int64_t n, int64_t* out, std::vector<T>& sample,
+                    std::vector<int64_t>& keep) {
+  const auto by_value = [v](int64_t i, int64_t j) { return ranks_before(v[i], v[j]); };
+  keep.resize(k);
+  int64_t kept = 0;
+  constexpr int64_t kSample = 4096;
+  if (k > 4 * kSample && n * 8 < k) {
+    // (a) threshold from a strided sample: expected n * m / k of it lie above the n-th largest
+    const int64_t stride = k / kSample, m = k / stride;
+    sample.resize(m);
+    for (int64_t i = 0; i < m; ++i) sample[i] = v[i * stride];
+    const double expected = double(n) * m / k;
+    const int64_t rank =
+        std::min<int64_t>(m - 1, int64_t(1.25 * expected + 4 * std::sqrt(expected) + 8));
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), ranks_before<T>);
+    const T t = sample[rank];
+    // (b) the columns at or above t (all of them when t is NaN), without a branch per column
+    for (int64_t i = 0; i < k; ++i) {
+      keep[kept] = i;
+      kept += !(v[i] < t);
+    }
+  }
+  if (kept < n) {
+    std::iota(keep.begin(), keep.end(), int64_t(0));
+    kept = k;
+  }
+  std::nth_element(keep.begin(), keep.begin() + (n - 1), keep.begin() + kept, by_value);
+  std::copy(keep.begin(), keep.begin() + n, out);
+}
+
+}  // namespace
+
+at::Tensor mochi_hard_set_cpu(const at::Tensor& scores_in, int64_t n) {
+  TORCH_CHECK(scores_in.dim() == 2 && scores_in.device().is_cpu(),
+              "mochi_hard_set_cpu: scores must be a 2-D CPU tensor, got ", scores_in.sizes());
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t b = scores.size(0), k = scores.size(1);
+  TORCH_CHECK(n >= 0 && n <= k, "mochi_hard_set_cpu: n must be in [0, ", k, "], got ", n);
+  at::Tensor out = at::empty({b, n}, scores.options().dtype(at::kLong));
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mochi_hard_set_cpu", [&] {
+    const scalar_t* v = scores.data_ptr<scalar_t>();
+    int64_t* idx = out.data_ptr<int64_t>();
+    at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sample;
+      std::vector<int64_t> keep;
+      for (int64_t row = begin; row < end; ++row) {
+        select_largest(v + row * k, k, n, idx + row * n, sample, keep);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in,
+                                                     const at::Tensor& q_bar,
+                                                     const at::Tensor& queue,
+                                                     const at::Tensor& first,
+                                                     const at::Tensor& second,
+                                                     const at::Tensor& weight_in, double inv_tau) {
+  const Mix mix(q_bar, queue, first, second, "mochi_mix_fwd_cpu");
+  TORCH_CHECK(q_in.sizes() == mix.q_bar.sizes() && q_in.scalar_type() == mix.q_bar.scalar_type(),
+              "mochi_mix_fwd_cpu: q and q_bar must match, got ", q_in.sizes(), " and ",
+              mix.q_bar.sizes());
+  TORCH_CHECK(weight_in.sizes() == mix.first.sizes(),
+              "mochi_mix_fwd_cpu: weight must be [B, S] like first, got ", weight_in.sizes());
+  const at::Tensor q = q_in.contiguous();
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor weight = weight_in.to(acc_type).contiguous();
+  at::Tensor logits = at::empty({mix.b, mix.s}, q.options().dtype(acc_type));
+  at::Tensor coef = at::empty({mix.b, mix.s, 2}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mochi_mix_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t d = mix.d, s = mix.s;
+    const acc_t* w = weight.data_ptr<acc_t>();
+    const scalar_t* q_rows = q.data_ptr<scalar_t>();
+    acc_t* out = logits.data_ptr<acc_t>();
+    acc_t* out_coef = coef.data_ptr<acc_t>();
+    at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(3 * d);
+      for (int64_t row = begin; row < end; ++row) {
+        const acc_t* qr = widen(q_rows + row * d, d, buf.data());
+        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw) {
+          const int64_t idx = row * s + col;
+          const acc_t* a = widen(a_raw, d, buf.data() + d);
+          const Dots<acc_t> p = dots(qr, a, widen(n_raw, d, buf.data() + 2 * d), d);
+          const acc_t c_a = w[idx] * clamped_inverse_sqrt(p.aa);  // (1)
+          const acc_t c_n = (1 - w[idx]) * clamped_inverse_sqrt(p.nn);
+          const acc_t r =  // (3)
+              clamped_inverse_sqrt(c_a * c_a * p.aa + c_n * c_n * p.nn + 2 * c_a * c_n * p.an);
+          out[idx] = acc_t(inv_tau) * (c_a * p.qa + c_n * p.qn) * r;  // (2)
+          out_coef[2 * idx] = c_a * r;
+          out_coef[2 * idx + 1] = c_n * r;
+        });
+      }
+    });
+  });
+  return {logits, coef};
+}
+
+at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar,
+                             const at::Tensor& queue, const at::Tensor& first,
+                             const at::Tensor& second, const at::Tensor& coef_in, double inv_tau) {
+  const Mix mix(q_bar, queue, first, second, "mochi_mix_bwd_cpu");
+  const auto acc_type = mix.q_bar.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor grad = grad_in.to(acc_type).contiguous();
+  const at::Tensor coef = coef_in.to(acc_type).contiguous();
+  TORCH_CHECK(grad.sizes() == mix.first.sizes(),
+              "mochi_mix_bwd_cpu: grad must be [B, S] like first, got ", grad.sizes());
+  TORCH_CHECK(
+      coef.dim() == 3 && coef.size(0) == mix.b && coef.size(1) == mix.s && coef.size(2) == 2,
+      "mochi_mix_bwd_cpu: coef must be [B, S, 2], got ", coef.sizes());
+  at::Tensor grad_q = at::empty({mix.b, mix.d}, mix.q_bar.options().dtype(acc_type));
+  const auto dtype = mix.q_bar.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mochi_mix_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t d = mix.d, s = mix.s;
+    const acc_t* g = grad.data_ptr<acc_t>();
+    const acc_t* k = coef.data_ptr<acc_t>();
+    acc_t* out_rows = grad_q.data_ptr<acc_t>();
+    at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(2 * d);
+      for (int64_t row = begin; row < end; ++row) {
+        acc_t* out = out_rows + row * d;
+        std::fill(out, out + d, acc_t(0));
+        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw) {
+          const int64_t idx = row * s + col;
+          const acc_t c = acc_t(inv_tau) * g[idx];  // (4)
+          const acc_t* a = widen(a_raw, d, buf.data());
+          axpy2(out, c * k[2 * idx], a, c * k[2 * idx + 1], widen(n_raw, d, buf.data() + d), d);
+        });
+      }
+    });
+  });
+  return grad_q.to(mix.q_bar.scalar_type());
+}

@@ -1,0 +1,354 @@
+"""MoCHi hard-negative mixing: checks, random draws, dispatch, autograd.
+
+Kalantidis et al. 2020, "Hard Negative Mixing for Contrastive Learning" (MoCHi). With unit rows
+q̂ (query), k̂ (its key) and n̂_1 … n̂_K (the queue), each query's logits are
+
+    [q̂·k̂, q̂·n̂_1, …, q̂·n̂_K, q̂·h_1, …, q̂·h_S] / τ,   loss = −log softmax(·)_0:          (1)
+
+MoCo's InfoNCE plus S = n_mix + n_mix_query synthetic negatives from the query's own hard set
+H(q), the n_hard queue rows with the largest q̂·n̂ (torch.topk, detached):
+
+    h  = norm(α n̂_i + (1 − α) n̂_j),  i ≠ j ∈ H(q),  α ~ U(0, 1),                           (2)
+    h′ = norm(β q̄ + (1 − β) n̂_j),    j ∈ H(q),      β ~ U(0, 0.5),  q̄ = q̂ detached.       (3)
+
+No mixed vector is built (DESIGN.md, "MoCHi"), and no normalised copy of the queue: for a mix
+v = w·â + (1 − w)·n̂ of two rows a, n (x̂ = x/‖x‖), with c_a = w/‖a‖ and c_n = (1 − w)/‖n‖,
+
+    q̂·h = (c_a q̂·a + c_n q̂·n) / ‖v‖,   ‖v‖² = c_a² a·a + c_n² n·n + 2 c_a c_n a·n,        (4)
+
+five dot products of the rows involved, O(D) per synthetic negative. h is detached, so
+∂(q̂·h)/∂q̂ = h = (c_a a + c_n n)/‖v‖, formed again in backward from a and n. The custom op
+`fastssl::mochi_mix` (csrc/cpu/mochi.cpp, kernels/mochi.py) computes (4) and that backward. The
+top-n selection is `fastssl::mochi_hard_set` on CPU (an O(K) selection in C++) and torch.topk on
+GPU. The positive, the queue logits (one matmul, the queue's 1/‖n‖ applied to its columns) and
+the loss are plain PyTorch here. The loss is LSE(row) − logit₀ per query, with the
+queue's LSE and its gradient computed by chunks of rows (_QueueLogSumExp), so that beyond the
+[B, K] queue logits no [B, K] buffer is held: the [B, 1 + K + S] logits exist only in mochi_logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastssl import _ext
+from fastssl.ops import _checks
+from fastssl.reference import mochi as reference
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# draw(hard [B, n_hard]) -> (first, second, weight), each [B, S]; see draw_negatives
+Draw = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+@torch.library.custom_op("fastssl::mochi_mix", mutates_args=())
+def mochi_mix(
+    q: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, weight: Tensor, inv_tau: float, impl: str
+) -> tuple[Tensor, Tensor]:
+    """inv_tau·q_b·norm(w â + (1 − w) n̂) for every column s of query b, by (4); x̂ = x/‖x‖ on the fly.
+
+    q, q_bar [B, D] (q_bar: the detached query), queue [K, D] (any row norms); first, second
+    [B, S] int64 and weight [B, S] name the mix of column s: n = queue[second], a = queue[first],
+    or a = q_bar[b] where first = −1. Returns (logits [B, S], coef [B, S, 2]) in fp32 (fp64 for
+    fp64 q): h = coef₀·a + coef₁·n is the mixed vector, for the backward.
+    """
+    return _ext.kernel(impl, "mochi", "mochi_mix_fwd", q.device)(q, q_bar, queue, first, second, weight, inv_tau)
+
+
+@mochi_mix.register_fake
+def _(q, q_bar, queue, first, second, weight, inv_tau, impl):
+    acc = _checks.accumulate_dtype(q.dtype)
+    return q.new_empty(first.shape, dtype=acc), q.new_empty((*first.shape, 2), dtype=acc)
+
+
+@torch.library.custom_op("fastssl::mochi_mix_backward", mutates_args=())
+def mochi_mix_backward(
+    grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor, inv_tau: float, impl: str
+) -> Tensor:
+    """∂L/∂q_b = inv_tau Σ_s grad_bs·h_bs with h = coef₀·a + coef₁·n (the mixed vector); dtype of q_bar."""
+    fn = _ext.kernel(impl, "mochi", "mochi_mix_bwd", q_bar.device)
+    return fn(grad, q_bar, queue, first, second, coef, inv_tau)
+
+
+@mochi_mix_backward.register_fake
+def _(grad, q_bar, queue, first, second, coef, inv_tau, impl):
+    return torch.empty_like(q_bar)
+
+
+def _setup_context(ctx, inputs, output):
+    _, q_bar, queue, first, second, _, inv_tau, impl = inputs
+    ctx.save_for_backward(q_bar, queue, first, second, output[1])
+    ctx.inv_tau, ctx.impl = inv_tau, impl
+
+
+def _backward(ctx, grad_logits, grad_coef):
+    # the mixed vectors are constants (detached): the gradient reaches q alone
+    q_bar, queue, first, second, coef = ctx.saved_tensors
+    grad_q = mochi_mix_backward(grad_logits.contiguous(), q_bar, queue, first, second, coef, ctx.inv_tau, ctx.impl)
+    return grad_q, None, None, None, None, None, None, None
+
+
+mochi_mix.register_autograd(_backward, setup_context=_setup_context)
+
+
+def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """s_bk = qs_b·n_k·scale_k in scale's dtype: the queue logits of (1) for qs = q̂/τ, scale = 1/‖n‖.
+
+    The product runs in the queue's dtype (qs rounded to it) with the matmul's fp32 accumulation.
+
+    Into `out` when given (no autograd there), else a new tensor (autograd-friendly); same values.
+    """
+    qs = qs.to(queue.dtype)
+    if out is None:
+        return torch.mm(qs, queue.T).to(scale.dtype) * scale
+    if out.dtype == qs.dtype:
+        torch.mm(qs, queue.T, out=out)
+    else:
+        out.copy_(torch.mm(qs, queue.T))
+    return out.mul_(scale)
+
+
+@torch.library.custom_op("fastssl::mochi_hard_set", mutates_args=())
+def mochi_hard_set(scores: Tensor, n_hard: int, impl: str) -> Tensor:
+    """The columns [B, n_hard] of each row's n_hard largest scores, unordered (C++: O(K) per row)."""
+    return _ext.kernel(impl, "mochi", "mochi_hard_set", scores.device)(scores, n_hard)
+
+
+@mochi_hard_set.register_fake
+def _(scores, n_hard, impl):
+    return scores.new_empty((scores.shape[0], n_hard), dtype=torch.long)
+
+
+def hard_negatives(scores: Tensor, n_hard: int, impl: str) -> Tensor:
+    """H(q): the indices [B, min(n_hard, K)] of each row's largest scores, in no particular order.
+
+    The C++ selection on CPU (torch.topk sorts (value, index) pairs, several times slower there);
+    torch.topk's radix select on GPU. NaN ranks above every number in both.
+    """
+    n_hard = min(n_hard, scores.shape[1])
+    if impl == "cpp":
+        return mochi_hard_set(scores.detach(), n_hard, impl)
+    return torch.topk(scores.detach(), n_hard, dim=1, sorted=False).indices
+
+
+def _chunk_rows(k: int) -> int:
+    """Rows per chunk of the scores [B, K]: about 4M elements (16 MB in fp32)."""
+    return max(1, (1 << 22) // max(1, k))
+
+
+class _QueueLogSumExp(torch.autograd.Function):
+    """lse_b = log Σ_k exp(s_bk), s = queue_scores(qs, queue, scale), and the hard sets, by chunks of
+    rows through one reused [rows, K] buffer: no [B, K] buffer is ever held (autograd's logsumexp
+    keeps three), and nothing is allocated between the chunks' large transients (which would
+    fragment the heap).
+
+    The gradient of lse_b is g_b·G_b with G_b = ∂lse_b/∂qs_b = Σ_k softmax(s_b)_k scale_k n_k, which
+    does not depend on g: the forward computes G (one matmul per chunk, the one a backward would do)
+    while the chunk's scores are at hand, and saves G [B, D] instead of s. Returns (lse [B],
+    hard [B, min(n_hard, K)] indices, not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, qs, queue, scale, n_hard, impl):
+        (b, d), k = qs.shape, queue.shape[0]
+        step, n_hard = _chunk_rows(k), min(n_hard, k)
+        lse = scale.new_empty(b)
+        hard = torch.empty((b, n_hard), dtype=torch.long, device=qs.device)
+        grad_dir = queue.new_empty((b, d)) if ctx.needs_input_grad[0] else None
+        buf = scale.new_empty((min(step, b), k))
+        for r0 in range(0, b, step):
+            r1 = min(b, r0 + step)
+            s = queue_scores(qs[r0:r1], queue, scale, out=buf[: r1 - r0])
+            hard[r0:r1] = hard_negatives(s, n_hard, impl)
+            # lse = m + log Σ exp(s − m), m the row max; s becomes exp(s − m) in place
+            m = s.amax(1, keepdim=True)
+            total = s.sub_(m).exp_().sum(1, keepdim=True)
+            lse[r0:r1] = (total.log() + m).squeeze(1)
+            if grad_dir is not None:
+                p = s.div_(total).mul_(scale)  # softmax·scale
+                torch.mm(p.to(queue.dtype), queue, out=grad_dir[r0:r1])
+        if grad_dir is not None:
+            ctx.save_for_backward(grad_dir)
+        ctx.mark_non_differentiable(hard)
+        return lse, hard
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # G is a constant here: no second derivative
+    def backward(ctx, grad_lse, _):
+        (grad_dir,) = ctx.saved_tensors
+        return grad_lse[:, None] * grad_dir.to(grad_lse.dtype), None, None, None, None
+
+
+def draw_negatives(
+    hard: Tensor, *, n_mix: int, n_mix_query: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The synthetic negatives of every query, as (first, second, weight), each [B, n_mix + n_mix_query].
+
+    hard [B, n_hard]: the queue indices of each query's hard set H(q). Column s mixes w·a + (1 − w)·n
+    with w = weight, n = queue[second] and a = queue[first]: in the first n_mix columns a ≠ n are
+    two distinct members of H(q) and w = α ~ U(0, 1) (2); in the last n_mix_query, first = −1
+    stands for the query itself and w = β ~ U(0, 0.5) (3). Every draw comes from `generator` on
+    hard's device, in a fixed order, so a seed reproduces them.
+    """
+    (b, n_hard), device = hard.shape, hard.device
+    randint = functools.partial(torch.randint, generator=generator, device=device)
+    rand = functools.partial(torch.rand, generator=generator, device=device)
+    # positions in H(q): i uniform, then j = i + 1 + U{0, …, n_hard − 2} (mod n_hard) is uniform over the others
+    i = randint(max(n_hard, 1), (b, n_mix))
+    j = randint(max(n_hard - 1, 1), (b, n_mix)).add_(i).add_(1).remainder_(max(n_hard, 1))
+    alpha = rand((b, n_mix))
+    j_query = randint(max(n_hard, 1), (b, n_mix_query))
+    beta = rand((b, n_mix_query)).mul_(0.5)
+    first = torch.cat([hard.gather(1, i), hard.new_full((b, n_mix_query), -1)], dim=1)
+    second = torch.cat([hard.gather(1, j), hard.gather(1, j_query)], dim=1)
+    return first, second, torch.cat([alpha, beta], dim=1)
+
+
+def mochi_logits(
+    q: Tensor,
+    k: Tensor,
+    queue,
+    *,
+    n_hard: int = 1024,
+    n_mix: int = 1024,
+    n_mix_query: int = 128,
+    temperature: float = 0.2,
+    generator: torch.Generator | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """MoCHi logits [B, 1 + K + n_mix + n_mix_query] in fp32: positive, queue, then synthetic negatives, over τ.
+
+    Args:
+        q: [B, D] queries; k: [B, D] their keys (the positive, column 0).
+        queue: [K, D] negatives (a tensor, or a :class:`fastssl.MemoryQueue`: its filled rows),
+            treated as a constant: no gradient flows to it.
+        n_hard: size of each query's hard set, its own top-n_hard queue rows by similarity; capped at K.
+        n_mix: synthetic negatives per query mixing two distinct hard rows, α ~ U(0, 1).
+        n_mix_query: synthetic negatives per query mixing the detached query with one hard row,
+            β ~ U(0, 0.5) (the query's share).
+        temperature: τ > 0; every logit is divided by it.
+        generator: a torch.Generator on q's device for the draws (hard-set positions, α, β);
+            the same seed gives the same logits (for one impl: the hard sets' order, which the
+            positions index, differs between the C++ selection and torch.topk).
+        impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL overrides "auto".
+
+    Rows of q, k and queue are L2-normalised inside. Synthetic negatives are detached and never
+    built in memory (no [B, S, D] tensor); gradients flow to q (through every logit) and to k
+    (through the positive). With n_mix = n_mix_query = 0 these are MoCo's logits. n_mix > 0 needs
+    at least 2 hard rows (n_hard ≥ 2 and K ≥ 2); a ValueError says so otherwise.
+    """
+    q, k, queue, n_hard, draw, inv_tau, impl = _prepare(
+        q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, impl
+    )
+    return _logits(q, k, queue, n_hard, draw, inv_tau, impl)
+
+
+def mochi_loss(
+    q: Tensor,
+    k: Tensor,
+    queue,
+    *,
+    n_hard: int = 1024,
+    n_mix: int = 1024,
+    n_mix_query: int = 128,
+    temperature: float = 0.2,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> Tensor:
+    """MoCHi loss: cross-entropy of :func:`mochi_logits` with the positive (column 0) as target.
+
+    Same arguments as :func:`mochi_logits`, plus ``reduction``: "mean", "sum", or "none" for the
+    per-query losses [B]. The loss is fp32 for every input dtype; with n_mix = n_mix_query = 0 it
+    is MoCo's InfoNCE loss. Non-finite inputs give a non-finite loss. Memory beyond the inputs is
+    O(B·(D + n_hard + S)) plus one [rows, K] work buffer: neither the logits nor the mixed
+    vectors are held.
+    """
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    q, k, queue, n_hard, draw, inv_tau, impl = _prepare(
+        q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, impl
+    )
+    rows = _loss_rows(q, k, queue, n_hard, draw, inv_tau, impl)
+    return rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.mean()
+
+
+def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, impl):
+    """Checks every argument; returns (q, k, queue tensor, n_hard (0: no hard set needed), draw, 1/τ, impl)."""
+    _checks.features("q", q)
+    _checks.features("k", k)
+    _checks.like("k", k, "q", q)
+    queue = _queue_rows(queue)
+    _checks.features("queue", queue)
+    _checks.like("queue", queue, "q", q, dims=[1])
+    n_hard = _checks.integer("n_hard", n_hard, minimum=1)
+    n_mix = _checks.integer("n_mix", n_mix)
+    n_mix_query = _checks.integer("n_mix_query", n_mix_query)
+    if n_mix > 0 and min(n_hard, queue.shape[0]) < 2:
+        raise ValueError(
+            f"n_mix > 0 mixes two distinct hard negatives, so n_hard and the queue's length must be >= 2; "
+            f"got n_hard={n_hard} and a queue of {queue.shape[0]} rows"
+        )
+    inv_tau = 1.0 / _checks.positive("temperature", temperature)
+    generator = _checks.generator("generator", generator, q.device)
+    impl = _ext.resolve_impl(impl, q.device)
+    draw = functools.partial(draw_negatives, n_mix=n_mix, n_mix_query=n_mix_query, generator=generator)
+    n_hard = n_hard if n_mix + n_mix_query > 0 else 0  # no hard set needed
+    return q, k, queue, n_hard, draw, inv_tau, impl
+
+
+def _queue_rows(queue):
+    """The rows of a queue given as a tensor, or as a fastssl.MemoryQueue (an nn.Module with get())."""
+    if isinstance(queue, torch.nn.Module) and callable(getattr(queue, "get", None)):
+        return queue.get()
+    return queue
+
+
+def _unit_rows(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q̂, k̂ and 1/‖n_k‖ [K] in fp32 (fp64 for fp64), as F.normalize.
+
+    The query side stays in fp32 for bf16/fp16 inputs, so that the gradients of the three terms
+    of (1) are summed in fp32; the matmul and the kernel read q̂ rounded to the queue's dtype.
+    """
+    acc = _checks.accumulate_dtype(q.dtype)
+    qn, kn = (F.normalize(x.to(acc), dim=1) for x in (q, k))
+    scale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
+    return qn, kn, scale
+
+
+def _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl) -> tuple[Tensor, Tensor]:
+    """q̂·k̂/τ [B] and the synthetic logits [B, S] of (2)-(4), drawn from the hard sets."""
+    first, second, weight = draw(hard)
+    q_rows = qn.to(queue.dtype)
+    mixed, _ = mochi_mix(q_rows, q_rows.detach(), queue, first, second, weight, inv_tau, impl)
+    return (qn * kn).sum(1) * inv_tau, mixed
+
+
+def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_tau: float, impl: str) -> Tensor:
+    """(1) for checked inputs, with the synthetic negatives that `draw` picks from the hard sets."""
+    queue = queue.detach()
+    if impl == "reference":
+        return reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
+    qn, kn, scale = _unit_rows(q, k, queue)
+    # q̂·n̂/τ [B, K], by the same chunks as _QueueLogSumExp (so the same hard sets as mochi_loss);
+    # the queue is never normalised in memory
+    step = _chunk_rows(queue.shape[0])
+    neg = torch.cat([queue_scores(c, queue, scale) for c in (qn * inv_tau).split(step)])
+    hard = torch.cat([hard_negatives(c, n_hard, impl) for c in neg.split(step)])
+    pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
+    return torch.cat([pos[:, None], neg, mixed], dim=1)
+
+
+def _loss_rows(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_tau: float, impl: str) -> Tensor:
+    """−log softmax(1)₀ per query, as LSE(logits) − logit₀ without the [B, 1 + K + S] logits."""
+    queue = queue.detach()
+    if impl == "reference":
+        logits = reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
+        return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
+    qn, kn, scale = _unit_rows(q, k, queue)
+    lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
+    pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
+    return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos

@@ -1,0 +1,32 @@
+"""MoCHi the materialising way: every synthetic negative is built as a row of a [B, S, D] tensor,
+as public implementations do (Kalantidis et al. 2020, "Hard Negative Mixing for Contrastive Learning").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def mochi_logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw, inv_tau: float) -> Tensor:
+    """Logits [B, 1 + K + S], fp32 (fp64 for fp64 q): positive q̂·k̂, queue q̂·n̂, synthetic q̂·h, times inv_tau.
+
+    q, k [B, D] and queue [K, D] (a constant) are normalised here. Each query's hard set is its
+    top-n_hard queue rows by q̂·n̂; draw(hard set indices [B, n_hard]) returns (first, second,
+    weight) [B, S] as fastssl.ops.mochi.draw_negatives does: synthetic negative s
+    of query b is h = norm(w·a + (1 − w)·n) with w = weight[b, s], n = queue[second[b, s]] and
+    a = queue[first[b, s]], or a = the detached query where first[b, s] = −1. h is detached.
+    """
+    q, k, queue = F.normalize(q, dim=1), F.normalize(k, dim=1), F.normalize(queue.detach(), dim=1)
+    pos = (q * k).sum(1, keepdim=True)
+    neg = q @ queue.T
+    hard = torch.topk(neg.detach(), min(n_hard, queue.shape[0]), dim=1, sorted=False).indices
+    first, second, weight = draw(hard)
+    # the mixed vectors, [B, S, D]: pairs of queue rows, or the detached query and a queue row
+    a = torch.where(first[..., None] < 0, q.detach()[:, None, :], queue[first.clamp(min=0)])
+    n = queue[second]
+    w = weight[..., None].to(q.dtype)
+    h = F.normalize(w * a + (1 - w) * n, dim=2).detach()
+    mixed = torch.einsum("bd,bsd->bs", q, h)
+    return torch.cat([pos, neg, mixed], dim=1).to(torch.promote_types(q.dtype, torch.float32)) * inv_tau

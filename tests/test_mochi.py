@@ -1,0 +1,580 @@
+"""MoCHi and MemoryQueue: the kernels against the materialising reference (same draws), MoCo's
+InfoNCE as a known special case, the draws themselves, and the queue (wrap-around, state_dict,
+all-gather over gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from _assertions import assert_lowprec_close, assert_verbose_allclose
+
+import fastssl
+from fastssl.ops import mochi as ops
+
+
+def _inputs(b, k, d, dtype=torch.float32, device="cpu"):
+    q = torch.randn(b, d, device=device)
+    key = (q + 0.5 * torch.randn(b, d, device=device)).to(dtype)  # correlated with its query
+    queue = (torch.randn(k, d, device=device) * torch.rand(k, 1, device=device) * 3).to(dtype)  # any row norms
+    return q.to(dtype), key, queue
+
+
+def _recording_draw(n_mix, n_mix_query, seed=0, device="cpu"):
+    """A draw (as mochi_loss builds it) that keeps what it drew, so a reference can replay it."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    drawn = []
+
+    def draw(hard):
+        drawn.append(ops.draw_negatives(hard, n_mix=n_mix, n_mix_query=n_mix_query, generator=gen))
+        return drawn[-1]
+
+    return draw, drawn
+
+
+def _outputs(which, impl, q, k, queue, n_hard, draw, temperature):
+    """Logits or per-query losses of one impl, and the gradients of q and k under a weighted sum."""
+    q = q.detach().clone().requires_grad_()
+    k = k.detach().clone().requires_grad_()
+    fn = ops._logits if which == "logits" else ops._loss_rows
+    out = fn(q, k, queue, n_hard, draw, 1.0 / temperature, impl)
+    weight = torch.linspace(0.5, 1.5, out.numel(), device=out.device).view_as(out)
+    return out, torch.autograd.grad((out * weight).sum(), (q, k))
+
+
+def _check_against_reference(impl, b, k, d, n_hard, n_mix, n_mix_query, dtype=torch.float32, device="cpu",
+                             temperature=0.2, atol=2e-5, rtol=1e-5, inputs=None):  # fmt: skip
+    """Logits, per-query losses and both gradients against the reference, given the same draws."""
+    q, key, queue = inputs or _inputs(b, k, d, dtype, device)
+    for which in ("logits", "loss"):
+        draw, drawn = _recording_draw(n_mix, n_mix_query, device=device)
+        out, grads = _outputs(which, impl, q, key, queue, n_hard, draw, temperature)
+        replay = lambda hard, drawn=drawn: drawn[0]
+        if dtype in (torch.float32, torch.float64):
+            ref, ref_grads = _outputs(which, "reference", q, key, queue, n_hard, replay, temperature)
+            assert_verbose_allclose(out, ref, rtol=rtol, atol=atol, name=which)
+            # gradients sum K + S terms (9000 in one case): fp32 rounding grows with them
+            for g, rg, name in zip(grads, ref_grads, ("grad q", "grad k"), strict=True):
+                assert_verbose_allclose(g, rg, rtol=max(rtol, 1e-4), atol=atol, name=f"{which} {name}")
+            continue
+        # low precision: flash-attention's error-relative check against the fp32 reference
+        ref32 = _outputs(which, "reference", q.float(), key.float(), queue.float(), n_hard, replay, temperature)
+        lowp = _outputs(which, "reference", q, key, queue, n_hard, replay, temperature)
+        assert out.dtype == torch.float32
+        assert_lowprec_close(out, ref32[0], lowp[0], atol=atol, name=which)
+        for g, r, lp in zip(grads, ref32[1], lowp[1], strict=True):
+            assert_lowprec_close(g.float(), r, lp.float(), atol=atol, name=f"{which} grad")
+
+
+# -- against the reference, same draws: C++ kernel -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b, k, d, n_hard, n_mix, n_mix_query",
+    [
+        (1, 2, 1, 2, 3, 1),
+        (3, 37, 5, 7, 11, 4),
+        (37, 423, 64, 31, 50, 9),
+        (5, 100, 130, 100, 17, 0),
+        (4, 61, 17, 61, 0, 13),  # the hard set is the whole queue
+        (6, 29, 3, 1000, 8, 2),  # n_hard > K: capped at K
+        (2, 9000, 8, 5, 6, 3),  # K past one chunk of rows (2M scores per chunk)
+    ],
+)
+def test_cpp_against_reference(b, k, d, n_hard, n_mix, n_mix_query):
+    _check_against_reference("cpp", b, k, d, n_hard, n_mix, n_mix_query)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_low_precision(dtype):
+    _check_against_reference("cpp", 13, 211, 48, 23, 40, 7, dtype=dtype, atol=2e-2)
+
+
+def test_cpp_fp64_tight():
+    _check_against_reference("cpp", 9, 77, 33, 12, 20, 6, dtype=torch.float64, atol=1e-12, rtol=1e-12)
+
+
+def test_cpp_threads():
+    """The 1-thread path gives the same numbers."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _check_against_reference("cpp", 7, 50, 20, 9, 12, 3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_non_contiguous(impl):
+    base = torch.randn(5, 2, 24)
+    q, key = base[:, 0, ::2], base[:, 1, 1::2]
+    queue = torch.randn(12, 40)[:, 3:15]  # rows strided
+    assert not q.is_contiguous() and not queue.is_contiguous()
+    _check_against_reference(impl, 0, 0, 0, 6, 9, 4, inputs=(q, key, queue))
+    _check_against_reference(impl, 0, 0, 0, 6, 9, 4, inputs=(q, key, queue.t().contiguous().t()))
+
+
+# -- against the reference, same draws: Triton kernel (interpreter on CPU) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b, k, d, n_hard, n_mix, n_mix_query",
+    [
+        (1, 2, 1, 2, 3, 1),
+        (1, 40, 5, 9, 40, 9),  # S = 49 > BLOCK_S: two forward blocks, the backward split in parts
+        (3, 23, 130, 7, 5, 2),  # D > BLOCK_D: two chunks of features
+        (2, 15, 6, 4, 0, 3),
+    ],
+)
+def test_triton_against_reference(b, k, d, n_hard, n_mix, n_mix_query):
+    _check_against_reference("triton", b, k, d, n_hard, n_mix, n_mix_query)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_triton_dtypes(dtype):
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-12
+    _check_against_reference("triton", 3, 31, 20, 8, 10, 3, dtype=dtype, atol=atol, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, k, d", [(7, 1000, 64), (256, 65536, 128)])
+def test_triton_gpu(dtype, b, k, d):
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    _check_against_reference("auto", b, k, d, 1024, 1024, 128, dtype=dtype, device="cuda", atol=atol, rtol=1e-4)
+
+
+_COMPILE_FOR_H100 = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastssl.kernels import mochi as K
+
+assert isinstance(K._mochi_mix_fwd_kernel, triton.runtime.JITFunction)  # not the interpreter's stand-in
+for rows, acc, acc_name in (("fp32", tl.float32, "fp32"), ("bf16", tl.float32, "fp32"), ("fp64", tl.float64, "fp64")):
+    for kernel, consts in (
+        (K._mochi_mix_fwd_kernel, dict(ACC=acc, EPS=K._EPS, BLOCK_S=K._BLOCK_S, BLOCK_D=128)),
+        (K._mochi_mix_bwd_kernel, dict(ACC=acc, BLOCK_S=K._BLOCK_S, BLOCK_D=128)),
+    ):
+        kinds = {"First_ptr": "*i64", "Second_ptr": "*i64", "W_ptr": "*fp32"}
+        kinds.update(dict.fromkeys(("Q_ptr", "QBar_ptr", "Queue_ptr"), "*" + rows))
+        signature = {
+            name: "constexpr" if name in consts else kinds.get(name, "*" + acc_name if name.endswith("_ptr") else "i32")
+            for name in kernel.arg_names
+        }
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_h100():
+    """Without a GPU: the kernels lower to PTX and a cubin for sm_90 (fp32, bf16, fp64 rows)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [sys.executable, "-c", _COMPILE_FOR_H100]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# -- known values: MoCo's InfoNCE ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "triton"])
+def test_no_mixing_is_moco(impl):
+    """n_mix = n_mix_query = 0: MoCo's logits [q̂·k̂, q̂·Q̂ᵀ]/τ and its cross-entropy, written out here."""
+    q, key, queue = _inputs(9, 70, 16)
+    tau = 0.07
+    qn, kn, queue_n = (F.normalize(x, dim=1) for x in (q, key, queue))
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue_n.T], dim=1) / tau
+    target = torch.zeros(9, dtype=torch.long)
+    kw = dict(n_mix=0, n_mix_query=0, temperature=tau, impl=impl)
+    assert_verbose_allclose(fastssl.mochi_logits(q, key, queue, **kw), logits, atol=1e-4, name="logits")
+    for reduction in ("mean", "sum", "none"):
+        expected = F.cross_entropy(logits, target, reduction=reduction)
+        got = fastssl.mochi_loss(q, key, queue, reduction=reduction, **kw)
+        assert_verbose_allclose(got, expected, rtol=1e-5, atol=1e-5, name=f"loss {reduction}")
+    # and the gradients of the plain formula
+    q1, k1 = q.clone().requires_grad_(), key.clone().requires_grad_()
+    q2, k2 = q.clone().requires_grad_(), key.clone().requires_grad_()
+    grads = torch.autograd.grad(fastssl.mochi_loss(q1, k1, queue, **kw), (q1, k1))
+    qn2, kn2 = F.normalize(q2, dim=1), F.normalize(k2, dim=1)
+    plain = torch.cat([(qn2 * kn2).sum(1, keepdim=True), qn2 @ queue_n.T], dim=1) / tau
+    ref_grads = torch.autograd.grad(F.cross_entropy(plain, target), (q2, k2))
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert_verbose_allclose(g, rg, rtol=1e-5, atol=1e-6, name="grad")
+
+
+def test_known_mixed_logit():
+    """Two orthogonal queue rows mixed half and half: h = (e0 + e1)/√2, so a query along e0 scores 1/√2."""
+    queue = torch.eye(3)[:2] * torch.tensor([[2.0], [5.0]])  # row norms do not matter
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    first, second, weight = torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[0.5]])
+    for impl in ("cpp", "triton"):
+        logits, coef = ops.mochi_mix(q, q, queue, first, second, weight, 1.0, impl)
+        assert logits.item() == pytest.approx(2**-0.5, rel=1e-6)
+        # h = k_a a + k_n n with a, n the raw rows
+        assert coef[0, 0].tolist() == pytest.approx([0.5 / 2 * 2**0.5, 0.5 / 5 * 2**0.5], rel=1e-6)
+
+
+# -- the draws ----------------------------------------------------------------------------------------------------
+
+
+def _draws(q, queue, n_hard, n_mix, n_mix_query, seed=0):
+    draw, drawn = _recording_draw(n_mix, n_mix_query, seed)
+    ops._loss_rows(q, q, queue, n_hard, draw, 5.0, "cpp")
+    return drawn[0]
+
+
+def test_pairs_distinct_and_in_own_hard_set():
+    """Each query draws from its own top-n_hard (not query 0's), pairs are two distinct rows."""
+    b, k, n_hard, n_mix, n_mix_query = 12, 300, 10, 200, 50
+    q, _, queue = _inputs(b, k, 16)
+    first, second, weight = _draws(q, queue, n_hard, n_mix, n_mix_query)
+    sim = F.normalize(q, dim=1) @ F.normalize(queue, dim=1).T
+    top = sim.topk(n_hard, dim=1).indices
+    in_hard = lambda idx: (idx[:, :, None] == top[:, None, :]).any(2)
+    pairs_a, pairs_n = first[:, :n_mix], second[:, :n_mix]
+    assert (pairs_a != pairs_n).all()
+    assert in_hard(pairs_a).all() and in_hard(pairs_n).all() and in_hard(second[:, n_mix:]).all()
+    assert (first[:, n_mix:] == -1).all()
+    alpha, beta = weight[:, :n_mix], weight[:, n_mix:]
+    assert (alpha >= 0).all() and (alpha < 1).all() and alpha.std() > 0.25  # ~U(0, 1): std 0.29
+    assert (beta >= 0).all() and (beta < 0.5).all() and beta.max() > 0.45
+    # every query's draws cover its hard set (200 pairs over 10 rows), so none are borrowed from another's
+    for row in range(b):
+        assert set(pairs_a[row].tolist()) == set(top[row].tolist())
+
+
+def test_two_hard_rows_give_both_orders():
+    q, _, queue = _inputs(4, 30, 8)
+    first, second, _ = _draws(q, queue, 2, 64, 0)
+    for row in range(4):
+        pairs = set(zip(first[row].tolist(), second[row].tolist(), strict=True))
+        assert len(pairs) == 2 and {(b, a) for a, b in pairs} == pairs
+
+
+@pytest.mark.parametrize("b, k, n", [(4, 50, 9), (2, 300, 300), (3, 20000, 100), (2, 70000, 1024), (2, 70000, 9000)])
+def test_hard_set_matches_topk(b, k, n):
+    """The C++ selection (sampled threshold, then nth_element) picks torch.topk's set."""
+    scores = torch.randn(b, k)
+    got, expected = ops.mochi_hard_set(scores, n, "cpp"), scores.topk(n, dim=1).indices
+    for row in range(b):
+        assert set(got[row].tolist()) == set(expected[row].tolist())
+
+
+def test_hard_set_ties_and_nan():
+    scores = torch.randint(0, 3, (3, 30000)).double()  # ties at the boundary: any n of the tied columns
+    scores[0, 7] = float("nan")  # NaN ranks first, as in torch.topk
+    scores[2] = float("nan")
+    got = ops.mochi_hard_set(scores, 1000, "cpp")
+    nth = scores[:2].nan_to_num(9.0).topk(1000, dim=1).values[:, -1:]
+    assert (scores[:2].nan_to_num(9.0).gather(1, got[:2]) >= nth).all() and 7 in got[0].tolist()
+    assert all(len(set(row.tolist())) == 1000 for row in got) and got.max() < 30000
+    torch.library.opcheck(ops.mochi_hard_set, (scores, 1000, "cpp"))
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_seed_reproduces_logits(impl):
+    q, key, queue = _inputs(3, 40, 8)
+    run = lambda seed: fastssl.mochi_logits(
+        q, key, queue, n_hard=8, n_mix=10, n_mix_query=4, generator=torch.Generator().manual_seed(seed), impl=impl
+    )
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_is_cross_entropy_of_logits(impl, reduction):
+    """mochi_loss's LSE path (no [B, 1 + K + S] logits) equals the cross-entropy of mochi_logits, same seed."""
+    q, key, queue = _inputs(17, 9001, 12)  # K past one chunk of rows
+    kw = dict(n_hard=20, n_mix=30, n_mix_query=6, temperature=0.1, impl=impl)
+    logits = fastssl.mochi_logits(q, key, queue, generator=torch.Generator().manual_seed(5), **kw)
+    expected = F.cross_entropy(logits, torch.zeros(17, dtype=torch.long), reduction=reduction)
+    got = fastssl.mochi_loss(q, key, queue, generator=torch.Generator().manual_seed(5), reduction=reduction, **kw)
+    assert_verbose_allclose(got, expected, rtol=1e-5, atol=1e-5, name="loss")
+
+
+# -- gradients and the op --------------------------------------------------------------------------------------------
+
+
+def _mix_args(b=4, k=15, d=6, s=7, dtype=torch.float64):
+    q = torch.randn(b, d, dtype=dtype)
+    queue = torch.randn(k, d, dtype=dtype)
+    first = torch.randint(-1, k, (b, s))
+    second = torch.randint(0, k, (b, s))
+    weight = torch.rand(b, s, dtype=dtype)
+    return q, queue, first, second, weight
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_gradcheck_mix_fp64(impl):
+    """The op's gradient wrt q, with the detached query q̄ and the queue held fixed (they are constants)."""
+    q, queue, first, second, weight = _mix_args() if impl == "cpp" else _mix_args(b=2, k=6, d=3, s=3)
+    q_bar = q.clone()
+    fn = lambda x: ops.mochi_mix(x, q_bar, queue, first, second, weight, 3.0, impl)[0]
+    assert torch.autograd.gradcheck(fn, (q.requires_grad_(),))
+
+
+def test_gradcheck_loss_fp64():
+    """The whole loss with pair mixes only (their vectors depend on the queue alone)."""
+    q, key, queue = _inputs(4, 25, 5, torch.float64)
+    loss = lambda a, b: fastssl.mochi_loss(
+        a, b, queue, n_hard=6, n_mix=9, n_mix_query=0, generator=torch.Generator().manual_seed(0), reduction="none"
+    )
+    assert torch.autograd.gradcheck(loss, (q.requires_grad_(), key.requires_grad_()))
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_opcheck(impl):
+    q, queue, first, second, weight = _mix_args(dtype=torch.float32)
+    torch.library.opcheck(ops.mochi_mix, (q, q, queue, first, second, weight, 2.0, impl))
+    torch.library.opcheck(ops.mochi_mix, (q.clone().requires_grad_(), q, queue, first, second, weight, 2.0, impl))
+
+
+def test_no_double_backward():
+    q, key, queue = _inputs(3, 20, 4)
+    q.requires_grad_()
+    loss = fastssl.mochi_loss(q, key, queue, n_hard=5, n_mix=4, n_mix_query=2)
+    (g,) = torch.autograd.grad(loss, q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace (custom ops with fake kernels, the autograd.Function); draws under compile use
+    inductor's RNG, so only the unmixed loss is compared with eager."""
+
+    def step(q, k, queue):
+        moco = fastssl.mochi_loss(q, k, queue, n_mix=0, n_mix_query=0)
+        return moco, fastssl.mochi_loss(q, k, queue, n_hard=10, n_mix=12, n_mix_query=3)
+
+    q, key, queue = _inputs(9, 100, 16)
+    q.requires_grad_()
+    moco, mixed = torch.compile(step, fullgraph=True)(q, key, queue)
+    grads = torch.autograd.grad(moco + mixed, q)
+    assert_verbose_allclose(moco, fastssl.mochi_loss(q, key, queue, n_mix=0, n_mix_query=0), name="compiled loss")
+    assert torch.isfinite(mixed) and mixed > moco and torch.isfinite(grads[0]).all()
+
+
+def test_convergence_matches_reference():
+    """A small encoder trained with the fused loss and with the reference ends in the same place."""
+    torch.manual_seed(1)
+    x = torch.randn(32, 10)
+    queue = torch.randn(96, 16, dtype=torch.float64)
+    finals = {}
+    for impl in ("cpp", "reference"):
+        torch.manual_seed(2)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        gen, draws = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+        losses = []
+        for _ in range(15):
+            v1 = x + 0.1 * torch.randn(x.shape, generator=gen)
+            v2 = x + 0.1 * torch.randn(x.shape, generator=gen)
+            q, k = model(v1.double()), model(v2.double()).detach()
+            loss = fastssl.mochi_loss(q, k, queue, n_hard=16, n_mix=24, n_mix_query=8, generator=draws, impl=impl)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        finals[impl] = (torch.tensor(losses), torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert finals["cpp"][0][-1] < finals["cpp"][0][0] - 0.5  # it learned
+    assert_verbose_allclose(finals["cpp"][0], finals["reference"][0], rtol=1e-9, atol=1e-9, name="losses")
+    assert_verbose_allclose(finals["cpp"][1], finals["reference"][1], rtol=1e-8, atol=1e-9, name="params")
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("where", ["q", "queue"])
+def test_non_finite_gives_non_finite_loss(impl, where):
+    q, key, queue = _inputs(4, 20, 6)
+    (q if where == "q" else queue)[1, 2] = float("nan")
+    loss = fastssl.mochi_loss(q, key, queue, n_hard=5, n_mix=6, n_mix_query=2, impl=impl, reduction="none")
+    assert not torch.isfinite(loss).all()
+
+
+# -- MemoryQueue ------------------------------------------------------------------------------------------------------
+
+
+def test_queue_wraps_around_in_insertion_order():
+    queue = fastssl.MemoryQueue(5, 2, store_labels=True)
+    assert len(queue) == 0 and queue.get().shape == (0, 2)
+    rows = torch.arange(16.0).view(8, 2)
+    queue.enqueue(rows[:3], torch.arange(3))
+    assert len(queue) == 3 and torch.equal(queue.tensor, rows[:3]) and torch.equal(queue.labels, torch.arange(3))
+    queue.enqueue(rows[3:7], torch.arange(3, 7))  # runs past the end: rows 3, 4 at the back, 5, 6 at the front
+    assert len(queue) == 5
+    assert torch.equal(queue.get(), rows[2:7]) and torch.equal(queue.labels, torch.arange(2, 7))
+    queue.enqueue(rows[7:8], torch.tensor([7]))
+    assert torch.equal(queue.get(), rows[3:8]) and torch.equal(queue.labels, torch.arange(3, 8))
+    queue.enqueue(rows[:5], torch.arange(5))  # a whole queue at once
+    assert torch.equal(queue.get(), rows[:5])
+
+
+def test_queue_state_dict_round_trip():
+    queue = fastssl.MemoryQueue(6, 3, store_labels=True)
+    queue.enqueue(torch.randn(4, 3), torch.arange(4))
+    queue.enqueue(torch.randn(4, 3), torch.arange(4, 8))
+    other = fastssl.MemoryQueue(6, 3, store_labels=True)
+    other.load_state_dict(queue.state_dict())
+    assert len(other) == 6 and torch.equal(other.get(), queue.get()) and torch.equal(other.labels, queue.labels)
+    x = torch.randn(2, 3)
+    queue.enqueue(x, torch.tensor([8, 9]))
+    other.enqueue(x, torch.tensor([8, 9]))  # the write position came along too
+    assert torch.equal(other.get(), queue.get())
+    moved = other.to(torch.float64)  # buffers follow .to()
+    assert moved.get().dtype == torch.float64
+    bad = queue.state_dict()
+    bad["_extra_state"] = {"next": 9, "filled": 6}
+    with pytest.raises(ValueError, match="inconsistent"):
+        other.load_state_dict(bad)
+
+
+def test_queue_as_loss_argument():
+    q, key, queue_rows = _inputs(3, 10, 4)
+    queue = fastssl.MemoryQueue(10, 4)
+    queue.enqueue(queue_rows[:7])
+    queue.enqueue(queue_rows[7:])
+    kw = dict(n_hard=4, n_mix=5, n_mix_query=2)
+    expected = fastssl.mochi_loss(q, key, queue_rows, generator=torch.Generator().manual_seed(0), **kw)
+    assert fastssl.mochi_loss(q, key, queue, generator=torch.Generator().manual_seed(0), **kw).item() == expected.item()
+
+
+def test_enqueue_before_backward_is_an_error_not_a_silent_change():
+    queue = fastssl.MemoryQueue(64, 8)
+    queue.enqueue(torch.randn(40, 8))
+    q = torch.randn(4, 8, requires_grad=True)
+    loss = fastssl.mochi_loss(q, torch.randn(4, 8), queue, n_hard=8, n_mix=5, n_mix_query=2)
+    queue.enqueue(torch.randn(4, 8))  # the rows the backward needs change
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "x, labels, error, match",
+    [
+        (torch.randn(2, 4), None, ValueError, "features"),
+        (torch.randn(2, 3).double(), None, TypeError, "dtype"),
+        (torch.randn(2, 3, device="meta"), None, ValueError, "meta"),
+        (torch.randn(9, 3), None, ValueError, "size"),
+        (torch.randn(0, 3), None, ValueError, "empty"),
+        (torch.randn(2, 3), torch.arange(2), ValueError, "stores none"),
+        ([[1.0, 2.0, 3.0]], None, TypeError, "x"),
+    ],
+)
+def test_queue_bad_input(x, labels, error, match):
+    with pytest.raises(error, match=match):
+        fastssl.MemoryQueue(8, 3).enqueue(x, labels)
+
+
+def test_queue_bad_construction_and_labels():
+    with pytest.raises(ValueError, match="size"):
+        fastssl.MemoryQueue(0, 3)
+    with pytest.raises(TypeError, match="dtype"):
+        fastssl.MemoryQueue(4, 3, dtype=torch.int64)
+    labelled = fastssl.MemoryQueue(4, 3, store_labels=True)
+    with pytest.raises(ValueError, match="pass labels"):
+        labelled.enqueue(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="labels"):
+        labelled.enqueue(torch.randn(2, 3), torch.arange(3))
+    assert fastssl.MemoryQueue(4, 3).labels is None
+
+
+def test_queue_gather_needs_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        fastssl.MemoryQueue(8, 3).enqueue(torch.randn(2, 3), gather=True)
+
+
+def _gather_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        queue = fastssl.MemoryQueue(8, 3, store_labels=True)
+        result = {}
+        for step in range(2):  # 2 + 3 rows per step: the second step wraps around
+            x = torch.full((rank + 2, 3), 10.0 * step + rank) + torch.arange(rank + 2.0)[:, None]
+            queue.enqueue(x, torch.arange(rank + 2) + 100 * step + 10 * rank, gather=True)
+        result["rows"], result["labels"] = queue.get(), queue.labels
+        try:  # rank 1 passes a bad batch: every rank raises, none waits in the gather
+            queue.enqueue(torch.randn(2, 3 if rank == 0 else 4), torch.arange(2), gather=True)
+        except ValueError as exc:
+            result["error"] = str(exc)
+        torch.save(result, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_queue_gather_over_gloo(tmp_path):
+    ctx = mp.spawn(_gather_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the distributed enqueue did not finish (a hang)")
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    expected = fastssl.MemoryQueue(8, 3, store_labels=True)
+    for step in range(2):
+        for rank in range(2):
+            x = torch.full((rank + 2, 3), 10.0 * step + rank) + torch.arange(rank + 2.0)[:, None]
+            expected.enqueue(x, torch.arange(rank + 2) + 100 * step + 10 * rank)
+    for r in results:
+        assert torch.equal(r["rows"], expected.get()) and torch.equal(r["labels"], expected.labels)
+    assert "features" in results[1]["error"] and "rank 1 refused" in results[0]["error"]
+
+
+# -- bad input --------------------------------------------------------------------------------------------------------
+
+Q, K, QUEUE = torch.randn(4, 3), torch.randn(4, 3), torch.randn(20, 3)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((Q, torch.randn(5, 3), QUEUE), {}, ValueError, "k"),
+        ((Q, K, torch.randn(20, 2)), {}, ValueError, "queue"),
+        ((Q, K, QUEUE.double()), {}, TypeError, "queue"),
+        ((Q, K, QUEUE.to("meta")), {}, ValueError, "queue"),
+        ((Q, K, torch.randn(0, 3)), {}, ValueError, "queue"),
+        ((Q, K, [[1.0, 2.0, 3.0]]), {}, TypeError, "queue"),
+        ((torch.randn(4), K, QUEUE), {}, ValueError, "q"),
+        ((Q.long(), K, QUEUE), {}, TypeError, "q"),
+        ((Q, K, QUEUE), {"n_hard": 1}, ValueError, "n_hard"),
+        ((Q, K, QUEUE[:1]), {"n_hard": 5}, ValueError, "queue's length"),
+        ((Q, K, QUEUE), {"n_hard": 0, "n_mix": 0, "n_mix_query": 0}, ValueError, "n_hard"),
+        ((Q, K, QUEUE), {"n_mix": -1}, ValueError, "n_mix"),
+        ((Q, K, QUEUE), {"n_mix_query": 2.0}, TypeError, "n_mix_query"),
+        ((Q, K, QUEUE), {"n_hard": True}, TypeError, "n_hard"),
+        ((Q, K, QUEUE), {"temperature": 0.0}, ValueError, "temperature"),
+        ((Q, K, QUEUE), {"temperature": float("nan")}, ValueError, "temperature"),
+        ((Q, K, QUEUE), {"generator": 3}, TypeError, "generator"),
+        ((Q, K, QUEUE), {"reduction": "avg"}, ValueError, "reduction"),
+        ((Q, K, QUEUE), {"impl": "fast"}, ValueError, "impl"),
+        ((Q, K, QUEUE), {"impl": "cuda"}, ValueError, "cuda"),
+    ],
+)
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastssl.mochi_loss(*args, **kwargs)
+    if "reduction" not in kwargs:
+        with pytest.raises(error, match=match):
+            fastssl.mochi_logits(*args, **kwargs)
+
+
+def test_one_hard_row_is_enough_without_pair_mixes():
+    loss = fastssl.mochi_loss(Q, K, QUEUE[:1], n_hard=1, n_mix=0, n_mix_query=3)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_generator_on_another_device():
+    with pytest.raises(ValueError, match="generator"):
+        fastssl.mochi_loss(Q.cuda(), K.cuda(), QUEUE.cuda(), generator=torch.Generator())
