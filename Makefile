@@ -33,8 +33,9 @@ $(VENV)/.built: $(VENV)/.deps $(CSRC)
 	$(PY) -m fastssl info
 	touch $@
 
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so that a busy machine
+# (other jobs on the cores) does not stall the suite at every parallel region.
 test: build
-	# PASSIVE: idle OpenMP threads sleep instead of spinning, so a busy machine does not stall the suite
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: build
