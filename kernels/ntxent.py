@@ -32,15 +32,16 @@ How the kernels compute them (DESIGN.md, "NT-Xent"):
     Row shift: A_ij = (g_i/τ) exp(s_ij − lse_i) + (g_j/τ) exp(s_ij − lse_j), each term ≤ |g|/τ
     since s_ij ≤ lse_i. The 1/τ of (2) is folded into u (or g) here.
  7. Work layout. With T row blocks, the programs of grid axis 0 index `pair` take row block
-    p = pair and row block T−1−p: (T − p) + (p + 1) = T + 1 tiles for every pair, so the triangle is shared evenly. The
-    tiles of a pair are cut into `parts` contiguous runs (grid axis 1) so there are enough
-    programs to fill the GPU; a run holds at most two segments, one per row block. Along a
-    segment the row side of block I accumulates in registers (row sums, row max, and in backward
-    grad_I when D fits in one BLOCK_D chunk) and is added once at the segment's end; the column
-    side of block J, and grad_I when D needs several chunks, go through fp32 (fp64) atomics.
-    Every row is so written by several programs: all writes are tl.atomic_add / atomic_max
-    into zero- (or −∞-) initialised buffers, which makes the kernels race-free but their sums
-    order-dependent in the last bits (not bitwise deterministic run to run).
+    p = pair and row block T−1−p: (T − p) + (p + 1) = T + 1 tiles for every pair, so the
+    triangle is shared evenly. The tiles of a pair are cut into `parts` contiguous runs (grid
+    axis 1) so that there are enough programs to fill the GPU (about 4 per SM); a run holds at
+    most two segments, one per row block. Along a segment the row side of block I accumulates
+    in registers (row sums, row max, and in backward grad_I when D fits in one BLOCK_D chunk)
+    and is added once at the segment's end; the column side of block J, and grad_I when D needs
+    several chunks, go through fp32 (fp64) atomics. Every row is so written by several
+    programs: all writes are tl.atomic_add / atomic_max into zero- (or −∞-) initialised
+    buffers, which makes the kernels race-free but their sums order-dependent in the last bits
+    (not bitwise deterministic run to run).
  8. Precision. Tiles enter tl.dot in their own dtype with fp32 accumulation (fp64 for fp64
     input, for gradcheck). fp32 input uses input_precision "tf32x3" (fp32-accurate on tensor
     cores; plain tf32 rounds z to 11 significant bits, ~0.05 of error in s at τ = 0.01).

@@ -100,11 +100,12 @@ def nt_xent(
     if impl == "reference":
         rows = reference.nt_xent_rows(z, classes, inv_tau)
     else:
-        # normalise in fp32; the kernel reads the rows in the input dtype, and the positive term
-        # uses those same rounded rows, so that LSE_i ≥ s_ip holds exactly and ℓ_i ≥ 0.
-        zn = F.normalize(z.to(_checks.accumulate_dtype(z.dtype)), dim=1).to(z.dtype)
+        # fp32 rows for every input dtype: the two terms of the gradient (softmax and positives)
+        # nearly cancel, so they must meet in fp32 and be rounded to the input dtype once, after.
+        # (A bf16 tensor-core path for the Triton kernel would cast the tiles in registers.)
+        zn = F.normalize(z.to(_checks.accumulate_dtype(z.dtype)), dim=1)
         lse = ntxent_lse(zn, inv_tau, impl)
-        rows = lse - inv_tau * _positive_mean(zn.to(lse.dtype), classes, n_pos)
+        rows = lse - inv_tau * _positive_mean(zn, classes, n_pos)
     if not torch.compiler.is_compiling() and not bool((n_pos > 0).any()):
         raise ValueError("labels: no row has a positive (every label occurs once)")
     rows = torch.where(n_pos > 0, rows, 0.0)
