@@ -8,7 +8,7 @@ which knows how to build one iteration (forward, or forward+backward) for one pr
   ``torch.cuda.max_memory_allocated``; on the CPU the growth of the peak resident set (VmHWM) of a
   process forked for that case alone from a parent that has run nothing, with glibc's mmap
   threshold fixed so that every large buffer the case allocates, N×N ones included, is counted,
-* records out-of-memory as ``OOM`` (CPU children run under an address-space limit so a too-large
+* records out-of-memory as ``OOM`` (CPU children run under an address-space limit of the physical memory, so a too-large
   case fails to allocate instead of being killed) and a case past its time limit as ``timeout``;
   once a provider fails at a size, its larger sizes are recorded as ``skipped``,
 * appends one CSV row per case to ``benchmarks/results/<op>.csv`` keyed by device, dtype, shape and
@@ -186,7 +186,7 @@ def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(case, budget_s, int(total * 0.85), send))
+    proc = ctx.Process(target=_child, args=(case, budget_s, total, send))
     proc.start()
     send.close()
     result = {"status": "timeout"} if not recv.poll(timeout_s) else None
