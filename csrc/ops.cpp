@@ -16,4 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("ntxent_lse_fwd_cpu", &ntxent_lse_fwd_cpu, nogil);
   m.def("ntxent_lse_bwd_cpu", &ntxent_lse_bwd_cpu, nogil);
+  m.def("info_nce_lse_fwd_cpu", &info_nce_lse_fwd_cpu, nogil);
+  m.def("info_nce_lse_bwd_cpu", &info_nce_lse_bwd_cpu, nogil);
 }
