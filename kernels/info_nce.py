@@ -75,41 +75,71 @@ _INTERPRETER_PROGRAMS = 4
 
 
 @triton.jit
-def _chunked_dots(
+def _q_rows(
     Q_ptr,
-    K_ptr,
     rows_i,
     ok_i,
-    rows_j,
-    ok_j,
+    D,
+    Q_stride_m,
+    Q_stride_d,
+    Z_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
+):
+    """Row block I's q rows, loaded once per program when D fits one BLOCK_D chunk (else an unused
+    placeholder: _tile then loads them chunk by chunk)."""
+    if ONE_D_BLOCK:
+        q_i = _load_rows(Q_ptr, rows_i, ok_i, 0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
+    else:
+        q_i = tl.zeros([BLOCK_M, BLOCK_D], Z_DOT)
+    return q_i
+
+
+@triton.jit
+def _tile(
+    Q_ptr,
+    K_ptr,
+    q_i,
+    rows_i,
+    ok_i,
+    J,
+    N,
     D,
     Q_stride_m,
     Q_stride_d,
     K_stride_n,
     K_stride_d,
+    self_offset,
     ACC: tl.constexpr,
     Z_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
+    HAS_SELF: tl.constexpr,
 ):
-    """q_i·k_j for the tile (3) when D needs several BLOCK_D chunks."""
-    dots = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for d0 in range(0, D, BLOCK_D):
-        qi = _load_rows(Q_ptr, rows_i, ok_i, d0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
-        kj = _load_rows(K_ptr, rows_j, ok_j, d0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
-        dots = tl.dot(qi, tl.trans(kj), dots, input_precision=DOT_PRECISION)
-    return dots
-
-
-@triton.jit
-def _keep(rows_i, ok_i, rows_j, ok_j, self_offset, HAS_SELF: tl.constexpr):
-    """Pairs that count: both inside the matrix, and not a row against its own copy."""
+    """Column block J against row block I (3): its rows and their mask, its k rows (with
+    ONE_D_BLOCK, where q_i holds the I rows; else D goes in BLOCK_D chunks and k_j is a
+    placeholder), the dots q_i·k_j, and the pairs that count (both rows in the matrix, and not a
+    row against its own copy)."""
+    rows_j = J * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_j = rows_j < N
+    if ONE_D_BLOCK:
+        k_j = _load_rows(K_ptr, rows_j, ok_j, 0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
+        dots = tl.dot(q_i, tl.trans(k_j), input_precision=DOT_PRECISION, out_dtype=ACC)
+    else:
+        dots = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            qi = _load_rows(Q_ptr, rows_i, ok_i, d0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
+            kj = _load_rows(K_ptr, rows_j, ok_j, d0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
+            dots = tl.dot(qi, tl.trans(kj), dots, input_precision=DOT_PRECISION)
+        k_j = dots
     keep = ok_i[:, None] & ok_j[None, :]
     if HAS_SELF:
         keep = keep & (rows_j[None, :] != rows_i[:, None] + self_offset)
-    return keep
+    return rows_j, ok_j, k_j, dots, keep
 
 
 @triton.jit
@@ -157,35 +187,12 @@ def _info_nce_lse_fwd_kernel(
         acc_i = tl.zeros([BLOCK_M], ACC)
     if ROW_SHIFT:
         shift_i = tl.load(RowShift_ptr + rows_i, mask=ok_i, other=0.0)
-    if ONE_D_BLOCK:
-        q_i = _load_rows(Q_ptr, rows_i, ok_i, 0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
+    q_i = _q_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     for J in range(j_start, j_end):
-        rows_j = J * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok_j = rows_j < N
-        if ONE_D_BLOCK:
-            k_j = _load_rows(K_ptr, rows_j, ok_j, 0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
-            dots = tl.dot(q_i, tl.trans(k_j), input_precision=DOT_PRECISION, out_dtype=ACC)
-        else:
-            dots = _chunked_dots(
-                Q_ptr,
-                K_ptr,
-                rows_i,
-                ok_i,
-                rows_j,
-                ok_j,
-                D,
-                Q_stride_m,
-                Q_stride_d,
-                K_stride_n,
-                K_stride_d,
-                ACC,
-                Z_DOT,
-                DOT_PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-        keep = _keep(rows_i, ok_i, rows_j, ok_j, self_offset, HAS_SELF)
+        rows_j, ok_j, _k_j, dots, keep = _tile(
+            Q_ptr, K_ptr, q_i, rows_i, ok_i, J, N, D, Q_stride_m, Q_stride_d, K_stride_n, K_stride_d, self_offset,
+            ACC, Z_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, ONE_D_BLOCK, HAS_SELF,
+        )  # fmt: skip
         if WRITE_MAX:
             # (5) t_ij = s_ij·log₂e; row max in registers, column max by atomic max
             t = tl.where(keep, dots * scale, float("-inf"))
@@ -266,37 +273,15 @@ def _info_nce_lse_bwd_kernel(
     row2_i = _times_log2e(tl.load(RowLse_ptr + rows_i, mask=ok_i, other=0.0).to(ACC))
     if not ROW_SHIFT:
         u_i = g_i * tl.exp2(scale - row2_i)  # (6) u_i = (g_i/τ)·exp(m − row_i)
+    q_i = _q_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     if ONE_D_BLOCK:
-        q_i = _load_rows(Q_ptr, rows_i, ok_i, 0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
         dq_i = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     d_inv_tau = tl.zeros([BLOCK_M], ACC)
     for J in range(j_start, j_end):
-        rows_j = J * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok_j = rows_j < N
-        if ONE_D_BLOCK:
-            k_j = _load_rows(K_ptr, rows_j, ok_j, 0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
-            dots = tl.dot(q_i, tl.trans(k_j), input_precision=DOT_PRECISION, out_dtype=ACC)
-        else:
-            dots = _chunked_dots(
-                Q_ptr,
-                K_ptr,
-                rows_i,
-                ok_i,
-                rows_j,
-                ok_j,
-                D,
-                Q_stride_m,
-                Q_stride_d,
-                K_stride_n,
-                K_stride_d,
-                ACC,
-                Z_DOT,
-                DOT_PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-            )
-        keep = _keep(rows_i, ok_i, rows_j, ok_j, self_offset, HAS_SELF)
+        rows_j, ok_j, k_j, dots, keep = _tile(
+            Q_ptr, K_ptr, q_i, rows_i, ok_i, J, N, D, Q_stride_m, Q_stride_d, K_stride_n, K_stride_d, self_offset,
+            ACC, Z_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, ONE_D_BLOCK, HAS_SELF,
+        )  # fmt: skip
         if WITH_COLS:
             h_j = tl.load(H_ptr + rows_j, mask=ok_j, other=0.0).to(ACC) * inv_tau
             col2_j = _times_log2e(tl.load(ColLse_ptr + rows_j, mask=ok_j, other=0.0).to(ACC))

@@ -20,56 +20,64 @@
 // and column's max s_ij and (1) uses those shifts; (2) then takes P and C from their own
 // exponentials.
 //
-// Threads: row stripe I is processed tile by tile with the column tiles J split among threads;
-// results for the columns of J are written by one thread only, results for the rows of I go to
-// per-thread partials reduced after the stripe. Work memory is O(threads * tile * (tile + D)),
-// never M x N.
+// Threads: see reduce_tiles. Work memory: a tile per thread and per-thread row partials of at
+// most 64 MiB in all (beyond that the rows are processed in blocks); never M x N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
+#include <atomic>
 #include <limits>
 #include <tuple>
 
 #include "../ops.h"
+#include "../tiles.h"
 
 namespace {
 
 constexpr int64_t kTile = 256;
+// Bound on the per-thread row partials of reduce_tiles.
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
 
-// exp(s - m) >= exp(-2/tau) is a normal float (> 1.2e-38) while 2/tau <= 80.
-bool fixed_shift_is_exact(double inv_tau) { return 2.0 * inv_tau <= 80.0; }
-
-enum class Combine { kSum, kMax };
-
-void combine_into(at::Tensor dst, const at::Tensor& src, Combine op) {
-  if (op == Combine::kSum) {
-    dst.add_(src);
-  } else {
-    at::maximum_out(dst, dst, src);
-  }
-}
+using fastssl::Combine;
+using fastssl::combine_into;
+using fastssl::fixed_shift_is_exact;
 
 // Visits every tile (I, J) of the M x N matrix and accumulates
 // tile(i0, i1, j0, j1) -> {part for rows i0..i1, part for columns j0..j1} into rows (M x R) and,
 // when defined, cols (N x C).
+//
+// Threads take column tiles J from a shared counter (a thread that gets less CPU takes fewer) and
+// run each down all the rows of a row block: the columns of J are written by that thread alone,
+// the rows go to per-thread partials reduced at the end of the block. Rows are the short side
+// (queries, against keys + queue or every rank's keys), and blocks are as tall as the partials
+// allow within kPartialBytes: usually one block, so one parallel region per pass.
 template <class TileFn>
 void reduce_tiles(int64_t m, int64_t n, at::Tensor& rows, at::Tensor& cols, Combine op, double identity,
                   TileFn tile) {
-  const int64_t row_tiles = (m + kTile - 1) / kTile, col_tiles = (n + kTile - 1) / kTile;
   const int64_t num_threads = at::get_num_threads();
-  for (int64_t I = 0; I < row_tiles; ++I) {
-    const int64_t i0 = I * kTile, i1 = std::min(m, i0 + kTile);
-    at::Tensor partial = at::full({num_threads, i1 - i0, rows.size(1)}, identity, rows.options());
-    at::parallel_for(0, col_tiles, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor mine = partial[at::get_thread_num()];
-      for (int64_t J = begin; J < end; ++J) {
+  const int64_t col_tiles = (n + kTile - 1) / kTile;
+  const int64_t tile_bytes = num_threads * kTile * rows.size(1) * rows.element_size();
+  const int64_t block = std::max<int64_t>(1, kPartialBytes / tile_bytes) * kTile;
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t r1 = std::min(m, r0 + block);
+    at::Tensor partial = at::full({num_threads, r1 - r0, rows.size(1)}, identity, rows.options());
+    std::atomic<int64_t> next{0};
+    const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
+    at::parallel_for(0, num_threads, 1, [&](int64_t slot, int64_t) {
+      at::ThreadLocalStateGuard guard(caller);
+      at::Tensor mine = partial[slot];
+      for (int64_t J = next++; J < col_tiles; J = next++) {
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
-        auto parts = tile(i0, i1, j0, j1);
-        combine_into(mine, parts.first, op);
-        if (cols.defined()) combine_into(cols.narrow(0, j0, j1 - j0), parts.second, op);
+        for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
+          const int64_t i1 = std::min(r1, i0 + kTile);
+          auto parts = tile(i0, i1, j0, j1);
+          combine_into(mine.narrow(0, i0 - r0, i1 - i0), parts.first, op);
+          if (cols.defined()) combine_into(cols.narrow(0, j0, j1 - j0), parts.second, op);
+        }
       }
     });
-    at::Tensor out = rows.narrow(0, i0, i1 - i0);
+    at::Tensor out = rows.narrow(0, r0, r1 - r0);
     combine_into(out, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);
   }
 }

@@ -118,13 +118,16 @@ def nt_xent(
     else:
         # normalise in fp32; the kernel reads the rows in the input dtype, and the positive term
         # uses those same rounded rows, so that LSE_i ≥ s_ip holds exactly and ℓ_i ≥ 0.
-        zn = F.normalize(z.to(_checks.accumulate_dtype(z.dtype)), dim=1).to(z.dtype)
+        acc = _checks.accumulate_dtype(z.dtype)
+        zn = F.normalize(z.to(acc), dim=1).to(z.dtype)
         if gather:  # this rank's rows against all, leaving out each row's own copy at first + i
             zn_all = distributed.all_gather(zn, counts)
             lse = info_nce_lse(zn, zn_all, torch.tensor(inv_tau, dtype=torch.float64), False, first, impl)[0]
+            pos = _positive_mean(zn.to(acc), classes, n_pos, zn_all.to(acc), classes_all)
         else:
-            zn_all, lse = zn, ntxent_lse(zn, inv_tau, impl)
-        pos = _positive_mean(zn.to(lse.dtype), classes, n_pos, zn_all.to(lse.dtype), classes_all)
+            lse = ntxent_lse(zn, inv_tau, impl)
+            zf = zn.to(acc)  # one conversion: its gradient reaches zn summed in fp32, rounded once
+            pos = _positive_mean(zf, classes, n_pos, zf, classes_all)
         rows = lse - inv_tau * pos
     if not torch.compiler.is_compiling() and not bool((n_pos_all > 0).any()):
         raise ValueError("labels: no row has a positive (every label occurs once)")
