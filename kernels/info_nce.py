@@ -75,6 +75,17 @@ _INTERPRETER_PROGRAMS = 4
 
 
 @triton.jit
+def _program_tiles(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's row block I (rows and mask) and its run [j_start, j_end) of column blocks (3)."""
+    I = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1).to(tl.int64)
+    parts = tl.num_programs(1).to(tl.int64)
+    T = tl.cdiv(N, BLOCK_N)
+    rows_i = I * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows_i, rows_i < M, T * part // parts, T * (part + 1) // parts
+
+
+@triton.jit
 def _q_rows(
     Q_ptr,
     rows_i,
@@ -172,15 +183,8 @@ def _info_nce_lse_fwd_kernel(
     ROW_SHIFT: tl.constexpr,
     WRITE_MAX: tl.constexpr,
 ):
-    I = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
-    parts = tl.num_programs(1).to(tl.int64)
-    T = tl.cdiv(N, BLOCK_N)
-    j_start = T * part // parts
-    j_end = T * (part + 1) // parts
+    rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
     scale = _scalar(scale_hi, scale_lo, ACC)
-    rows_i = I * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok_i = rows_i < M
     if WRITE_MAX:
         acc_i = tl.full([BLOCK_M], float("-inf"), ACC)
     else:
@@ -258,17 +262,10 @@ def _info_nce_lse_bwd_kernel(
     HAS_SELF: tl.constexpr,
     ROW_SHIFT: tl.constexpr,
 ):
-    I = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
-    parts = tl.num_programs(1).to(tl.int64)
-    T = tl.cdiv(N, BLOCK_N)
-    j_start = T * part // parts
-    j_end = T * (part + 1) // parts
+    rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
     scale = _scalar(scale_hi, scale_lo, ACC)
     inv_tau = _scalar(inv_tau_hi, inv_tau_lo, ACC)
     cols = tl.arange(0, BLOCK_D)
-    rows_i = I * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok_i = rows_i < M
     g_i = tl.load(G_ptr + rows_i, mask=ok_i, other=0.0).to(ACC) * inv_tau
     row2_i = _times_log2e(tl.load(RowLse_ptr + rows_i, mask=ok_i, other=0.0).to(ACC))
     if not ROW_SHIFT:
