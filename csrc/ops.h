@@ -15,7 +15,6 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z,
 std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q, const at::Tensor& k, double inv_tau,
                                                         bool with_cols, int64_t self_offset);
 // backward: (dL/dq, dL/dk, dL/d(inv_tau)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(const at::Tensor& grad_row, const at::Tensor& grad_col,
-                                                        const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& row_lse, const at::Tensor& col_lse,
-                                                        double inv_tau, int64_t self_offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, double inv_tau, int64_t self_offset);

@@ -147,21 +147,21 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
   return {row_lse, col_lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(const at::Tensor& grad_row, const at::Tensor& grad_col,
-                                                        const at::Tensor& q_in, const at::Tensor& k_in,
-                                                        const at::Tensor& row_lse_in, const at::Tensor& col_lse_in,
-                                                        double inv_tau, int64_t self_offset) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& row_lse_in, const at::Tensor& col_lse_in, double inv_tau, int64_t self_offset) {
   const at::Tensor q = unit_rows(q_in, "info_nce_lse_bwd_cpu", "q");
   const at::Tensor k = unit_rows(k_in, "info_nce_lse_bwd_cpu", "k");
   const int64_t m = q.size(0), n = k.size(0);
   const bool with_cols = col_lse_in.numel() > 0;
-  TORCH_CHECK(grad_row.numel() == m && row_lse_in.numel() == m, "info_nce_lse_bwd_cpu: grad_row and row_lse must have ",
-              m, " elements");
+  TORCH_CHECK(grad_row.numel() == m && row_lse_in.numel() == m,
+              "info_nce_lse_bwd_cpu: grad_row and row_lse must have ", m, " elements");
   TORCH_CHECK(!with_cols || (grad_col.numel() == n && col_lse_in.numel() == n),
               "info_nce_lse_bwd_cpu: grad_col and col_lse must have ", n, " elements");
   const auto as_acc = [&](const at::Tensor& v) { return v.to(q.scalar_type()).contiguous(); };
   const at::Tensor g = as_acc(grad_row), row_lse = as_acc(row_lse_in);
-  const at::Tensor h = with_cols ? as_acc(grad_col) : at::Tensor(), col_lse = with_cols ? as_acc(col_lse_in) : at::Tensor();
+  const at::Tensor h = with_cols ? as_acc(grad_col) : at::Tensor();
+  const at::Tensor col_lse = with_cols ? as_acc(col_lse_in) : at::Tensor();
   const bool fixed = fixed_shift_is_exact(inv_tau);
   // fixed shift: A_ij = e_ij (u_i + v_j) with u_i = g_i c_i, v_j = h_j d_j
   const at::Tensor u = fixed ? g * (inv_tau - row_lse).exp() : at::Tensor();
