@@ -20,15 +20,20 @@ with_cuda = (
     and os.environ.get("FASTSSL_NO_CUDA") != "1"
 )
 
-cxx_flags = ["-O3", "-std=c++20"]
+# OpenMP: at::parallel_for is inlined from ATen's headers, so without -fopenmp it runs serially.
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+link_flags = ["-fopenmp"]
 if with_cuda:
     ext = cpp_extension.CUDAExtension(
         "fastssl._C",
         sources + cuda_sources,
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+        extra_link_args=link_flags,
     )
 else:
-    ext = cpp_extension.CppExtension("fastssl._C", sources, extra_compile_args={"cxx": cxx_flags})
+    ext = cpp_extension.CppExtension(
+        "fastssl._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+    )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": cpp_extension.BuildExtension})

@@ -1,7 +1,7 @@
 """fastssl: kernel-accelerated losses and tools for self-supervised, semi-supervised and robust training."""
 
 from fastssl.adversarial import feature_attack, instance_attack, pgd_attack, pgd_step_, random_start, robust_accuracy
-from fastssl.contrastive import NTXentLoss, nt_xent
+from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from fastssl.masking import (
     block_masking,
     masked_mse_loss,
@@ -24,6 +24,7 @@ from fastssl.neighbors import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "InfoNCELoss",
     "KNNClassifier",
     "MemoryQueue",
     "NTXentLoss",
@@ -32,6 +33,7 @@ __all__ = [
     "cluster_metrics",
     "cluster_pseudo_labels",
     "feature_attack",
+    "info_nce",
     "instance_attack",
     "kmeans",
     "knn_classify",

@@ -21,27 +21,20 @@
 // reduced after the stripe. Work memory is O(threads * tile * (tile + D)), never N x N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <limits>
 
 #include "../ops.h"
+#include "../tiles.h"
 
 namespace {
 
+using fastssl::Combine;
+using fastssl::combine_into;
+using fastssl::fixed_shift_is_exact;
+
 constexpr int64_t kTile = 256;
-
-// exp(s - m) >= exp(-2/tau) is a normal float (> 1.2e-38) while 2/tau <= 80.
-bool fixed_shift_is_exact(double inv_tau) { return 2.0 * inv_tau <= 80.0; }
-
-enum class Combine { kSum, kMax };
-
-void combine_into(at::Tensor dst, const at::Tensor& src, Combine op) {
-  if (op == Combine::kSum) {
-    dst.add_(src);
-  } else {
-    at::maximum_out(dst, dst, src);
-  }
-}
 
 // Visits every tile (I, J), J >= I, of the N x N matrix over rows of z and accumulates
 // tile(i0, i1, j0, j1, diagonal) -> {part for rows i0..i1, part for rows j0..j1} into out
@@ -54,7 +47,9 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
   for (int64_t I = 0; I < num_tiles; ++I) {
     const int64_t i0 = I * kTile, i1 = std::min(n, i0 + kTile);
     at::Tensor partial = at::full({num_threads, i1 - i0, out.size(1)}, identity, out.options());
+    const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
     at::parallel_for(I, num_tiles, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(caller);
       at::Tensor mine = partial[at::get_thread_num()];
       for (int64_t J = begin; J < end; ++J) {
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);

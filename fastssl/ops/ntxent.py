@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _ext
+from fastssl import _ext, distributed
 from fastssl.ops import _checks
+from fastssl.ops.info_nce import REDUCTIONS, info_nce_lse, reduce_rows
 from fastssl.reference import ntxent as reference
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 @torch.library.custom_op("fastssl::ntxent_lse", mutates_args=())
@@ -69,6 +68,7 @@ def nt_xent(
     labels: Tensor | None = None,
     temperature: float = 0.5,
     reduction: str = "mean",
+    gather: bool = False,
     impl: str = "auto",
 ) -> Tensor:
     """NT-Xent / SupCon loss over the rows of both views, without an N×N matrix.
@@ -84,6 +84,11 @@ def nt_xent(
         temperature: τ > 0.
         reduction: "mean" (over rows that have a positive), "sum", or "none" for the per-row
             losses [N] (0 for a row without a positive).
+        gather: under ``torch.distributed``, every rank's rows meet every rank's rows (labels too):
+            the loss and gradients are those of one process on the concatenated batch (each view
+            concatenated over ranks), as fastssl/distributed.py sets out: the value is the whole
+            batch's on every rank, each rank's graph carries its share, so under DDP scale the loss
+            by the world size. With "none", this rank's rows.
         impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL
             overrides "auto".
 
@@ -92,48 +97,62 @@ def nt_xent(
     ``z2``) is left out of the mean; a batch in which no row has one raises ValueError (under
     ``torch.compile`` it gives NaN instead). Non-finite embeddings give a non-finite loss.
     """
-    z, classes = _rows_and_classes(z1, z2, labels)
+    z, y = _rows_and_labels(z1, z2, labels)
     inv_tau = 1.0 / _checks.positive("temperature", temperature)
     _checks.choice("reduction", reduction, REDUCTIONS)
     impl = _ext.resolve_impl(impl, z.device)
-    n_pos = _positive_counts(classes)
+    n = z.shape[0]
+    if gather:  # every rank's rows; without labels a sample's id is its index in the whole batch
+        counts, first = distributed.rows_layout(n, z.device)
+        if labels is None:
+            y = y + first // 2
+        y_all = distributed.all_gather(y, counts)
+    else:
+        counts, first, y_all = [n], 0, y
+    classes_all = _classes(y_all)
+    n_pos_all = _positive_counts(classes_all)
+    classes, n_pos = classes_all[first : first + n], n_pos_all[first : first + n]
     if impl == "reference":
-        rows = reference.nt_xent_rows(z, classes, inv_tau)
+        z_all = distributed.all_gather(z, counts) if gather else z
+        rows = reference.nt_xent_rows(z_all, classes_all, inv_tau)[first : first + n]
     else:
         # fp32 rows for every input dtype: the two terms of the gradient (softmax and positives)
         # nearly cancel, so they must meet in fp32 and be rounded to the input dtype once, after.
         # (A bf16 tensor-core path for the Triton kernel would cast the tiles in registers.)
         zn = F.normalize(z.to(_checks.accumulate_dtype(z.dtype)), dim=1)
-        lse = ntxent_lse(zn, inv_tau, impl)
-        rows = lse - inv_tau * _positive_mean(zn, classes, n_pos)
-    if not torch.compiler.is_compiling() and not bool((n_pos > 0).any()):
+        if gather:  # this rank's rows against all, leaving out each row's own copy at first + i
+            zn_all = distributed.all_gather(zn, counts)
+            lse = info_nce_lse(zn, zn_all, torch.tensor(inv_tau, dtype=torch.float64), False, first, impl)[0]
+            pos = _positive_mean(zn, classes, n_pos, zn_all, classes_all)
+        else:
+            lse = ntxent_lse(zn, inv_tau, impl)
+            pos = _positive_mean(zn, classes, n_pos, zn, classes_all)
+        rows = lse - inv_tau * pos
+    if not torch.compiler.is_compiling() and not bool((n_pos_all > 0).any()):
         raise ValueError("labels: no row has a positive (every label occurs once)")
     rows = torch.where(n_pos > 0, rows, 0.0)
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total if reduction == "sum" else total / (n_pos > 0).sum()
+    return reduce_rows(rows, reduction, (n_pos_all > 0).sum(), gather)
 
 
-def _rows_and_classes(z1, z2, labels) -> tuple[Tensor, Tensor]:
-    """All rows [N, D] and each row's class as an index into [N] (the first row of its class)."""
+def _rows_and_labels(z1, z2, labels) -> tuple[Tensor, Tensor]:
+    """All rows [N, D] and each row's label (the sample's index in the batch without labels)."""
     _checks.features("z1", z1)
     if z2 is None:
         if labels is None:
             raise ValueError("labels is required when z2 is None: without a second view only labels give positives")
-        z = z1
-        y = _checks.labels("labels", labels, z.shape[0], z.device)
-    else:
-        _checks.features("z2", z2)
-        _checks.like("z2", z2, "z1", z1)
-        z = torch.cat([z1, z2])
-        b = z1.shape[0]
-        y = torch.arange(b, device=z.device) if labels is None else _checks.labels("labels", labels, b, z.device)
-        y = y.repeat(2)
-    # index of the first occurrence of each label in sorted order: static shape [N], so the op
-    # traces under torch.compile without data-dependent sizes (torch.unique would not).
-    sorted_y = torch.sort(y).values
-    return z, torch.searchsorted(sorted_y, y)
+        return z1, _checks.labels("labels", labels, z1.shape[0], z1.device)
+    _checks.features("z2", z2)
+    _checks.like("z2", z2, "z1", z1)
+    b = z1.shape[0]
+    y = torch.arange(b, device=z1.device) if labels is None else _checks.labels("labels", labels, b, z1.device)
+    return torch.cat([z1, z2]), y.repeat(2)
+
+
+def _classes(y: Tensor) -> Tensor:
+    """Each row's class as an index into [N]: the index of its label's first occurrence in sorted
+    order. Static shape [N], so the op traces under torch.compile without data-dependent sizes
+    (torch.unique would not)."""
+    return torch.searchsorted(torch.sort(y).values, y)
 
 
 def _positive_counts(classes: Tensor) -> Tensor:
@@ -142,7 +161,8 @@ def _positive_counts(classes: Tensor) -> Tensor:
     return torch.zeros_like(ones).index_add_(0, classes, ones)[classes] - 1
 
 
-def _positive_mean(zn: Tensor, classes: Tensor, n_pos: Tensor) -> Tensor:
-    """(1/|P(i)|) Σ_{p∈P(i)} z_i·z_p by (2); 0 where |P(i)| = 0."""
-    class_sums = torch.zeros_like(zn).index_add_(0, classes, zn)
+def _positive_mean(zn: Tensor, classes: Tensor, n_pos: Tensor, zn_all: Tensor, classes_all: Tensor) -> Tensor:
+    """(1/|P(i)|) Σ_{p∈P(i)} z_i·z_p by (2) for the rows zn, with the class sums taken over all rows
+    zn_all (every rank's under gather); 0 where |P(i)| = 0."""
+    class_sums = torch.zeros_like(zn_all).index_add_(0, classes_all, zn_all)
     return (zn * (class_sums[classes] - zn)).sum(1) / n_pos.clamp(min=1)

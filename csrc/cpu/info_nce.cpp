@@ -1,0 +1,185 @@
+// InfoNCE with two towers (MoCo, CLIP) on the CPU: the row and column log-sum-exps of
+// S = Q K^T / tau, without holding S.
+//
+// For unit rows q_i (M x D), k_j (N x D: the keys, then any extra negatives) and s_ij = q_i . k_j / tau,
+//   row_i = log sum_j exp(s_ij),   col_j = log sum_i exp(s_ij)                                   (1)
+// are the only parts of InfoNCE and of the symmetric CLIP loss that need all M N pairs; the
+// positive term s_ii is O(M D) and lives in fastssl/ops/info_nce.py. With self_offset >= 0 the
+// pairs (i, i + self_offset) are left out of both sums (NT-Xent rows against every rank's rows,
+// where column i + self_offset is row i itself). Given g_i = dL/drow_i, h_j = dL/dcol_j,
+// P_ij = exp(s_ij - row_i) and C_ij = exp(s_ij - col_j),
+//   A_ij = g_i P_ij + h_j C_ij,   dL/dq_i = (1/tau) sum_j A_ij k_j,   dL/dk_j = (1/tau) sum_i A_ij q_i.  (2)
+// s is linear in 1/tau, so dL/d(1/tau) = sum_ij A_ij q_i . k_j = sum_i q_i . (A K)_i, from the
+// fp32 rows of (2) before they are rounded to the input dtype.                                  (3)
+//
+// Fixed shift (DESIGN.md): rows are unit vectors, so s_ij <= m = 1/tau, and e_ij = exp(s_ij - m)
+// feeds row i and column j alike; backward, P_ij = e_ij c_i and C_ij = e_ij d_j with
+// c_i = exp(m - row_i), d_j = exp(m - col_j), so A_ij = e_ij (g_i c_i + h_j d_j): one exponential
+// per pair in (1) and in (2). Every e_ij >= exp(-2/tau) stays a normal float while 2/tau <= 80,
+// and c_i, d_j <= exp(2/tau) stay finite. Beyond that (tau < 0.025) a first pass finds each row's
+// and column's max s_ij and (1) uses those shifts; (2) then takes P and C from their own
+// exponentials.
+//
+// Threads: see reduce_tiles. Work memory: a tile per thread and per-thread row partials of at
+// most 64 MiB in all (beyond that the rows are processed in blocks); never M x N.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <atomic>
+#include <limits>
+#include <tuple>
+
+#include "../ops.h"
+#include "../tiles.h"
+
+namespace {
+
+constexpr int64_t kTile = 256;
+// Bound on the per-thread row partials of reduce_tiles.
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
+
+using fastssl::Combine;
+using fastssl::combine_into;
+using fastssl::fixed_shift_is_exact;
+
+// Visits every tile (I, J) of the M x N matrix and accumulates
+// tile(i0, i1, j0, j1) -> {part for rows i0..i1, part for columns j0..j1} into rows (M x R) and,
+// when defined, cols (N x C).
+//
+// Threads take column tiles J from a shared counter (a thread that gets less CPU takes fewer) and
+// run each down all the rows of a row block: the columns of J are written by that thread alone,
+// the rows go to per-thread partials reduced at the end of the block. Rows are the short side
+// (queries, against keys + queue or every rank's keys), and blocks are as tall as the partials
+// allow within kPartialBytes: usually one block, so one parallel region per pass.
+template <class TileFn>
+void reduce_tiles(int64_t m, int64_t n, at::Tensor& rows, at::Tensor& cols, Combine op, double identity,
+                  TileFn tile) {
+  const int64_t num_threads = at::get_num_threads();
+  const int64_t col_tiles = (n + kTile - 1) / kTile;
+  const int64_t tile_bytes = num_threads * kTile * rows.size(1) * rows.element_size();
+  const int64_t block = std::max<int64_t>(1, kPartialBytes / tile_bytes) * kTile;
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t r1 = std::min(m, r0 + block);
+    at::Tensor partial = at::full({num_threads, r1 - r0, rows.size(1)}, identity, rows.options());
+    std::atomic<int64_t> next{0};
+    const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
+    at::parallel_for(0, num_threads, 1, [&](int64_t slot, int64_t) {
+      at::ThreadLocalStateGuard guard(caller);
+      at::Tensor mine = partial[slot];
+      for (int64_t J = next++; J < col_tiles; J = next++) {
+        const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
+        for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
+          const int64_t i1 = std::min(r1, i0 + kTile);
+          auto parts = tile(i0, i1, j0, j1);
+          combine_into(mine.narrow(0, i0 - r0, i1 - i0), parts.first, op);
+          if (cols.defined()) combine_into(cols.narrow(0, j0, j1 - j0), parts.second, op);
+        }
+      }
+    });
+    at::Tensor out = rows.narrow(0, r0, r1 - r0);
+    combine_into(out, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);
+  }
+}
+
+at::Tensor tile_scores(const at::Tensor& q, const at::Tensor& k, double inv_tau, int64_t i0, int64_t i1,
+                       int64_t j0, int64_t j1) {
+  return at::mm(q.slice(0, i0, i1), k.slice(0, j0, j1).t()).mul_(inv_tau);
+}
+
+// Sets the pairs (i, i + self_offset) of tile (i0.., j0..) to value: a diagonal of the tile.
+void drop_self(at::Tensor& tile, int64_t self_offset, int64_t i0, int64_t j0, double value) {
+  if (self_offset >= 0) tile.diagonal(i0 + self_offset - j0).fill_(value);
+}
+
+// Unit rows [rows, D] as a contiguous fp32 tensor (fp64 for fp64 input: gradcheck).
+at::Tensor unit_rows(const at::Tensor& x, const char* fn, const char* name) {
+  TORCH_CHECK(x.dim() == 2, fn, ": ", name, " must be 2-D, got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  return x.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+at::Tensor column(const at::Tensor& v, int64_t a, int64_t b) { return v.slice(0, a, b).unsqueeze(1); }
+at::Tensor row(const at::Tensor& v, int64_t a, int64_t b) { return v.slice(0, a, b).unsqueeze(0); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        double inv_tau, bool with_cols, int64_t self_offset) {
+  const at::Tensor q = unit_rows(q_in, "info_nce_lse_fwd_cpu", "q");
+  const at::Tensor k = unit_rows(k_in, "info_nce_lse_fwd_cpu", "k");
+  TORCH_CHECK(q.size(1) == k.size(1) && q.scalar_type() == k.scalar_type(),
+              "info_nce_lse_fwd_cpu: q and k must have the same D and dtype");
+  const int64_t m = q.size(0), n = k.size(0);
+  const bool fixed = fixed_shift_is_exact(inv_tau);
+  // shift of row i and column j: m for all (fixed), or the row's / column's own max s
+  at::Tensor row_shift = at::full({m, 1}, inv_tau, q.options());
+  at::Tensor col_shift = with_cols ? at::full({n, 1}, inv_tau, q.options()) : at::Tensor();
+  if (!fixed) {
+    const double lowest = -std::numeric_limits<double>::infinity();
+    row_shift.fill_(lowest);
+    if (with_cols) col_shift.fill_(lowest);
+    reduce_tiles(m, n, row_shift, col_shift, Combine::kMax, lowest,
+                 [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+                   at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
+                   drop_self(s, self_offset, i0, j0, lowest);
+                   return std::make_pair(std::get<0>(s.max(1, true)),
+                                         with_cols ? std::get<0>(s.max(0)).unsqueeze(1) : at::Tensor());
+                 });
+  }
+  at::Tensor row_sums = at::zeros({m, 1}, q.options());
+  at::Tensor col_sums = with_cols ? at::zeros({n, 1}, q.options()) : at::Tensor();
+  reduce_tiles(m, n, row_sums, col_sums, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
+    at::Tensor e_row = fixed ? s.sub_(inv_tau).exp_() : at::exp(s - row_shift.slice(0, i0, i1));
+    drop_self(e_row, self_offset, i0, j0, 0.0);
+    if (!with_cols) return std::make_pair(e_row.sum(1, true), at::Tensor());
+    // fixed shift: e_ij is the same number for row i and for column j
+    at::Tensor e_col = e_row;
+    if (!fixed) {
+      e_col = at::exp(s - col_shift.slice(0, j0, j1).t());
+      drop_self(e_col, self_offset, i0, j0, 0.0);
+    }
+    return std::make_pair(e_row.sum(1, true), e_col.sum(0).unsqueeze(1));
+  });
+  at::Tensor row_lse = (row_shift + row_sums.log()).squeeze(1);
+  at::Tensor col_lse = with_cols ? (col_shift + col_sums.log()).squeeze(1) : at::empty({0}, q.options());
+  return {row_lse, col_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& row_lse_in, const at::Tensor& col_lse_in, double inv_tau, int64_t self_offset) {
+  const at::Tensor q = unit_rows(q_in, "info_nce_lse_bwd_cpu", "q");
+  const at::Tensor k = unit_rows(k_in, "info_nce_lse_bwd_cpu", "k");
+  const int64_t m = q.size(0), n = k.size(0);
+  const bool with_cols = col_lse_in.numel() > 0;
+  TORCH_CHECK(grad_row.numel() == m && row_lse_in.numel() == m,
+              "info_nce_lse_bwd_cpu: grad_row and row_lse must have ", m, " elements");
+  TORCH_CHECK(!with_cols || (grad_col.numel() == n && col_lse_in.numel() == n),
+              "info_nce_lse_bwd_cpu: grad_col and col_lse must have ", n, " elements");
+  const auto as_acc = [&](const at::Tensor& v) { return v.to(q.scalar_type()).contiguous(); };
+  const at::Tensor g = as_acc(grad_row), row_lse = as_acc(row_lse_in);
+  const at::Tensor h = with_cols ? as_acc(grad_col) : at::Tensor();
+  const at::Tensor col_lse = with_cols ? as_acc(col_lse_in) : at::Tensor();
+  const bool fixed = fixed_shift_is_exact(inv_tau);
+  // fixed shift: A_ij = e_ij (u_i + v_j) with u_i = g_i c_i, v_j = h_j d_j
+  const at::Tensor u = fixed ? g * (inv_tau - row_lse).exp() : at::Tensor();
+  const at::Tensor v = fixed && with_cols ? h * (inv_tau - col_lse).exp() : at::Tensor();
+  at::Tensor dq = at::zeros({m, q.size(1)}, q.options());
+  at::Tensor dk = at::zeros({n, k.size(1)}, k.options());
+  reduce_tiles(m, n, dq, dk, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
+    at::Tensor a;  // A of (2)
+    if (fixed) {
+      a = s.sub_(inv_tau).exp_().mul_(with_cols ? column(u, i0, i1) + row(v, j0, j1) : column(u, i0, i1));
+    } else {
+      a = at::exp(s - column(row_lse, i0, i1)).mul_(column(g, i0, i1));
+      if (with_cols) a.add_(at::exp(s - row(col_lse, j0, j1)).mul_(row(h, j0, j1)));
+    }
+    drop_self(a, self_offset, i0, j0, 0.0);
+    return std::make_pair(at::mm(a, k.slice(0, j0, j1)), at::mm(a.t(), q.slice(0, i0, i1)));
+  });
+  at::Tensor grad_inv_tau = (q * dq).sum();  // (3)
+  return {dq.mul_(inv_tau).to(q_in.scalar_type()), dk.mul_(inv_tau).to(k_in.scalar_type()), grad_inv_tau};
+}
