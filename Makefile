@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-slow test-gpu bench lint cuda-check info clean
+.PHONY: setup build test test-slow test-gpu bench demo lint cuda-check info clean
 
 setup: $(VENV)/.deps
 build: $(VENV)/.built
@@ -23,7 +23,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel pybind11 ninja numpy triton faiss-cpu pytest pytest-benchmark matplotlib \
-		ruff scikit-learn pytorch-metric-learning inf-cl
+		ruff scikit-learn scipy tqdm pytorch-metric-learning inf-cl
 	# torchattacks without its dependencies: its torchvision pin would pull a CUDA torch.
 	$(PIP) --no-deps torchattacks
 	touch $@
@@ -46,6 +46,10 @@ test-gpu: build
 
 bench: build
 	$(PY) -m fastssl bench --quick
+
+# SimCLR on scikit-learn's digits (examples/simclr_digits.py): a table, examples/results/*.json and *.png
+demo: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m fastssl demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

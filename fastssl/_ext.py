@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import types
 
 import torch
 
 IMPLS = ("auto", "reference", "cpp", "triton", "cuda")
+
+# Triton picks its interpreter when a function is decorated with triton.jit, its own library
+# (triton.language) included, and torch may import triton on the first custom-op call. On a machine
+# without CUDA the interpreter is Triton's only way to run, so it is chosen here, before that import.
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:
     from fastssl import _C  # type: ignore[attr-defined]
@@ -53,28 +60,35 @@ def _interpreting() -> bool:
 def triton_kernels(module: str, device: torch.device) -> types.ModuleType:
     """fastssl.kernels.<module>, imported on first use (Triton's import is not free).
 
-    On CPU tensors the kernels run through Triton's interpreter, which triton.jit picks when the
-    kernels are decorated; on a machine without CUDA fastssl sets TRITON_INTERPRET=1 for that.
+    On CPU tensors the kernels run through Triton's interpreter, which triton.jit picks when
+    Triton and the kernels are decorated: on a machine without CUDA, importing fastssl before
+    triton sets TRITON_INTERPRET=1 for that; elsewhere set it in the environment.
     """
     if device.type == "cpu" and not _interpreting():
-        if torch.cuda.is_available() or _loaded():
-            raise RuntimeError(
-                "impl='triton' on CPU tensors runs Triton's interpreter, which must be chosen before the "
-                "kernels load: set TRITON_INTERPRET=1 in the environment before importing fastssl"
-            )
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif device.type == "cuda" and _interpreting():
+        raise RuntimeError(_INTERPRETER_HINT)
+    if device.type == "cuda" and _interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 is set: the Triton kernels run on CPU tensors only")
     error = triton_error()
     if error is not None:
         raise RuntimeError(f"the Triton backend is unavailable: {error}")
-    return importlib.import_module(f"fastssl.kernels.{module}")
+    kernels = importlib.import_module(f"fastssl.kernels.{module}")
+    if device.type == "cpu" and not _triton_interpreted():
+        raise RuntimeError(_INTERPRETER_HINT + " (triton was imported before TRITON_INTERPRET=1 was set)")
+    return kernels
 
 
-def _loaded() -> list[str]:
-    import sys
+_INTERPRETER_HINT = (
+    "impl='triton' on CPU tensors runs Triton's interpreter, which must be chosen before triton is imported: "
+    "set TRITON_INTERPRET=1 in the environment before importing torch and fastssl"
+)
 
-    return [name for name in sys.modules if name.startswith("fastssl.kernels")]
+
+def _triton_interpreted() -> bool:
+    """Whether triton.language's own jit functions were decorated for the interpreter."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.cdiv, InterpretedFunction)
 
 
 def resolve_impl(impl: str, device: torch.device, *, has_cuda_kernel: bool = False) -> str:

@@ -1,4 +1,5 @@
-"""`fastssl info` (environment report) and `fastssl bench` (the benchmark suite)."""
+"""`fastssl info` (environment report), `fastssl bench` (the benchmark suite) and `fastssl demo`
+(SimCLR on scikit-learn's digits, examples/simclr_digits.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -58,17 +60,35 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _repository(package: str):
+    """The repository's benchmarks/ or examples/ (not installed): importable from a source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / package).is_dir():
+        raise SystemExit(f"fastssl: {package}/ lives in the source repository; run this from a checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(package)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="fastssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and which backends loaded")
     bench = sub.add_parser("bench", help="run the benchmark suite on the present hardware")
     bench.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
     bench.add_argument("ops", nargs="*", help="benchmarks to run (default: all)")
+    sub.add_parser("demo", help="SimCLR on scikit-learn's digits, fastssl against the reference (demo --help)")
+    if argv[:1] == ["demo"]:  # the example parses its own options
+        _repository("examples")
+        from examples.simclr_digits import main as demo
+
+        return demo(argv[1:], prog="fastssl demo")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    from benchmarks.suite import run_suite  # the repository's benchmarks/, not installed
+    _repository("benchmarks")
+    from benchmarks.suite import run_suite
 
     return run_suite(args.ops, quick=args.quick)
