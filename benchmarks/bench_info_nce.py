@@ -9,7 +9,6 @@ forward and three backward (scores again, A·K and Aᵀ·Q).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, run
+from benchmarks.harness import Case, sweep_main, verdict
 
 OP = "info_nce"
 TEMPERATURE = 0.07
@@ -96,29 +95,16 @@ def check_targets(rows: list[dict]) -> None:
             continue
         parts = []
         if t_target:
-            t = fs["median_ms"] / ref["median_ms"]
-            parts.append(f"time {t:.3f} x reference (want <= {t_target}) {'PASS' if t <= t_target else 'MISS'}")
+            parts.append(verdict("time", fs["median_ms"] / ref["median_ms"], t_target))
         if m_target:
-            mem = fs["peak_mem_mb"] / ref["peak_mem_mb"]
-            parts.append(
-                f"peak memory {mem:.4f} x reference (want < {m_target:.3f}) {'PASS' if mem < m_target else 'MISS'}"
-            )
+            parts.append(verdict("peak memory", fs["peak_mem_mb"] / ref["peak_mem_mb"], m_target))
         print(f"target M={m}: " + "; ".join(parts))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--M", type=int, nargs="+", help="batch sizes (rows per tower)")
-    parser.add_argument("--D", type=int, nargs="+", help="embedding dims")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", choices=["forward", "forward+backward"])
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(OP, cases(args.quick, device, args.M, args.D, args.providers, args.modes))
-    if device == "cpu":
-        check_targets(rows)
-    return rows
+    return sweep_main(
+        OP, __doc__, {"M": "batch sizes (rows per tower)", "D": "embedding dims"}, PROVIDERS, cases, check_targets, argv
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ it is the only size (the --quick set is the same). TFLOP/s counts the queue logi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, run
+from benchmarks.harness import Case, sweep_main, verdict
 
 OP = "mochi"
 TEMPERATURE = 0.2
@@ -74,27 +73,12 @@ def check_targets(rows: list[dict]) -> None:
         at_target_size = shape.startswith("B=256,K=65536,D=128,")
         if provider != "fastssl" or mode != "forward+backward" or not at_target_size or not ref:
             continue
-        t = fs["median_ms"] / ref["median_ms"]
-        m = fs["peak_mem_mb"] / ref["peak_mem_mb"]
-        print(
-            f"target {shape}: time {t:.3f} x reference (want <= {t_target}) {'PASS' if t <= t_target else 'MISS'}; "
-            f"peak memory {m:.3f} x reference (want <= {m_target:.3f}) {'PASS' if m <= m_target else 'MISS'}"
-        )
+        time_ratio, mem_ratio = fs["median_ms"] / ref["median_ms"], fs["peak_mem_mb"] / ref["peak_mem_mb"]
+        print(f"target {shape}: {verdict('time', time_ratio, t_target)}; {verdict('peak memory', mem_ratio, m_target)}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the same single size (kept for the suite)")
-    parser.add_argument("--B", type=int, nargs="+", help="batch sizes")
-    parser.add_argument("--K", type=int, nargs="+", help="queue lengths")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", choices=["forward", "forward+backward"])
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(OP, cases(args.quick, device, args.B, args.K, args.providers, args.modes))
-    if device == "cpu":
-        check_targets(rows)
-    return rows
+    return sweep_main(OP, __doc__, {"B": "batch sizes", "K": "queue lengths"}, PROVIDERS, cases, check_targets, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ TFLOP/s counts 3·N²·D per iteration (N = 2B), the work of the fused forward+b
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, run
+from benchmarks.harness import Case, sweep_main, verdict
 from fastssl.reference.ntxent import nt_xent_rows
 
 OP = "ntxent"
@@ -86,27 +85,16 @@ def check_targets(rows: list[dict]) -> None:
         fs, ref = ok.get(("fastssl", "forward+backward", key)), ok.get(("reference", "forward+backward", key))
         if not (fs and ref):
             continue
-        t = fs["median_ms"] / ref["median_ms"]
-        line = f"target B={b}: time {t:.3f} x reference (want <= {t_target}) {'PASS' if t <= t_target else 'MISS'}"
+        line = f"target B={b}: " + verdict("time", fs["median_ms"] / ref["median_ms"], t_target)
         if m_target:
-            m = fs["peak_mem_mb"] / ref["peak_mem_mb"]
-            line += f"; peak memory {m:.4f} x reference (want < {m_target:.3f}) {'PASS' if m < m_target else 'MISS'}"
+            line += "; " + verdict("peak memory", fs["peak_mem_mb"] / ref["peak_mem_mb"], m_target)
         print(line)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--B", type=int, nargs="+", help="batch sizes (per view)")
-    parser.add_argument("--D", type=int, nargs="+", help="embedding dims")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", choices=["forward", "forward+backward"])
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(OP, cases(args.quick, device, args.B, args.D, args.providers, args.modes))
-    if device == "cpu":
-        check_targets(rows)
-    return rows
+    return sweep_main(
+        OP, __doc__, {"B": "batch sizes (per view)", "D": "embedding dims"}, PROVIDERS, cases, check_targets, argv
+    )
 
 
 if __name__ == "__main__":

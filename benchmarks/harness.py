@@ -7,7 +7,7 @@ which knows how to build one iteration (forward, or forward+backward) for one pr
 * measures peak memory over the timed repetitions (after one warm-up call): on CUDA
   ``torch.cuda.max_memory_allocated``; on the CPU the growth of the peak resident set (VmHWM) of a
   process forked for that case alone from a parent that has run nothing, with glibc's mmap
-  threshold fixed so that every large buffer the case allocates, N×N ones included, is counted,
+  threshold fixed (4 MiB) so that every large buffer the case allocates, N×N ones included, is counted,
 * records out-of-memory as ``OOM`` (CPU children run under an address-space limit of the physical memory, so a too-large
   case fails to allocate instead of being killed) and a case past its time limit as ``timeout``;
   once a provider fails at a size, its larger sizes are recorded as ``skipped``,
@@ -21,6 +21,7 @@ a fork: the child would hang), so bench scripts build their inputs inside ``Case
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import math
@@ -164,11 +165,14 @@ def _child(case: Case, budget_s: float, mem_limit: int, conn) -> None:
 
 
 def _fixed_mmap_threshold() -> None:
-    """Every allocation over 128 KiB gets its own mapping, returned to the OS when freed.
+    """Every allocation over 4 MiB gets its own mapping, returned to the OS when freed.
 
     glibc otherwise raises its mmap threshold (up to 32 MiB) after the first large free, and keeps
     later buffers in its heap: a warm-up's buffers would then be reused without showing in the RSS.
-    Children forked after this inherit it.
+    Smaller buffers stay in the heap, which is trimmed above 128 KiB of free space: tiled kernels
+    allocate thousands of tile-sized temporaries, and a threshold below their size (it was 128 KiB)
+    made each one an mmap, page faults and an munmap, doubling their time. Children forked after
+    this inherit it.
     """
     import ctypes
 
@@ -177,7 +181,7 @@ def _fixed_mmap_threshold() -> None:
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.mallopt(m_mmap_threshold, 4 << 20)
     libc.mallopt(m_trim_threshold, 128 * 1024)
 
 
@@ -361,3 +365,35 @@ def plot_csv(path: Path, device: str | None = None) -> Path | None:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def verdict(what: str, ratio: float, want: float) -> str:
+    """One target as the bench scripts print it: "time 0.229 x reference (want <= 0.3) PASS"."""
+    return f"{what} {ratio:.4g} x reference (want <= {want:.4g}) {'PASS' if ratio <= want else 'MISS'}"
+
+
+def sweep_main(
+    op: str,
+    doc: str,
+    sweeps: dict[str, str],
+    providers: tuple[str, ...],
+    cases: Callable[..., list[Case]],
+    check_targets: Callable[[list[dict]], None],
+    argv: list[str] | None = None,
+) -> list[dict]:
+    """The command line of a bench script whose cases sweep integer sizes (``sweeps``: option name →
+    help, passed to ``cases(quick, device, *sizes, providers, modes)`` in that order), then its run
+    and, on the CPU, its targets."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
+    for name, help_text in sweeps.items():
+        parser.add_argument(f"--{name}", type=int, nargs="+", help=help_text)
+    parser.add_argument("--providers", nargs="+", default=list(providers), choices=providers)
+    parser.add_argument("--modes", nargs="+", choices=["forward", "forward+backward"])
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = [getattr(args, name) for name in sweeps]
+    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes))
+    if device == "cpu":
+        check_targets(rows)
+    return rows

@@ -59,6 +59,7 @@ from fastssl.kernels.ntxent import (
     _load_rows,
     _scalar,
     _sm_count,
+    _tile_dots,
 )
 from torch import Tensor
 
@@ -145,16 +146,10 @@ def _tile(
     row against its own copy)."""
     rows_j = J * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_j = rows_j < N
-    if ONE_D_BLOCK:
-        k_j = _load_rows(K_ptr, rows_j, ok_j, 0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
-        dots = tl.dot(q_i, tl.trans(k_j), input_precision=DOT_PRECISION, out_dtype=ACC)
-    else:
-        dots = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-        for d0 in range(0, D, BLOCK_D):
-            qi = _load_rows(Q_ptr, rows_i, ok_i, d0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
-            kj = _load_rows(K_ptr, rows_j, ok_j, d0, D, K_stride_n, K_stride_d, BLOCK_D, Z_DOT)
-            dots = tl.dot(qi, tl.trans(kj), dots, input_precision=DOT_PRECISION)
-        k_j = dots
+    dots, k_j = _tile_dots(
+        Q_ptr, K_ptr, q_i, rows_i, ok_i, rows_j, ok_j, D, Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
+        ACC, Z_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, ONE_D_BLOCK,
+    )  # fmt: skip
     keep = ok_i[:, None] & ok_j[None, :]
     if HAS_SELF:
         keep = keep & (rows_j[None, :] != rows_i[:, None] + self_offset)

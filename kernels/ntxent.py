@@ -123,6 +123,47 @@ def _load_rows(X_ptr, rows, row_ok, d0, D, X_stride_n, X_stride_d, BLOCK_D: tl.c
 
 
 @triton.jit
+def _tile_dots(
+    A_ptr,
+    B_ptr,
+    a_i,
+    rows_i,
+    ok_i,
+    rows_j,
+    ok_j,
+    D,
+    A_stride_n,
+    A_stride_d,
+    B_stride_n,
+    B_stride_d,
+    ACC: tl.constexpr,
+    Z_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
+):
+    """(dots, b_j): the [BLOCK_M, BLOCK_N] products a_i·b_j of rows `rows_i` of A and `rows_j` of B (3).
+
+    With ONE_D_BLOCK a_i holds the A rows (loaded once by the caller) and b_j, the B rows, is
+    loaded here and returned for the backward's products; else D goes in BLOCK_D chunks, a_i is
+    unused and b_j is a placeholder.
+    """
+    if ONE_D_BLOCK:
+        b_j = _load_rows(B_ptr, rows_j, ok_j, 0, D, B_stride_n, B_stride_d, BLOCK_D, Z_DOT)
+        dots = tl.dot(a_i, tl.trans(b_j), input_precision=DOT_PRECISION, out_dtype=ACC)
+    else:
+        dots = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            ai = _load_rows(A_ptr, rows_i, ok_i, d0, D, A_stride_n, A_stride_d, BLOCK_D, Z_DOT)
+            bj = _load_rows(B_ptr, rows_j, ok_j, d0, D, B_stride_n, B_stride_d, BLOCK_D, Z_DOT)
+            dots = tl.dot(ai, tl.trans(bj), dots, input_precision=DOT_PRECISION)
+        b_j = dots
+    return dots, b_j
+
+
+@triton.jit
 def _segment(pair, seg, parts, part, N, BLOCK_N: tl.constexpr):
     """Row block I and its column blocks [j_start, j_end) for one of a program's two segments (7)."""
     T = tl.cdiv(N, BLOCK_N)
@@ -184,19 +225,15 @@ def _ntxent_lse_fwd_kernel(
             shift_i = tl.load(Shift_ptr + rows_i, mask=ok_i, other=0.0)
         if ONE_D_BLOCK:
             z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
+        else:  # an unused placeholder: _tile_dots loads the rows chunk by chunk
+            z_i = tl.zeros([BLOCK_N, BLOCK_D], Z_DOT)
         for J in range(j_start, j_end):
             rows_j = J * BLOCK_N + offs
             ok_j = rows_j < N
-            # z_i·z_j for the tile, D in BLOCK_D chunks (3)
-            if ONE_D_BLOCK:
-                z_j = _load_rows(Z_ptr, rows_j, ok_j, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-                dots = tl.dot(z_i, tl.trans(z_j), input_precision=DOT_PRECISION, out_dtype=ACC)
-            else:
-                dots = tl.zeros([BLOCK_N, BLOCK_N], ACC)
-                for d0 in range(0, D, BLOCK_D):
-                    zi = _load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-                    zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-                    dots = tl.dot(zi, tl.trans(zj), dots, input_precision=DOT_PRECISION)
+            dots, _z_j = _tile_dots(
+                Z_ptr, Z_ptr, z_i, rows_i, ok_i, rows_j, ok_j, D, Z_stride_n, Z_stride_d, Z_stride_n, Z_stride_d,
+                ACC, Z_DOT, DOT_PRECISION, BLOCK_N, BLOCK_N, BLOCK_D, ONE_D_BLOCK,
+            )  # fmt: skip
             # pairs that count: both rows inside the matrix, and i ≠ j on the diagonal tile
             keep = ok_i[:, None] & ok_j[None, :] & ((I != J) | (offs[:, None] != offs[None, :]))
             if WRITE_MAX:
@@ -277,18 +314,15 @@ def _ntxent_lse_bwd_kernel(
         if ONE_D_BLOCK:
             z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
             grad_i = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        else:  # an unused placeholder: _tile_dots loads the rows chunk by chunk
+            z_i = tl.zeros([BLOCK_N, BLOCK_D], Z_DOT)
         for J in range(j_start, j_end):
             rows_j = J * BLOCK_N + offs
             ok_j = rows_j < N
-            if ONE_D_BLOCK:
-                z_j = _load_rows(Z_ptr, rows_j, ok_j, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-                dots = tl.dot(z_i, tl.trans(z_j), input_precision=DOT_PRECISION, out_dtype=ACC)
-            else:
-                dots = tl.zeros([BLOCK_N, BLOCK_N], ACC)
-                for d0 in range(0, D, BLOCK_D):
-                    zi = _load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-                    zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-                    dots = tl.dot(zi, tl.trans(zj), dots, input_precision=DOT_PRECISION)
+            dots, z_j = _tile_dots(
+                Z_ptr, Z_ptr, z_i, rows_i, ok_i, rows_j, ok_j, D, Z_stride_n, Z_stride_d, Z_stride_n, Z_stride_d,
+                ACC, Z_DOT, DOT_PRECISION, BLOCK_N, BLOCK_N, BLOCK_D, ONE_D_BLOCK,
+            )  # fmt: skip
             keep = ok_i[:, None] & ok_j[None, :] & ((I != J) | (offs[:, None] != offs[None, :]))
             g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
             lse_j = tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC)

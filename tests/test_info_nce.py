@@ -483,6 +483,9 @@ def _gather_worker(rank, world, port, counts):
         if world == 2:  # the Triton kernels' self-pair mask, interpreted
             _check_nt_xent(rank, counts, "triton", "views", "none")
             _check_info_nce(rank, counts, "triton", True, True, "mean")
+        # every rank done before any tears the group down (gloo aborts a peer whose
+        # connection closes under it: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
