@@ -61,7 +61,7 @@ lint: setup
 cuda-check: setup
 	@for f in $(wildcard csrc/cuda/*.cu); do \
 		echo "nvcc -c $$f"; \
-		nvcc -std=c++20 -O2 -c $$f -o /dev/null -DWITH_CUDA \
+		nvcc -std=c++20 -O2 --expt-relaxed-constexpr -c $$f -o /dev/null -DWITH_CUDA \
 			$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))") \
 			-I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") || exit 1; \
 	done
