@@ -47,9 +47,11 @@ test-gpu: build
 bench: build
 	$(PY) -m fastssl bench --quick
 
-# SimCLR on scikit-learn's digits (examples/simclr_digits.py): a table, examples/results/*.json and *.png
+# SimCLR on scikit-learn's digits (examples/simclr_digits.py): a table, examples/results/*.json and *.png.
+# DEMO_ARGS: the example's options, e.g. DEMO_ARGS="--mochi --out examples/results/mochi"
+DEMO_ARGS ?=
 demo: build
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m fastssl demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m fastssl demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
