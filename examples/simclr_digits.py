@@ -315,7 +315,8 @@ def plot(result: dict, path: Path) -> None:
         epochs = [(i + 1) / steps_per_epoch for i in range(len(losses))]
         ax_loss.plot(epochs, losses, style, label=f"{name} ({result[name]['train_seconds']:.0f} s)")
         ax_knn.plot(range(len(result[name]["knn_top1"])), result[name]["knn_top1"], style + "o", ms=3, label=name)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="SimCLR loss on digits (per step)")
+    loss_name = "SimCLR + MoCHi" if result["config"]["mochi"] else "SimCLR"
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{loss_name} loss on digits (per step)")
     ax_knn.set(xlabel="epoch (0 = initialisation)", ylabel="kNN top-1 accuracy", title="kNN accuracy of the encoder")
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
