@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-slow test-gpu bench demo lint cuda-check info clean
+.PHONY: setup build test test-slow test-gpu bench demo lint cuda-check info wheelhouse clean
 
 setup: $(VENV)/.deps
 build: $(VENV)/.built
@@ -67,6 +67,11 @@ cuda-check: setup
 			$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))") \
 			-I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") || exit 1; \
 	done
+
+# Wheels that the offline GPU machines lack (Python 3.12 there), for scripts/gpu_session.sh.
+wheelhouse: setup
+	$(PY) -m pip download --quiet --dest .wheels --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 faiss-cpu pytorch-metric-learning inf-cl torchattacks
 
 info: build
 	$(PY) -m fastssl info

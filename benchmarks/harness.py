@@ -397,3 +397,8 @@ def sweep_main(
     if device == "cpu":
         check_targets(rows)
     return rows
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.harness CSV DEVICE: redraws the plot of DEVICE's rows (e.g. rows measured on a GPU machine)
+    print(plot_csv(Path(sys.argv[1]), sys.argv[2]))
