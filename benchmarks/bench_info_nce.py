@@ -18,7 +18,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, sweep_main, verdict
+from benchmarks.harness import Case, check_size_targets, sweep_main
 
 OP = "info_nce"
 TEMPERATURE = 0.07
@@ -83,22 +83,7 @@ def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, 
 
 def check_targets(rows: list[dict]) -> None:
     """Prints the issue's CPU targets against the rows just measured."""
-    ok = {(r["provider"], r["mode"], r["shape"]): r for r in rows if r.get("status") == "ok"}
-    for m, (t_target, m_target) in TARGETS.items():
-        key = f"M={m},D=128"
-        fs, ref = ok.get(("fastssl", "forward+backward", key)), ok.get(("reference", "forward+backward", key))
-        if not fs:
-            continue
-        if not ref:
-            status = next((r["status"] for r in rows if r["provider"] == "reference" and r["shape"] == key), "not run")
-            print(f"target M={m}: reference {status}; fastssl ran with {fs['peak_mem_mb']:.0f} MB peak")
-            continue
-        parts = []
-        if t_target:
-            parts.append(verdict("time", fs["median_ms"] / ref["median_ms"], t_target))
-        if m_target:
-            parts.append(verdict("peak memory", fs["peak_mem_mb"] / ref["peak_mem_mb"], m_target))
-        print(f"target M={m}: " + "; ".join(parts))
+    check_size_targets(rows, TARGETS, "M")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -16,7 +16,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, sweep_main, verdict
+from benchmarks.harness import Case, check_size_targets, sweep_main
 from fastssl.reference.ntxent import nt_xent_rows
 
 OP = "ntxent"
@@ -79,16 +79,7 @@ def cases(quick: bool, device: str, batch=None, dims=None, providers=PROVIDERS, 
 
 def check_targets(rows: list[dict]) -> None:
     """Prints the README's CPU targets against the rows just measured."""
-    ok = {(r["provider"], r["mode"], r["shape"]): r for r in rows if r.get("status") == "ok"}
-    for b, (t_target, m_target) in TARGETS.items():
-        key = f"B={b},D=128"
-        fs, ref = ok.get(("fastssl", "forward+backward", key)), ok.get(("reference", "forward+backward", key))
-        if not (fs and ref):
-            continue
-        line = f"target B={b}: " + verdict("time", fs["median_ms"] / ref["median_ms"], t_target)
-        if m_target:
-            line += "; " + verdict("peak memory", fs["peak_mem_mb"] / ref["peak_mem_mb"], m_target)
-        print(line)
+    check_size_targets(rows, TARGETS, "B")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -372,6 +372,27 @@ def verdict(what: str, ratio: float, want: float) -> str:
     return f"{what} {ratio:.4g} x reference (want <= {want:.4g}) {'PASS' if ratio <= want else 'MISS'}"
 
 
+def check_size_targets(rows: list[dict], targets: dict, size: str, dim: int = 128) -> None:
+    """Prints each target of ``targets`` ({size value: (time ratio or None, memory ratio or None)})
+    for fastssl against the reference, forward+backward, at shape "<size>=<value>,D=<dim>"."""
+    ok = {(r["provider"], r["mode"], r["shape"]): r for r in rows if r.get("status") == "ok"}
+    for value, (t_target, m_target) in targets.items():
+        key = f"{size}={value},D={dim}"
+        fs, ref = ok.get(("fastssl", "forward+backward", key)), ok.get(("reference", "forward+backward", key))
+        if not fs:
+            continue
+        if not ref:
+            status = next((r["status"] for r in rows if r["provider"] == "reference" and r["shape"] == key), "not run")
+            print(f"target {size}={value}: reference {status}; fastssl ran with {fs['peak_mem_mb']:.0f} MB peak")
+            continue
+        parts = []
+        if t_target:
+            parts.append(verdict("time", fs["median_ms"] / ref["median_ms"], t_target))
+        if m_target:
+            parts.append(verdict("peak memory", fs["peak_mem_mb"] / ref["peak_mem_mb"], m_target))
+        print(f"target {size}={value}: " + "; ".join(parts))
+
+
 def sweep_main(
     op: str,
     doc: str,

@@ -52,6 +52,7 @@ from fastssl.kernels.ntxent import (
     _LOG2E,
     _MIN_BLOCK,
     _PROGRAMS_PER_SM,
+    _block_rows,
     _check_z,
     _dtypes,
     _fixed_shift_is_exact,
@@ -92,28 +93,6 @@ def _program_tiles(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     T = tl.cdiv(N, BLOCK_N)
     rows_i = I * BLOCK_M + tl.arange(0, BLOCK_M)
     return rows_i, rows_i < M, T * part // parts, T * (part + 1) // parts
-
-
-@triton.jit
-def _q_rows(
-    Q_ptr,
-    rows_i,
-    ok_i,
-    D,
-    Q_stride_m,
-    Q_stride_d,
-    Z_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr,
-):
-    """Row block I's q rows, loaded once per program when D fits one BLOCK_D chunk (else an unused
-    placeholder: _tile then loads them chunk by chunk)."""
-    if ONE_D_BLOCK:
-        q_i = _load_rows(Q_ptr, rows_i, ok_i, 0, D, Q_stride_m, Q_stride_d, BLOCK_D, Z_DOT)
-    else:
-        q_i = tl.zeros([BLOCK_M, BLOCK_D], Z_DOT)
-    return q_i
 
 
 @triton.jit
@@ -194,7 +173,7 @@ def _info_nce_lse_fwd_kernel(
         acc_i = tl.zeros([BLOCK_M], ACC)
     if ROW_SHIFT:
         shift_i = tl.load(RowShift_ptr + rows_i, mask=ok_i, other=0.0)
-    q_i = _q_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
+    q_i = _block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     for J in range(j_start, j_end):
         rows_j, ok_j, _k_j, dots, keep = _tile(
             Q_ptr, K_ptr, q_i, rows_i, ok_i, J, N, D, Q_stride_m, Q_stride_d, K_stride_n, K_stride_d, self_offset,
@@ -273,7 +252,7 @@ def _info_nce_lse_bwd_kernel(
     row2_i = _times_log2e(tl.load(RowLse_ptr + rows_i, mask=ok_i, other=0.0).to(ACC))
     if not ROW_SHIFT:
         u_i = g_i * tl.exp2(scale - row2_i)  # (6) u_i = (g_i/τ)·exp(m − row_i)
-    q_i = _q_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
+    q_i = _block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     if ONE_D_BLOCK:
         dq_i = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     d_inv_tau = tl.zeros([BLOCK_M], ACC)

@@ -123,6 +123,28 @@ def _load_rows(X_ptr, rows, row_ok, d0, D, X_stride_n, X_stride_d, BLOCK_D: tl.c
 
 
 @triton.jit
+def _block_rows(
+    X_ptr,
+    rows,
+    row_ok,
+    D,
+    X_stride_n,
+    X_stride_d,
+    DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
+):
+    """A row block's rows, loaded once per program when D fits one BLOCK_D chunk; else an unused
+    placeholder, and _tile_dots loads the rows chunk by chunk."""
+    if ONE_D_BLOCK:
+        x = _load_rows(X_ptr, rows, row_ok, 0, D, X_stride_n, X_stride_d, BLOCK_D, DTYPE)
+    else:
+        x = tl.zeros([BLOCK_N, BLOCK_D], DTYPE)
+    return x
+
+
+@triton.jit
 def _tile_dots(
     A_ptr,
     B_ptr,
@@ -223,10 +245,7 @@ def _ntxent_lse_fwd_kernel(
             acc_i = tl.zeros([BLOCK_N], ACC)
         if ROW_SHIFT:
             shift_i = tl.load(Shift_ptr + rows_i, mask=ok_i, other=0.0)
-        if ONE_D_BLOCK:
-            z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
-        else:  # an unused placeholder: _tile_dots loads the rows chunk by chunk
-            z_i = tl.zeros([BLOCK_N, BLOCK_D], Z_DOT)
+        z_i = _block_rows(Z_ptr, rows_i, ok_i, D, Z_stride_n, Z_stride_d, Z_DOT, BLOCK_N, BLOCK_D, ONE_D_BLOCK)
         for J in range(j_start, j_end):
             rows_j = J * BLOCK_N + offs
             ok_j = rows_j < N
@@ -311,11 +330,9 @@ def _ntxent_lse_bwd_kernel(
         if not ROW_SHIFT:
             # (6) u_i = (g_i/τ)·exp(m − lse_i), m = 1/τ
             u_i = g_i * tl.exp(inv_tau - lse_i)
+        z_i = _block_rows(Z_ptr, rows_i, ok_i, D, Z_stride_n, Z_stride_d, Z_DOT, BLOCK_N, BLOCK_D, ONE_D_BLOCK)
         if ONE_D_BLOCK:
-            z_i = _load_rows(Z_ptr, rows_i, ok_i, 0, D, Z_stride_n, Z_stride_d, BLOCK_D, Z_DOT)
             grad_i = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-        else:  # an unused placeholder: _tile_dots loads the rows chunk by chunk
-            z_i = tl.zeros([BLOCK_N, BLOCK_D], Z_DOT)
         for J in range(j_start, j_end):
             rows_j = J * BLOCK_N + offs
             ok_j = rows_j < N
