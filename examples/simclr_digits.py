@@ -215,8 +215,8 @@ def train(data, cfg: Config, impl: str, progress: bool = True) -> dict:
     queue = fastssl.MemoryQueue(cfg.queue_size, cfg.projection_dim, dtype=cfg.dtype) if cfg.mochi else None
     # MoCo's momentum encoder: the keys (and so the queue) come from a slowly moving average of the
     # model, which keeps the queue's rows consistent with each other. Keys from the model itself go
-    # stale within a few steps and the queue then hurts (fp32: kNN 0.935, below the 0.950 at
-    # initialisation; 0.983 with the momentum encoder).
+    # stale within a few steps, and the queue then made the kNN accuracy fall below its value at
+    # initialisation.
     key_model = copy.deepcopy(model).requires_grad_(False) if cfg.mochi else None
     g = torch.Generator().manual_seed(cfg.seed)  # shuffling, augmentations and MoCHi's draws
     n = x_train.shape[0]

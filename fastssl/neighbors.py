@@ -137,8 +137,9 @@ def _searcher(train: Tensor, k: int, impl: str):
 
     def search_cpu(query):
         # FAISS computes query × train similarities in BLAS blocks (4096 × 1024 by default) and keeps
-        # each query's best k; 1024 × 8192 blocks were 25 % faster at 50000 × 10000 × 128 on 2 cores
-        # (k = 20 and 200). The block sizes are process-wide settings: set for the call, then restored.
+        # each query's best k; 1024 × 8192 blocks were faster at 50000 × 10000 × 128 on 2 cores
+        # (benchmarks/bench_neighbors.py, k = 200: 1814 → 1460 ms). The block sizes are process-wide
+        # settings: set for the call, then restored.
         cvar = faiss.cvar
         saved = cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs
         cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = FAISS_BLAS_BLOCKS
