@@ -124,11 +124,19 @@ def resolve_impl(impl: str, device: torch.device, *, has_cuda_kernel: bool = Fal
     return impl
 
 
-def kernel(impl: str, module: str, name: str, device: torch.device):
-    """The raw kernel `name` of op `module` for a resolved impl ("cpp", "cuda" or "triton")."""
+def kernel(impl: str, device: torch.device, *, cpp: str | None = None, triton: str | None = None, cuda=None):
+    """The raw kernel an op runs for a resolved impl ("cpp", "cuda" or "triton"), named in full.
+
+    Each op names its entry points where it calls them, e.g.
+    ``kernel(impl, z.device, cpp="ntxent_lse_fwd_cpu", triton="ntxent.ntxent_lse_fwd")``: `cpp` and
+    `cuda` are functions of the extension fastssl._C (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu), `triton`
+    is "<module>.<function>" in fastssl.kernels (the top-level kernels/ folder, installed under that
+    name by pyproject.toml's package-dir).
+    """
+    name = {"cpp": cpp, "cuda": cuda, "triton": triton}[impl]
+    if name is None:
+        raise NotImplementedError(f"no {impl} kernel for this op (it has: cpp={cpp}, triton={triton}, cuda={cuda})")
     if impl == "triton":
-        return getattr(triton_kernels(module, device), name)
-    fn = getattr(_C, f"{name}_{'cpu' if impl == 'cpp' else 'cuda'}", None)
-    if fn is None:
-        raise NotImplementedError(f"{module}: no {impl} kernel {name!r} in fastssl._C")
-    return fn
+        module, function = name.split(".")
+        return getattr(triton_kernels(module, device), function)
+    return getattr(_C, name)

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _ext
+from fastssl import _checks, _ext
 from fastssl.contrastive import nt_xent
-from fastssl.ops import _checks
 from fastssl.ops.pgd import NORMS, pgd_step_, pgd_step_op, step_sizes
 
 __all__ = ["feature_attack", "instance_attack", "pgd_attack", "pgd_step_", "random_start", "robust_accuracy"]

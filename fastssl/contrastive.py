@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fastssl.ops import _checks
+from fastssl import _checks
 from fastssl.ops.info_nce import info_nce
 from fastssl.ops.ntxent import nt_xent
 

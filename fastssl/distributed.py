@@ -39,9 +39,10 @@ def require_process_group(what: str = "gather=True") -> None:
         )
 
 
-def row_counts(n: int, device: torch.device, group=None) -> list[int]:
-    """The number of rows of every rank, in rank order (one small all_gather)."""
-    require_process_group()
+def row_counts(n: int, device: torch.device, group=None, *, what: str = "gather=True") -> list[int]:
+    """The number of rows of every rank, in rank order (one small all_gather); `what` names the
+    caller in the error raised without a process group."""
+    require_process_group(what)
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(counts, mine, group=group)

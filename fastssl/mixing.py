@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastssl.ops import _checks
+from fastssl import _checks, distributed
 from fastssl.ops.mochi import mochi_logits, mochi_loss
 
 __all__ = ["MemoryQueue", "mochi_logits", "mochi_loss"]
@@ -92,7 +91,8 @@ class MemoryQueue(nn.Module):
                 raise
             error = exc
         if gather:
-            counts = _gather_counts(-1 if error else x.shape[0], self.rows.device)
+            n = -1 if error else x.shape[0]
+            counts = distributed.row_counts(n, self.rows.device, what="MemoryQueue.enqueue(gather=True)")
             if error:
                 raise error
             if min(counts) < 0:
@@ -104,8 +104,8 @@ class MemoryQueue(nn.Module):
             what = "the gathered batch has" if gather else "x has"
             raise ValueError(f"{what} {n} rows, more than the queue's size {self.size}")
         if gather:
-            x = _all_gather_rows(x.detach(), counts)
-            labels = None if labels is None else _all_gather_rows(labels, counts)
+            x = distributed.all_gather(x.detach(), counts)
+            labels = None if labels is None else distributed.all_gather(labels, counts)
         start = self._next
         # a batch that runs past the end wraps around to the front
         head = min(n, self.size - start)
@@ -143,29 +143,3 @@ class MemoryQueue(nn.Module):
     def extra_repr(self) -> str:
         labels = ", store_labels=True" if self.row_labels is not None else ""
         return f"size={self.size}, dim={self.dim}, dtype={self.rows.dtype}, filled={self._filled}{labels}"
-
-
-def _gather_counts(n: int, device: torch.device) -> list[int]:
-    """Every rank's n, in rank order (an initialised default process group is required)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "MemoryQueue.enqueue(gather=True) needs an initialised torch.distributed process group "
-            "(torch.distributed.init_process_group); without one, pass gather=False"
-        )
-    count = torch.tensor([n], device=device)
-    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    return [int(c.item()) for c in counts]
-
-
-def _all_gather_rows(x: Tensor, counts: list[int]) -> Tensor:
-    """The rows of x from every rank, in rank order, rank r holding counts[r] rows.
-
-    torch.distributed.all_gather needs one shape on every rank, so each pads to the largest
-    count. No gradient flows (the queue stores detached rows).
-    """
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:c] for part, c in zip(parts, counts, strict=True)])

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl.ops import _checks
+from fastssl import _checks
 
 __all__ = [
     "KNNClassifier",

@@ -17,7 +17,7 @@ s is linear in 1/τ, so ∂L/∂(1/τ) = Σ_ij A_ij q_i·k_j: the backward sums 
 before A is rounded for the products of (2) (for bf16 that rounding would lose the gradient of a
 saturated softmax, a difference of nearly equal terms).
 
-How the kernels compute them (DESIGN.md, "InfoNCE, two towers"; kernels/ntxent.py has the same
+How the kernels compute them (docs/design.md, "Tile kernels" and "InfoNCE"; kernels/ntxent.py has the same
 numbered steps for one tower):
 
  3. Tiles. Program (I, part) takes row block I and a contiguous run of the column blocks (the
@@ -48,19 +48,19 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastssl.kernels.ntxent import (
-    _LOG2E,
-    _MIN_BLOCK,
-    _PROGRAMS_PER_SM,
-    _block_rows,
-    _check_z,
-    _dtypes,
-    _fixed_shift_is_exact,
-    _hi_lo,
-    _load_rows,
-    _scalar,
-    _sm_count,
-    _tile_dots,
+from fastssl.kernels._launch import MIN_BLOCK, launcher, program_target
+from fastssl.kernels._tiles import (
+    LN2,
+    LOG2E,
+    block_rows,
+    check_matrix,
+    dot_dtypes,
+    fixed_shift_is_exact,
+    hi_lo,
+    load_rows,
+    scalar,
+    tile_dots,
+    times_log2e,
 )
 from torch import Tensor
 
@@ -70,19 +70,6 @@ _FWD_BLOCK = 128
 _BWD_BLOCK = 64
 _FP64_BLOCK = 64
 _MAX_BLOCK_D = {2: 128, 4: 64, 8: 32}  # by element size: bf16/fp16, fp32, fp64
-# Programs aimed at on CPU tensors (Triton's interpreter): a few, so that runs are exercised.
-_INTERPRETER_PROGRAMS = 4
-
-_LN2 = math.log(2.0)
-# log₂e as an fp32 hi/lo pair, so that an lse in fp64 is carried to base 2 at full precision
-LOG2E_HI, LOG2E_LO = (tl.constexpr(x) for x in _hi_lo(_LOG2E))
-
-
-@triton.jit
-def _times_log2e(x):
-    """x·log₂e at the precision of x."""
-    return x * LOG2E_HI + x * LOG2E_LO
-
 
 @triton.jit
 def _program_tiles(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -125,7 +112,7 @@ def _tile(
     row against its own copy)."""
     rows_j = J * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_j = rows_j < N
-    dots, k_j = _tile_dots(
+    dots, k_j = tile_dots(
         Q_ptr, K_ptr, q_i, rows_i, ok_i, rows_j, ok_j, D, Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
         ACC, Z_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, ONE_D_BLOCK,
     )  # fmt: skip
@@ -166,14 +153,14 @@ def _info_nce_lse_fwd_kernel(
     WRITE_MAX: tl.constexpr,
 ):
     rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
-    scale = _scalar(scale_hi, scale_lo, ACC)
+    scale = scalar(scale_hi, scale_lo, ACC)
     if WRITE_MAX:
         acc_i = tl.full([BLOCK_M], float("-inf"), ACC)
     else:
         acc_i = tl.zeros([BLOCK_M], ACC)
     if ROW_SHIFT:
         shift_i = tl.load(RowShift_ptr + rows_i, mask=ok_i, other=0.0)
-    q_i = _block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
+    q_i = block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     for J in range(j_start, j_end):
         rows_j, ok_j, _k_j, dots, keep = _tile(
             Q_ptr, K_ptr, q_i, rows_i, ok_i, J, N, D, Q_stride_m, Q_stride_d, K_stride_n, K_stride_d, self_offset,
@@ -245,14 +232,14 @@ def _info_nce_lse_bwd_kernel(
     ROW_SHIFT: tl.constexpr,
 ):
     rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
-    scale = _scalar(scale_hi, scale_lo, ACC)
-    inv_tau = _scalar(inv_tau_hi, inv_tau_lo, ACC)
+    scale = scalar(scale_hi, scale_lo, ACC)
+    inv_tau = scalar(inv_tau_hi, inv_tau_lo, ACC)
     cols = tl.arange(0, BLOCK_D)
     g_i = tl.load(G_ptr + rows_i, mask=ok_i, other=0.0).to(ACC) * inv_tau
-    row2_i = _times_log2e(tl.load(RowLse_ptr + rows_i, mask=ok_i, other=0.0).to(ACC))
+    row2_i = times_log2e(tl.load(RowLse_ptr + rows_i, mask=ok_i, other=0.0).to(ACC))
     if not ROW_SHIFT:
         u_i = g_i * tl.exp2(scale - row2_i)  # (6) u_i = (g_i/τ)·exp(m − row_i)
-    q_i = _block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
+    q_i = block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     if ONE_D_BLOCK:
         dq_i = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     d_inv_tau = tl.zeros([BLOCK_M], ACC)
@@ -263,7 +250,7 @@ def _info_nce_lse_bwd_kernel(
         )  # fmt: skip
         if WITH_COLS:
             h_j = tl.load(H_ptr + rows_j, mask=ok_j, other=0.0).to(ACC) * inv_tau
-            col2_j = _times_log2e(tl.load(ColLse_ptr + rows_j, mask=ok_j, other=0.0).to(ACC))
+            col2_j = times_log2e(tl.load(ColLse_ptr + rows_j, mask=ok_j, other=0.0).to(ACC))
         if ROW_SHIFT:
             # (6) each exponent is ≤ 0 on kept pairs (s_ij ≤ row_i, col_j); the clamp keeps masked lanes finite
             t = dots * scale
@@ -288,11 +275,11 @@ def _info_nce_lse_bwd_kernel(
         else:
             for d0 in range(0, D, BLOCK_D):
                 ok_d = (d0 + cols) < D
-                kj = _load_rows(K_ptr, rows_j, ok_j, d0, D, K_stride_n, K_stride_d, BLOCK_D, A_DOT)
+                kj = load_rows(K_ptr, rows_j, ok_j, d0, D, K_stride_n, K_stride_d, BLOCK_D, A_DOT)
                 part_i = tl.dot(a, kj, input_precision=A_PRECISION, out_dtype=ACC)
                 ptrs = DQ_ptr + rows_i[:, None] * D + (d0 + cols)[None, :]
                 tl.atomic_add(ptrs, part_i, mask=ok_i[:, None] & ok_d[None, :], sem="relaxed")
-                qi = _load_rows(Q_ptr, rows_i, ok_i, d0, D, Q_stride_m, Q_stride_d, BLOCK_D, A_DOT)
+                qi = load_rows(Q_ptr, rows_i, ok_i, d0, D, Q_stride_m, Q_stride_d, BLOCK_D, A_DOT)
                 part_j = tl.dot(tl.trans(a), qi, input_precision=A_PRECISION, out_dtype=ACC)
                 ptrs = DK_ptr + rows_j[:, None] * D + (d0 + cols)[None, :]
                 tl.atomic_add(ptrs, part_j, mask=ok_j[:, None] & ok_d[None, :], sem="relaxed")
@@ -316,8 +303,8 @@ def _check_rows(fn: str, name: str, x: Tensor, n: int, ref: Tensor) -> Tensor:
 
 
 def _check_qk(fn: str, q: Tensor, k: Tensor) -> None:
-    _check_z(fn, q)
-    _check_z(fn, k)
+    check_matrix(fn, q)
+    check_matrix(fn, k)
     if q.shape[1] != k.shape[1] or q.dtype != k.dtype or q.device != k.device:
         raise ValueError(
             f"{fn}: q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must share D, dtype, device"
@@ -329,15 +316,11 @@ def _launch(q: Tensor, k: Tensor, block_cap: int) -> dict:
     (m, d), n = q.shape, k.shape[0]
     if q.dtype == torch.float64:
         block_cap = min(block_cap, _FP64_BLOCK)
-    block_m = max(_MIN_BLOCK, min(block_cap, triton.next_power_of_2(m)))
-    block_n = max(_MIN_BLOCK, min(block_cap, triton.next_power_of_2(n)))
-    block_d = max(_MIN_BLOCK, min(_MAX_BLOCK_D[q.element_size()], triton.next_power_of_2(d)))
+    block_m = max(MIN_BLOCK, min(block_cap, triton.next_power_of_2(m)))
+    block_n = max(MIN_BLOCK, min(block_cap, triton.next_power_of_2(n)))
+    block_d = max(MIN_BLOCK, min(_MAX_BLOCK_D[q.element_size()], triton.next_power_of_2(d)))
     row_blocks, col_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    if q.device.type == "cuda":
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        target = _PROGRAMS_PER_SM * _sm_count(index)
-    else:
-        target = _INTERPRETER_PROGRAMS
+    target = program_target(q.device)
     parts = max(1, min(col_blocks, triton.cdiv(target, row_blocks)))
     return dict(
         grid=(row_blocks, parts),
@@ -349,6 +332,7 @@ def _launch(q: Tensor, k: Tensor, block_cap: int) -> dict:
     )
 
 
+@launcher
 def info_nce_lse_fwd(q: Tensor, k: Tensor, inv_tau: float, with_cols: bool, self_offset: int) -> tuple[Tensor, Tensor]:
     """row_i = log Σ_j exp(inv_tau·q_i·k_j) [M] and, with `with_cols`, col_j = log Σ_i exp(...) [N]
     (else an empty tensor) for unit rows q, k; pairs (i, i + self_offset) left out when self_offset ≥ 0.
@@ -356,14 +340,14 @@ def info_nce_lse_fwd(q: Tensor, k: Tensor, inv_tau: float, with_cols: bool, self
     _check_qk("info_nce_lse_fwd", q, k)
     inv_tau = float(inv_tau)
     (m, d), n = q.shape, k.shape[0]
-    acc_dtype, dtypes = _dtypes(q)
+    acc_dtype, dtypes = dot_dtypes(q)
     row_sums = torch.zeros(m, dtype=acc_dtype, device=q.device)
     col_sums = torch.zeros(n if with_cols else 0, dtype=acc_dtype, device=q.device)
     if m == 0 or n == 0:
         return row_sums.log_(), col_sums.log_()
     launch = _launch(q, k, _FWD_BLOCK)
     grid = launch.pop("grid")
-    scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
+    scale_hi, scale_lo = hi_lo(inv_tau * LOG2E)
     meta = dict(
         ACC=dtypes["ACC"],
         Z_DOT=dtypes["Z_DOT"],
@@ -373,7 +357,7 @@ def info_nce_lse_fwd(q: Tensor, k: Tensor, inv_tau: float, with_cols: bool, self
         **launch,
     )
     args = (m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), self_offset, scale_hi, scale_lo)
-    if _fixed_shift_is_exact(inv_tau):
+    if fixed_shift_is_exact(inv_tau):
         _info_nce_lse_fwd_kernel[grid](
             q, k, row_sums, col_sums, row_sums, col_sums, *args, ROW_SHIFT=False, WRITE_MAX=False, **meta
         )
@@ -387,9 +371,10 @@ def info_nce_lse_fwd(q: Tensor, k: Tensor, inv_tau: float, with_cols: bool, self
     _info_nce_lse_fwd_kernel[grid](
         q, k, row_sums, col_sums, row_max, col_max, *args, ROW_SHIFT=True, WRITE_MAX=False, **meta
     )
-    return row_sums.log_().add_(row_max, alpha=_LN2), col_sums.log_().add_(col_max, alpha=_LN2)
+    return row_sums.log_().add_(row_max, alpha=LN2), col_sums.log_().add_(col_max, alpha=LN2)
 
 
+@launcher
 def info_nce_lse_bwd(
     grad_row: Tensor,
     grad_col: Tensor,
@@ -413,15 +398,15 @@ def info_nce_lse_bwd(
         col_lse = _check_rows("info_nce_lse_bwd", "col_lse", col_lse, n, q)
     else:  # placeholders, never read
         grad_col, col_lse = grad_row, row_lse
-    acc_dtype, dtypes = _dtypes(q)
+    acc_dtype, dtypes = dot_dtypes(q)
     dq = torch.zeros((m, d), dtype=acc_dtype, device=q.device)
     dk = torch.zeros((n, d), dtype=acc_dtype, device=q.device)
     d_inv_tau = torch.zeros(1, dtype=acc_dtype, device=q.device)
     if m and n:
         launch = _launch(q, k, _BWD_BLOCK)
         grid = launch.pop("grid")
-        scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
-        inv_tau_hi, inv_tau_lo = _hi_lo(inv_tau)
+        scale_hi, scale_lo = hi_lo(inv_tau * LOG2E)
+        inv_tau_hi, inv_tau_lo = hi_lo(inv_tau)
         _info_nce_lse_bwd_kernel[grid](
             q, k, grad_row, grad_col, row_lse, col_lse, dq, dk, d_inv_tau,
             m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), self_offset,
@@ -429,7 +414,7 @@ def info_nce_lse_bwd(
             **dtypes,
             WITH_COLS=with_cols,
             HAS_SELF=self_offset >= 0,
-            ROW_SHIFT=not _fixed_shift_is_exact(inv_tau),
+            ROW_SHIFT=not fixed_shift_is_exact(inv_tau),
             **launch,
         )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), d_inv_tau.div_(inv_tau).squeeze(0)

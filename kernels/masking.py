@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastssl.kernels._launch import acc_dtype, block_size, launcher
 from torch import Tensor
 
 _RANK_BLOCK = 64
@@ -212,16 +213,7 @@ def _masked_mse_kernel(
 # launch helpers
 
 
-def _acc(*tensors: Tensor) -> tuple[torch.dtype, tl.dtype]:
-    if any(t.dtype == torch.float64 for t in tensors):
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
-
-
-def _block_d(d: int) -> int:
-    return max(16, min(_MAX_BLOCK_D, triton.next_power_of_2(d)))
-
-
+@launcher
 def masking_rank(noise: Tensor) -> Tensor:
     """ids_restore [B, L] int64: each value's rank in its row, ties in index order (1)."""
     noise = noise.to(torch.float32)
@@ -238,6 +230,7 @@ def masking_rank(noise: Tensor) -> Tensor:
     return ids
 
 
+@launcher
 def masking_gather(
     x: Tensor, ids_restore: Tensor, keep: int, num_prefix: int, sum_masked: bool
 ) -> tuple[Tensor, Tensor]:
@@ -245,13 +238,13 @@ def masking_gather(
     if x.stride(2) != 1:
         x = x.contiguous()
     b, n, d = x.shape
-    acc_dtype, acc = _acc(x)
+    out_dtype, acc = acc_dtype(x)
     out = torch.empty((b, num_prefix + keep, d), dtype=x.dtype, device=x.device)
     blocks = triton.cdiv(n, _ROWS_BLOCK)
-    partial = torch.empty((b * blocks if sum_masked else 0, d), dtype=acc_dtype, device=x.device)
+    partial = torch.empty((b * blocks if sum_masked else 0, d), dtype=out_dtype, device=x.device)
     if b == 0 or n == 0:
         return out, partial.zero_()
-    block_d = _block_d(d)
+    block_d = block_size(d, _MAX_BLOCK_D)
     _masking_gather_kernel[(b, blocks, triton.cdiv(d, block_d))](
         x, ids_restore, out, partial, n, d, keep, num_prefix,
         x.stride(0), x.stride(1), ids_restore.stride(0), out.stride(0), out.stride(1),
@@ -260,6 +253,7 @@ def masking_gather(
     return out, partial
 
 
+@launcher
 def masking_unshuffle(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, num_prefix: int) -> Tensor:
     """[B, P + L, D]: the visible rows back in place, the mask token elsewhere (3)."""
     if visible.stride(2) != 1:
@@ -271,7 +265,7 @@ def masking_unshuffle(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, 
     if out.numel() == 0:
         return out
     token = mask_token.reshape(d).contiguous()
-    block_d = _block_d(d)
+    block_d = block_size(d, _MAX_BLOCK_D)
     _masking_unshuffle_kernel[(b, triton.cdiv(n, _ROWS_BLOCK), triton.cdiv(d, block_d))](
         visible, ids_restore, token, out, n, d, keep, num_prefix,
         visible.stride(0), visible.stride(1), ids_restore.stride(0), out.stride(0), out.stride(1),
@@ -280,6 +274,7 @@ def masking_unshuffle(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, 
     return out
 
 
+@launcher
 def masked_mse_fwd(
     pred: Tensor, target: Tensor, weight: Tensor, weight_sum: Tensor, norm_pix: bool, need_grad: bool
 ) -> tuple[Tensor, Tensor]:
@@ -290,15 +285,15 @@ def masked_mse_fwd(
         pred2 = pred2.contiguous()
     if target2.stride(1) != 1:
         target2 = target2.contiguous()
-    acc_dtype, acc = _acc(pred, target)
-    w = weight.reshape(-1).to(acc_dtype).contiguous()
+    out_dtype, acc = acc_dtype(pred, target)
+    w = weight.reshape(-1).to(out_dtype).contiguous()
     rows = w.shape[0]
-    row_loss = torch.empty(rows, dtype=acc_dtype, device=pred.device)
+    row_loss = torch.empty(rows, dtype=out_dtype, device=pred.device)
     grad = torch.empty((rows, p) if need_grad else (0,), dtype=pred.dtype, device=pred.device)
     if rows == 0:
         return row_loss, grad.view(pred.shape) if need_grad else grad
     _masked_mse_kernel[(rows,)](
-        pred2, target2, w, weight_sum.to(acc_dtype).reshape(1), row_loss, grad, p,
+        pred2, target2, w, weight_sum.to(out_dtype).reshape(1), row_loss, grad, p,
         pred2.stride(0), target2.stride(0), grad.stride(0) if need_grad else 0,
         ACC=acc, NORM_PIX=norm_pix, NEED_GRAD=need_grad,
         BLOCK_P=max(16, min(_MAX_BLOCK_P, triton.next_power_of_2(p))),

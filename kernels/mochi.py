@@ -25,20 +25,15 @@ Non-contiguous inputs are read through their strides.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from fastssl.kernels._launch import acc_dtype, block_size, launcher, program_target
 from torch import Tensor
 
 _BLOCK_S = 32
 _MAX_BLOCK_D = 128
-_MIN_BLOCK = 16
 _EPS = 1e-12  # F.normalize's eps
-# Programs per SM aimed at by the backward's split of S (and a few on CPU tensors, interpreted).
-_PROGRAMS_PER_SM = 4
-_INTERPRETER_PROGRAMS = 4
 
 
 @triton.jit
@@ -192,14 +187,6 @@ def _mochi_mix_bwd_kernel(
 # launch helpers
 
 
-def _acc(q: Tensor) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if q.dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def _block_d(d: int) -> int:
-    return max(_MIN_BLOCK, min(_MAX_BLOCK_D, triton.next_power_of_2(d)))
-
-
 def _check(fn: str, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor) -> None:
     if q_bar.dim() != 2 or queue.dim() != 2 or queue.shape[1] != q_bar.shape[1]:
         raise ValueError(f"{fn}: q [B, D] and queue [K, D] expected, got {tuple(q_bar.shape)} and {tuple(queue.shape)}")
@@ -211,21 +198,13 @@ def _check(fn: str, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor)
         raise TypeError(f"{fn}: first and second must be int64, got {first.dtype} and {second.dtype}")
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _parts(b: int, d_blocks: int, s: int, device: torch.device) -> int:
     """How many programs share one query's S negatives in the backward (4)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = _PROGRAMS_PER_SM * _sm_count(index)
-    else:
-        target = _INTERPRETER_PROGRAMS
+    target = program_target(device)
     return max(1, min(triton.cdiv(s, _BLOCK_S), triton.cdiv(target, b * d_blocks)))
 
 
+@launcher
 def mochi_mix_fwd(
     q: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, weight: Tensor, inv_tau: float
 ) -> tuple[Tensor, Tensor]:
@@ -234,9 +213,9 @@ def mochi_mix_fwd(
     if q.shape != q_bar.shape or weight.shape != first.shape:
         raise ValueError(f"mochi_mix_fwd: q {tuple(q.shape)} and weight {tuple(weight.shape)} do not match")
     (b, d), s = q.shape, first.shape[1]
-    acc_dtype, acc = _acc(q)
-    out = torch.empty((b, s), dtype=acc_dtype, device=q.device)
-    coef = torch.empty((b, s, 2), dtype=acc_dtype, device=q.device)
+    out_dtype, acc = acc_dtype(q)
+    out = torch.empty((b, s), dtype=out_dtype, device=q.device)
+    coef = torch.empty((b, s, 2), dtype=out_dtype, device=q.device)
     if b * s == 0:
         return out, coef
     grid = (b, triton.cdiv(s, _BLOCK_S))
@@ -244,11 +223,12 @@ def mochi_mix_fwd(
         q, q_bar, queue, first, second, weight, out, coef, s, d,
         q.stride(0), q.stride(1), q_bar.stride(0), q_bar.stride(1), queue.stride(0), queue.stride(1),
         first.stride(0), first.stride(1), second.stride(0), second.stride(1), weight.stride(0), weight.stride(1),
-        ACC=acc, EPS=_EPS, BLOCK_S=_BLOCK_S, BLOCK_D=_block_d(d),
+        ACC=acc, EPS=_EPS, BLOCK_S=_BLOCK_S, BLOCK_D=block_size(d, _MAX_BLOCK_D),
     )  # fmt: skip
     return out.mul_(inv_tau), coef
 
 
+@launcher
 def mochi_mix_bwd(
     grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor, inv_tau: float
 ) -> Tensor:
@@ -257,13 +237,13 @@ def mochi_mix_bwd(
     if grad.shape != first.shape or coef.shape != (*first.shape, 2):
         raise ValueError(f"mochi_mix_bwd: grad {tuple(grad.shape)} or coef {tuple(coef.shape)} do not match first")
     (b, d), s = q_bar.shape, first.shape[1]
-    acc_dtype, acc = _acc(q_bar)
-    out = torch.zeros((b, d), dtype=acc_dtype, device=q_bar.device)
+    out_dtype, acc = acc_dtype(q_bar)
+    out = torch.zeros((b, d), dtype=out_dtype, device=q_bar.device)
     if b * s == 0:
         return out.to(q_bar.dtype)
-    g = (grad.to(acc_dtype) * inv_tau).contiguous()
-    coef = coef.to(acc_dtype).contiguous()
-    block_d = _block_d(d)
+    g = (grad.to(out_dtype) * inv_tau).contiguous()
+    coef = coef.to(out_dtype).contiguous()
+    block_d = block_size(d, _MAX_BLOCK_D)
     d_blocks = triton.cdiv(d, block_d)
     parts = _parts(b, d_blocks, s, q_bar.device)
     s_per_part = triton.cdiv(triton.cdiv(s, parts), _BLOCK_S) * _BLOCK_S

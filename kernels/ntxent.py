@@ -10,7 +10,7 @@ that needs all N² pairs. With g_i = ∂L/∂lse_i and P_ij = exp(s_ij − lse_i
 
     ∂L/∂z_i = (1/τ) Σ_{j≠i} (g_i P_ij + g_j P_ji) z_j = (1/τ) Σ_j A_ij z_j.           (2)
 
-How the kernels compute them (DESIGN.md, "NT-Xent"):
+How the kernels compute them (docs/design.md, "Tile kernels" and "NT-Xent"):
 
  3. Symmetric tiles. S = ZZᵀ is cut into BLOCK_N × BLOCK_N tiles and only tiles (I, J) with
     J ≥ I are visited. In (1) one tile gives the row sums of block I (sum over the tile's
@@ -64,13 +64,23 @@ Non-contiguous z, grad_lse and lse are read through their strides.
 
 from __future__ import annotations
 
-import functools
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
+from fastssl.kernels._launch import MIN_BLOCK, launcher, program_target
+from fastssl.kernels._tiles import (
+    LOG2E,
+    block_rows,
+    check_matrix,
+    dot_dtypes,
+    fixed_shift_is_exact,
+    hi_lo,
+    load_rows,
+    scalar,
+    tile_dots,
+)
 from torch import Tensor
 
 # Launch configurations, (BLOCK_N, BLOCK_D, num_warps, num_stages), per kernel and dtype: the first
@@ -93,98 +103,6 @@ _CONFIGS = {
     ("bwd", torch.float32): (None, (64, 32, 8, 2)),
     ("bwd", torch.float64): ((32, 32, 4, 2), (32, 32, 4, 2)),
 }
-_MIN_BLOCK = 16
-# Programs per SM aimed at when the triangle's tiles are cut into runs (7).
-_PROGRAMS_PER_SM = 4
-# Programs aimed at on CPU tensors (Triton's interpreter): a few, so that runs are exercised.
-_INTERPRETER_PROGRAMS = 4
-
-_LOG2E = 1.4426950408889634
-
-
-def _hi_lo(x: float) -> tuple[float, float]:
-    """x = hi + lo with hi and lo both fp32 numbers (lo carries what fp32 rounds off)."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
-
-
-@triton.jit
-def _scalar(hi, lo, ACC: tl.constexpr):
-    """hi + lo in the accumulation dtype (8: fp64 kernels get the full double)."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
-
-
-@triton.jit
-def _load_rows(X_ptr, rows, row_ok, d0, D, X_stride_n, X_stride_d, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
-    """X[rows, d0:d0+BLOCK_D] as a [BLOCK_N, BLOCK_D] tile in DTYPE, zeros outside the matrix."""
-    cols = d0 + tl.arange(0, BLOCK_D)
-    ptrs = X_ptr + rows[:, None] * X_stride_n + cols[None, :] * X_stride_d
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0).to(DTYPE)
-
-
-@triton.jit
-def _block_rows(
-    X_ptr,
-    rows,
-    row_ok,
-    D,
-    X_stride_n,
-    X_stride_d,
-    DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr,
-):
-    """A row block's rows, loaded once per program when D fits one BLOCK_D chunk; else an unused
-    placeholder, and _tile_dots loads the rows chunk by chunk."""
-    if ONE_D_BLOCK:
-        x = _load_rows(X_ptr, rows, row_ok, 0, D, X_stride_n, X_stride_d, BLOCK_D, DTYPE)
-    else:
-        x = tl.zeros([BLOCK_N, BLOCK_D], DTYPE)
-    return x
-
-
-@triton.jit
-def _tile_dots(
-    A_ptr,
-    B_ptr,
-    a_i,
-    rows_i,
-    ok_i,
-    rows_j,
-    ok_j,
-    D,
-    A_stride_n,
-    A_stride_d,
-    B_stride_n,
-    B_stride_d,
-    ACC: tl.constexpr,
-    Z_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr,
-):
-    """(dots, b_j): the [BLOCK_M, BLOCK_N] products a_i·b_j of rows `rows_i` of A and `rows_j` of B (3).
-
-    With ONE_D_BLOCK a_i holds the A rows (loaded once by the caller) and b_j, the B rows, is
-    loaded here and returned for the backward's products; else D goes in BLOCK_D chunks, a_i is
-    unused and b_j is a placeholder.
-    """
-    if ONE_D_BLOCK:
-        b_j = _load_rows(B_ptr, rows_j, ok_j, 0, D, B_stride_n, B_stride_d, BLOCK_D, Z_DOT)
-        dots = tl.dot(a_i, tl.trans(b_j), input_precision=DOT_PRECISION, out_dtype=ACC)
-    else:
-        dots = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-        for d0 in range(0, D, BLOCK_D):
-            ai = _load_rows(A_ptr, rows_i, ok_i, d0, D, A_stride_n, A_stride_d, BLOCK_D, Z_DOT)
-            bj = _load_rows(B_ptr, rows_j, ok_j, d0, D, B_stride_n, B_stride_d, BLOCK_D, Z_DOT)
-            dots = tl.dot(ai, tl.trans(bj), dots, input_precision=DOT_PRECISION)
-        b_j = dots
-    return dots, b_j
-
-
 @triton.jit
 def _segment(pair, seg, parts, part, N, BLOCK_N: tl.constexpr):
     """Row block I and its column blocks [j_start, j_end) for one of a program's two segments (7)."""
@@ -232,8 +150,8 @@ def _ntxent_lse_fwd_kernel(
     pair = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
     parts = tl.num_programs(1).to(tl.int64)
-    scale = _scalar(scale_hi, scale_lo, ACC)
-    inv_tau = _scalar(inv_tau_hi, inv_tau_lo, ACC)
+    scale = scalar(scale_hi, scale_lo, ACC)
+    inv_tau = scalar(inv_tau_hi, inv_tau_lo, ACC)
     offs = tl.arange(0, BLOCK_N)
     for seg in range(2):
         I, j_start, j_end = _segment(pair, seg, parts, part, N, BLOCK_N)
@@ -245,11 +163,11 @@ def _ntxent_lse_fwd_kernel(
             acc_i = tl.zeros([BLOCK_N], ACC)
         if ROW_SHIFT:
             shift_i = tl.load(Shift_ptr + rows_i, mask=ok_i, other=0.0)
-        z_i = _block_rows(Z_ptr, rows_i, ok_i, D, Z_stride_n, Z_stride_d, Z_DOT, BLOCK_N, BLOCK_D, ONE_D_BLOCK)
+        z_i = block_rows(Z_ptr, rows_i, ok_i, D, Z_stride_n, Z_stride_d, Z_DOT, BLOCK_N, BLOCK_D, ONE_D_BLOCK)
         for J in range(j_start, j_end):
             rows_j = J * BLOCK_N + offs
             ok_j = rows_j < N
-            dots, _z_j = _tile_dots(
+            dots, _z_j = tile_dots(
                 Z_ptr, Z_ptr, z_i, rows_i, ok_i, rows_j, ok_j, D, Z_stride_n, Z_stride_d, Z_stride_n, Z_stride_d,
                 ACC, Z_DOT, DOT_PRECISION, BLOCK_N, BLOCK_N, BLOCK_D, ONE_D_BLOCK,
             )  # fmt: skip
@@ -317,8 +235,8 @@ def _ntxent_lse_bwd_kernel(
     pair = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
     parts = tl.num_programs(1).to(tl.int64)
-    scale = _scalar(scale_hi, scale_lo, ACC)
-    inv_tau = _scalar(inv_tau_hi, inv_tau_lo, ACC)
+    scale = scalar(scale_hi, scale_lo, ACC)
+    inv_tau = scalar(inv_tau_hi, inv_tau_lo, ACC)
     offs = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     for seg in range(2):
@@ -330,13 +248,13 @@ def _ntxent_lse_bwd_kernel(
         if not ROW_SHIFT:
             # (6) u_i = (g_i/τ)·exp(m − lse_i), m = 1/τ
             u_i = g_i * tl.exp(inv_tau - lse_i)
-        z_i = _block_rows(Z_ptr, rows_i, ok_i, D, Z_stride_n, Z_stride_d, Z_DOT, BLOCK_N, BLOCK_D, ONE_D_BLOCK)
+        z_i = block_rows(Z_ptr, rows_i, ok_i, D, Z_stride_n, Z_stride_d, Z_DOT, BLOCK_N, BLOCK_D, ONE_D_BLOCK)
         if ONE_D_BLOCK:
             grad_i = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         for J in range(j_start, j_end):
             rows_j = J * BLOCK_N + offs
             ok_j = rows_j < N
-            dots, z_j = _tile_dots(
+            dots, z_j = tile_dots(
                 Z_ptr, Z_ptr, z_i, rows_i, ok_i, rows_j, ok_j, D, Z_stride_n, Z_stride_d, Z_stride_n, Z_stride_d,
                 ACC, Z_DOT, DOT_PRECISION, BLOCK_N, BLOCK_N, BLOCK_D, ONE_D_BLOCK,
             )  # fmt: skip
@@ -363,12 +281,12 @@ def _ntxent_lse_bwd_kernel(
             else:
                 for d0 in range(0, D, BLOCK_D):
                     ok_d = (d0 + cols) < D
-                    zj = _load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, A_DOT)
+                    zj = load_rows(Z_ptr, rows_j, ok_j, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, A_DOT)
                     part_i = tl.dot(a, zj, input_precision=A_PRECISION, out_dtype=ACC)
                     ptrs = Grad_ptr + rows_i[:, None] * Grad_stride_n + (d0 + cols)[None, :] * Grad_stride_d
                     tl.atomic_add(ptrs, part_i, mask=ok_i[:, None] & ok_d[None, :], sem="relaxed")
                     if I != J:
-                        zi = _load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, A_DOT)
+                        zi = load_rows(Z_ptr, rows_i, ok_i, d0, D, Z_stride_n, Z_stride_d, BLOCK_D, A_DOT)
                         part_j = tl.dot(tl.trans(a), zi, input_precision=A_PRECISION, out_dtype=ACC)
                         ptrs = Grad_ptr + rows_j[:, None] * Grad_stride_n + (d0 + cols)[None, :] * Grad_stride_d
                         tl.atomic_add(ptrs, part_j, mask=ok_j[:, None] & ok_d[None, :], sem="relaxed")
@@ -382,49 +300,11 @@ def _ntxent_lse_bwd_kernel(
 # launch helpers
 
 # triton.jit gave an interpreter stand-in instead of a JITFunction (TRITON_INTERPRET=1 at import)
-_INTERPRETED = not isinstance(_ntxent_lse_fwd_kernel, triton.runtime.JITFunction)
-
-
-def _fixed_shift_is_exact(inv_tau: float) -> bool:
-    """(4): exp(s − m) ≥ exp(−2/τ) is a normal fp32 number while 2/τ ≤ 80 (as the C++ kernel)."""
-    return 2.0 * inv_tau <= 80.0
-
-
-def _check_z(fn: str, z: Tensor) -> None:
-    if not isinstance(z, Tensor) or z.dim() != 2:
-        raise ValueError(f"{fn}: z must be a [N, D] tensor, got {getattr(z, 'shape', type(z).__name__)}")
-    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"{fn}: z must be fp16, bf16, fp32 or fp64, got {z.dtype}")
-
-
 def _check_rows(fn: str, name: str, x: Tensor, z: Tensor) -> None:
     if x.shape != (z.shape[0],):
         raise ValueError(f"{fn}: {name} must have shape ({z.shape[0]},), got {tuple(x.shape)}")
     if x.device != z.device:
         raise ValueError(f"{fn}: {name} is on {x.device} but z is on {z.device}")
-
-
-def _dtypes(z: Tensor) -> tuple[torch.dtype, dict]:
-    """The accumulation dtype and the kernels' dtype switches for z's dtype (8).
-
-    Triton's interpreter cannot compute on bf16 (it multiplies the raw bits in tl.dot), so there
-    bf16 tiles are widened to fp32 after their load, exactly, and A still goes through bf16.
-    """
-    if z.dtype == torch.float64:
-        acc, z_dot, precision, a_dtype = tl.float64, tl.float64, "ieee", tl.float64
-    elif z.dtype == torch.float32:
-        acc, z_dot, precision, a_dtype = tl.float32, tl.float32, "tf32x3", tl.float32
-    elif z.dtype == torch.float16:
-        acc, z_dot, precision, a_dtype = tl.float32, tl.float16, "tf32", tl.float32
-    else:
-        acc, z_dot, precision, a_dtype = tl.float32, tl.bfloat16, "tf32", tl.bfloat16
-    if _INTERPRETED and z_dot == tl.bfloat16:
-        z_dot = tl.float32
-    # z is fed to the A·Z products in A's dtype (fp16 → fp32 is exact, so is fp16 → tf32)
-    a_dot = tl.float32 if _INTERPRETED and a_dtype == tl.bfloat16 else a_dtype
-    a_precision = "tf32" if z.dtype == torch.float16 else precision
-    meta = dict(ACC=acc, Z_DOT=z_dot, DOT_PRECISION=precision, A_DTYPE=a_dtype, A_DOT=a_dot, A_PRECISION=a_precision)
-    return (torch.float64 if acc == tl.float64 else torch.float32), meta
 
 
 def _launch_config(kernel: str, z: Tensor) -> dict:
@@ -433,8 +313,8 @@ def _launch_config(kernel: str, z: Tensor) -> dict:
     one_chunk, chunked = _CONFIGS[(kernel, z.dtype)]
     one_d = one_chunk is not None and d <= one_chunk[1]
     block_n, block_d, num_warps, num_stages = one_chunk if one_d else chunked
-    block_n = max(_MIN_BLOCK, min(block_n, triton.next_power_of_2(n)))
-    block_d = max(_MIN_BLOCK, min(block_d, triton.next_power_of_2(d)))
+    block_n = max(MIN_BLOCK, min(block_n, triton.next_power_of_2(n)))
+    block_d = max(MIN_BLOCK, min(block_d, triton.next_power_of_2(d)))
     return dict(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -444,41 +324,33 @@ def _launch_config(kernel: str, z: Tensor) -> dict:
     )
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _grid(n: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """(pairs of row blocks, runs per pair) as in (7)."""
     tiles = triton.cdiv(n, block_n)
     pairs = triton.cdiv(tiles, 2)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = _PROGRAMS_PER_SM * _sm_count(index)
-    else:
-        target = _INTERPRETER_PROGRAMS
+    target = program_target(device)
     parts = max(1, min(tiles + 1, triton.cdiv(target, pairs)))
     return pairs, parts
 
 
+@launcher
 def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
     """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] fp32 (fp64 for fp64 z).
 
     A single row gives −inf (an empty sum).
     """
-    _check_z("ntxent_lse_fwd", z)
+    check_matrix("ntxent_lse_fwd", z)
     inv_tau = float(inv_tau)
     n, d = z.shape
-    acc_dtype, dtypes = _dtypes(z)
+    acc_dtype, dtypes = dot_dtypes(z)
     if n <= 1:  # an empty sum (5 needs a finite row max)
         return torch.full((n,), -math.inf, dtype=acc_dtype, device=z.device)
     sums = torch.zeros(n, dtype=acc_dtype, device=z.device)
     config = _launch_config("fwd", z)
     grid = _grid(n, config["BLOCK_N"], z.device)
     meta = dict(ACC=dtypes["ACC"], Z_DOT=dtypes["Z_DOT"], DOT_PRECISION=dtypes["DOT_PRECISION"], **config)
-    args = (n, d, z.stride(0), z.stride(1), *_hi_lo(inv_tau * _LOG2E), *_hi_lo(inv_tau))
-    if _fixed_shift_is_exact(inv_tau):
+    args = (n, d, z.stride(0), z.stride(1), *hi_lo(inv_tau * LOG2E), *hi_lo(inv_tau))
+    if fixed_shift_is_exact(inv_tau):
         _ntxent_lse_fwd_kernel[grid](z, sums, sums, *args, ROW_SHIFT=False, WRITE_MAX=False, **meta)
         return sums.log_().add_(inv_tau)
     # (5) per-row shift M_i, then the shifted sums
@@ -488,21 +360,22 @@ def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
     return sums.log_().add_(row_max)
 
 
+@launcher
 def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> Tensor:
     """dL/dz_i = inv_tau Σ_{j≠i} (g_i P_ij + g_j P_ji) z_j, P_ij = exp(inv_tau·z_i·z_j − lse_i); z's dtype."""
-    _check_z("ntxent_lse_bwd", z)
+    check_matrix("ntxent_lse_bwd", z)
     _check_rows("ntxent_lse_bwd", "grad_lse", grad_lse, z)
     _check_rows("ntxent_lse_bwd", "lse", lse, z)
     inv_tau = float(inv_tau)
     n, d = z.shape
-    acc_dtype, dtypes = _dtypes(z)
+    acc_dtype, dtypes = dot_dtypes(z)
     if n <= 1:
         return torch.zeros_like(z, memory_format=torch.contiguous_format)
     grad = torch.zeros((n, d), dtype=acc_dtype, device=z.device)
     config = _launch_config("bwd", z)
     grid = _grid(n, config["BLOCK_N"], z.device)
-    scale_hi, scale_lo = _hi_lo(inv_tau * _LOG2E)
-    inv_tau_hi, inv_tau_lo = _hi_lo(inv_tau)
+    scale_hi, scale_lo = hi_lo(inv_tau * LOG2E)
+    inv_tau_hi, inv_tau_lo = hi_lo(inv_tau)
     _ntxent_lse_bwd_kernel[grid](
         z,
         grad_lse,
@@ -520,7 +393,7 @@ def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> 
         scale_lo,
         inv_tau_hi,
         inv_tau_lo,
-        ROW_SHIFT=not _fixed_shift_is_exact(inv_tau),
+        ROW_SHIFT=not fixed_shift_is_exact(inv_tau),
         **dtypes,
         **config,
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastssl.kernels._launch import launcher
 from torch import Tensor
 
 # Elements per program. A module constant so that tests can shrink it to exercise many blocks
@@ -157,6 +158,7 @@ def _check(fn: str, x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, al
             raise ValueError(f"{fn}: {name} must be [B] = [{x_adv.shape[0]}], got {tuple(t.shape)}")
 
 
+@launcher
 def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Tensor, l2: bool, lo: float, hi: float):
     """One PGD step on x_adv in place: L∞ (1), or L2 (2) when `l2`; eps, alpha: [B]."""
     _check("pgd_step", x_adv, grad, x_orig, eps, alpha)

@@ -12,7 +12,7 @@
 // s is linear in 1/tau, so dL/d(1/tau) = sum_ij A_ij q_i . k_j = sum_i q_i . (A K)_i, from the
 // fp32 rows of (2) before they are rounded to the input dtype.                                  (3)
 //
-// Fixed shift (DESIGN.md): rows are unit vectors, so s_ij <= m = 1/tau, and e_ij = exp(s_ij - m)
+// Fixed shift (docs/design.md, "Tile kernels"): rows are unit vectors, so s_ij <= m = 1/tau, and e_ij = exp(s_ij - m)
 // feeds row i and column j alike; backward, P_ij = e_ij c_i and C_ij = e_ij d_j with
 // c_i = exp(m - row_i), d_j = exp(m - col_j), so A_ij = e_ij (g_i c_i + h_j d_j): one exponential
 // per pair in (1) and in (2). Every e_ij >= exp(-2/tau) stays a normal float while 2/tau <= 80,

@@ -6,7 +6,7 @@
 // O(N D) and lives in fastssl/ops/ntxent.py. Given g_i = dL/dlse_i and P_ij = exp(s_ij - lse_i),
 //   dL/dz_i = (1/tau) sum_j (g_i P_ij + g_j P_ji) z_j.                             (2)
 //
-// Two facts shape the kernel (Chen et al. 2020, SimCLR; DESIGN.md):
+// Two facts shape the kernel (Chen et al. 2020, SimCLR; docs/design.md, "Tile kernels"):
 //  a. S is symmetric, so only tiles (I, J) with J >= I are visited. One tile feeds the row sums
 //     of I and of J in (1), and the gradients of I and of J in (2), through A = A^T where
 //     A_ij = g_i P_ij + g_j P_ji: grad_I += A Z_J and grad_J += A^T Z_I.

@@ -12,7 +12,7 @@
 // the same f) and then writes the tile: two passes, no atomics, deterministic.
 //
 // Not yet the default GPU path: fastssl dispatches CUDA tensors to the Triton kernel until a GPU
-// run has shown this one correct and faster (DESIGN.md, Dispatch). As every .cu file here, it
+// run has shown this one correct and faster (docs/design.md, "Dispatch"). As every .cu file here, it
 // includes only ATen headers and the CUDA runtime (a CPU torch ships no c10/cuda headers, and
 // `make cuda-check` compiles against those) and takes torch's current stream from Python.
 #include <ATen/ATen.h>

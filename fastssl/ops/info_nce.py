@@ -30,11 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _ext, distributed
-from fastssl.ops import _checks
+from fastssl import _checks, _ext, distributed
+from fastssl._reductions import check_reduction, reduce_rows
 from fastssl.reference import info_nce as reference
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 @torch.library.custom_op("fastssl::info_nce_lse", mutates_args=())
@@ -44,7 +42,7 @@ def info_nce_lse(
     """(row_i = log Σ_j exp(inv_tau·q_i·k_j) [M], col_j = log Σ_i exp(...) [N] or [0] without `with_cols`)
     for unit rows q [M, D], k [N, D] and a 0-dim inv_tau (1/τ, read on the host); the pairs
     (i, i + self_offset) are left out when self_offset ≥ 0. fp32 (fp64 for fp64 input)."""
-    kernel = _ext.kernel(impl, "info_nce", "info_nce_lse_fwd", q.device)
+    kernel = _ext.kernel(impl, q.device, cpp="info_nce_lse_fwd_cpu", triton="info_nce.info_nce_lse_fwd")
     row, col = kernel(q, k, inv_tau.item(), with_cols, self_offset)
     return row, col
 
@@ -70,7 +68,7 @@ def info_nce_lse_backward(
     """With A_ij = g_i exp(s_ij − row_i) + h_j exp(s_ij − col_j) (the column terms only when col is
     not empty): dL/dq = inv_tau·A K, dL/dk = inv_tau·Aᵀ Q in the dtypes of q and k, and
     dL/d(inv_tau) = Σ_ij A_ij q_i·k_j in inv_tau's dtype."""
-    kernel = _ext.kernel(impl, "info_nce", "info_nce_lse_bwd", q.device)
+    kernel = _ext.kernel(impl, q.device, cpp="info_nce_lse_bwd_cpu", triton="info_nce.info_nce_lse_bwd")
     dq, dk, d_inv_tau = kernel(grad_row, grad_col, q, k, row, col, inv_tau.item(), self_offset)
     return dq, dk, d_inv_tau.to(device=inv_tau.device, dtype=inv_tau.dtype).reshape(inv_tau.shape)
 
@@ -140,7 +138,7 @@ def info_nce(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     inv_tau = _inverse_temperature(temperature, query.device)
-    _checks.choice("reduction", reduction, REDUCTIONS)
+    check_reduction(reduction)
     impl = _ext.resolve_impl(impl, query.device)
     m = query.shape[0]
     counts, first = distributed.rows_layout(m, query.device) if gather else ([m], 0)
@@ -184,14 +182,3 @@ def _fused_rows(query, key, negatives, inv_tau, symmetric, impl, counts, first) 
     else:  # (2) over every rank's queries: combine the ranks' partial column LSEs of this rank's keys
         col = distributed.all_gather(col[:n_keys].unsqueeze(0), [1] * len(counts))[:, first : first + m].logsumexp(0)
     return 0.5 * (row + col) - pos
-
-
-def reduce_rows(rows: Tensor, reduction: str, count, gather: bool) -> Tensor:
-    """Per-row losses reduced to the loss ("mean" divides by `count`, the rows that count in the
-    whole batch); under gather the value is summed over ranks (fastssl.distributed.sum_over_ranks)."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if gather:
-        total = distributed.sum_over_ranks(total)
-    return total if reduction == "sum" else total / count

@@ -36,8 +36,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastssl import _ext
-from fastssl.ops import _checks
+from fastssl import _checks, _ext
 from fastssl.reference import masking as reference
 
 COLORS = ("red", "blue", "green", "purple")
@@ -55,7 +54,7 @@ BLOCK_ROUNDS_PER_BLOCK, BLOCK_ROUNDS_EXTRA = 4, 8
 @torch.library.custom_op("fastssl::masking_rank", mutates_args=())
 def masking_rank(noise: Tensor, impl: str) -> Tensor:
     """r_i = rank of noise[b, i] in its row (stable: ties in index order), int64 [B, L]: MAE's ids_restore."""
-    return _ext.kernel(impl, "masking", "masking_rank", noise.device)(noise)
+    return _ext.kernel(impl, noise.device, cpp="masking_rank_cpu", triton="masking.masking_rank")(noise)
 
 
 @masking_rank.register_fake
@@ -68,7 +67,7 @@ def masking_gather(
     x: Tensor, ids_restore: Tensor, keep: int, num_prefix: int, sum_masked: bool, impl: str
 ) -> tuple[Tensor, Tensor]:
     """(1): (visible [B, P + keep, D], Σ of the masked rows [D] in fp32/fp64 if sum_masked, else [0])."""
-    visible, partial = _ext.kernel(impl, "masking", "masking_gather", x.device)(
+    visible, partial = _ext.kernel(impl, x.device, cpp="masking_gather_cpu", triton="masking.masking_gather")(
         x, ids_restore, keep, num_prefix, sum_masked
     )
     return visible, partial.sum(0) if sum_masked else partial.new_empty(0)
@@ -103,7 +102,9 @@ masking_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
 @torch.library.custom_op("fastssl::masking_unshuffle", mutates_args=())
 def masking_unshuffle(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, num_prefix: int, impl: str) -> Tensor:
     """(2): [B, P + L, D], visible tokens back in place and mask_token [D] (visible's dtype) elsewhere."""
-    return _ext.kernel(impl, "masking", "masking_unshuffle", visible.device)(
+    return _ext.kernel(
+        impl, visible.device, cpp="masking_unshuffle_cpu", triton="masking.masking_unshuffle"
+    )(
         visible, ids_restore, mask_token, num_prefix
     )
 
@@ -137,7 +138,7 @@ def masked_mse(
 ) -> tuple[Tensor, Tensor]:
     """(3): (loss, ∂loss/∂pred in pred's dtype if need_grad else [0]); weight [B, L] in fp32/fp64."""
     weight_sum = weight.sum()
-    row_loss, grad = _ext.kernel(impl, "masking", "masked_mse_fwd", pred.device)(
+    row_loss, grad = _ext.kernel(impl, pred.device, cpp="masked_mse_fwd_cpu", triton="masking.masked_mse_fwd")(
         pred, target, weight, weight_sum, norm_pix, need_grad
     )
     return row_loss.sum() / weight_sum, grad

@@ -11,7 +11,7 @@ H(q), the n_hard queue rows with the largest q̂·n̂ (torch.topk, detached):
     h  = norm(α n̂_i + (1 − α) n̂_j),  i ≠ j ∈ H(q),  α ~ U(0, 1),                           (2)
     h′ = norm(β q̄ + (1 − β) n̂_j),    j ∈ H(q),      β ~ U(0, 0.5),  q̄ = q̂ detached.       (3)
 
-No mixed vector is built (DESIGN.md, "MoCHi"), and no normalised copy of the queue: for a mix
+No mixed vector is built (docs/design.md, "MoCHi"), and no normalised copy of the queue: for a mix
 v = w·â + (1 − w)·n̂ of two rows a, n (x̂ = x/‖x‖), with c_a = w/‖a‖ and c_n = (1 − w)/‖n‖,
 
     q̂·h = (c_a q̂·a + c_n q̂·n) / ‖v‖,   ‖v‖² = c_a² a·a + c_n² n·n + 2 c_a c_n a·n,        (4)
@@ -35,11 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _ext
-from fastssl.ops import _checks
+from fastssl import _checks, _ext
+from fastssl._reductions import check_reduction, reduce_rows
 from fastssl.reference import mochi as reference
-
-REDUCTIONS = ("mean", "sum", "none")
 
 # draw(hard [B, n_hard]) -> (first, second, weight), each [B, S]; see draw_negatives
 Draw = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -56,7 +54,8 @@ def mochi_mix(
     or a = q_bar[b] where first = −1. Returns (logits [B, S], coef [B, S, 2]) in fp32 (fp64 for
     fp64 q): h = coef₀·a + coef₁·n is the mixed vector, for the backward.
     """
-    return _ext.kernel(impl, "mochi", "mochi_mix_fwd", q.device)(q, q_bar, queue, first, second, weight, inv_tau)
+    kernel = _ext.kernel(impl, q.device, cpp="mochi_mix_fwd_cpu", triton="mochi.mochi_mix_fwd")
+    return kernel(q, q_bar, queue, first, second, weight, inv_tau)
 
 
 @mochi_mix.register_fake
@@ -70,7 +69,7 @@ def mochi_mix_backward(
     grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor, inv_tau: float, impl: str
 ) -> Tensor:
     """∂L/∂q_b = inv_tau Σ_s grad_bs·h_bs with h = coef₀·a + coef₁·n (the mixed vector); dtype of q_bar."""
-    fn = _ext.kernel(impl, "mochi", "mochi_mix_bwd", q_bar.device)
+    fn = _ext.kernel(impl, q_bar.device, cpp="mochi_mix_bwd_cpu", triton="mochi.mochi_mix_bwd")
     return fn(grad, q_bar, queue, first, second, coef, inv_tau)
 
 
@@ -115,7 +114,7 @@ def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor, out: Tensor | None = 
 @torch.library.custom_op("fastssl::mochi_hard_set", mutates_args=())
 def mochi_hard_set(scores: Tensor, n_hard: int, impl: str) -> Tensor:
     """The columns [B, n_hard] of each row's n_hard largest scores, unordered (C++: O(K) per row)."""
-    return _ext.kernel(impl, "mochi", "mochi_hard_set", scores.device)(scores, n_hard)
+    return _ext.kernel(impl, scores.device, cpp="mochi_hard_set_cpu")(scores, n_hard)
 
 
 @mochi_hard_set.register_fake
@@ -268,12 +267,12 @@ def mochi_loss(
     O(B·(D + n_hard + S)) plus one [rows, K] work buffer: neither the logits nor the mixed
     vectors are held.
     """
-    _checks.choice("reduction", reduction, REDUCTIONS)
+    check_reduction(reduction)
     q, k, queue, n_hard, draw, inv_tau, impl = _prepare(
         q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, impl
     )
     rows = _loss_rows(q, k, queue, n_hard, draw, inv_tau, impl)
-    return rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.mean()
+    return reduce_rows(rows, reduction)
 
 
 def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, impl):

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _ext, distributed
-from fastssl.ops import _checks
-from fastssl.ops.info_nce import REDUCTIONS, info_nce_lse, reduce_rows
+from fastssl import _checks, _ext, distributed
+from fastssl._reductions import check_reduction, reduce_rows
+from fastssl.ops.info_nce import info_nce_lse
 from fastssl.reference import ntxent as reference
 
 
 @torch.library.custom_op("fastssl::ntxent_lse", mutates_args=())
 def ntxent_lse(z: Tensor, inv_tau: float, impl: str) -> Tensor:
     """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] in fp32 (fp64 for fp64 z)."""
-    return _ext.kernel(impl, "ntxent", "ntxent_lse_fwd", z.device)(z, inv_tau)
+    return _ext.kernel(impl, z.device, cpp="ntxent_lse_fwd_cpu", triton="ntxent.ntxent_lse_fwd")(z, inv_tau)
 
 
 @ntxent_lse.register_fake
@@ -39,7 +39,8 @@ def _(z, inv_tau, impl):
 @torch.library.custom_op("fastssl::ntxent_lse_backward", mutates_args=())
 def ntxent_lse_backward(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float, impl: str) -> Tensor:
     """dL/dz_i = inv_tau Σ_j (g_i P_ij + g_j P_ji) z_j with P_ij = exp(s_ij − lse_i); dtype of z."""
-    return _ext.kernel(impl, "ntxent", "ntxent_lse_bwd", z.device)(grad_lse, z, lse, inv_tau)
+    kernel = _ext.kernel(impl, z.device, cpp="ntxent_lse_bwd_cpu", triton="ntxent.ntxent_lse_bwd")
+    return kernel(grad_lse, z, lse, inv_tau)
 
 
 @ntxent_lse_backward.register_fake
@@ -99,7 +100,7 @@ def nt_xent(
     """
     z, y = _rows_and_labels(z1, z2, labels)
     inv_tau = 1.0 / _checks.positive("temperature", temperature)
-    _checks.choice("reduction", reduction, REDUCTIONS)
+    check_reduction(reduction)
     impl = _ext.resolve_impl(impl, z.device)
     n = z.shape[0]
     if gather:  # every rank's rows; without labels a sample's id is its index in the whole batch

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastssl import _ext
-from fastssl.ops import _checks
+from fastssl import _checks, _ext
 from fastssl.reference import pgd as reference
 
 NORMS = ("linf", "l2")
@@ -33,7 +32,7 @@ def pgd_step_op(
     if impl == "reference":
         x_adv.copy_(reference.pgd_step(x_adv, grad, x_orig, eps, alpha, norm, lo, hi))
         return
-    kernel = _ext.kernel(impl, "pgd", "pgd_step", x_adv.device)
+    kernel = _ext.kernel(impl, x_adv.device, cpp="pgd_step_cpu", cuda="pgd_step_cuda", triton="pgd.pgd_step")
     # the kernels read [B, n] rows: a non-contiguous x_adv is stepped in a copy and written back
     work = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
     args = (work, grad.contiguous(), x_orig.contiguous(), eps, alpha, norm == "l2", lo, hi)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastssl.ops._checks import accumulate_dtype
+from fastssl._checks import accumulate_dtype
 
 
 def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Tensor, norm: str, lo: float, hi: float):
