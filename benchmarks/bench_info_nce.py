@@ -58,7 +58,8 @@ def make_case(provider: str, mode: str, m: int, d: int, dtype: torch.dtype, devi
         return lambda: torch.autograd.grad(loss_fn(q, k), (q, k))
 
     passes = 1 if mode == "forward" else 4
-    return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=2.0 * passes * m * m * d, min_reps=min_reps)
+    flops = 2.0 * passes * m * m * d
+    return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=flops, gemm=(m, d, m), min_reps=min_reps)
 
 
 def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, modes=None) -> list[Case]:

@@ -49,7 +49,7 @@ def make_case(provider: str, mode: str, b: int, k: int, d: int, dtype: torch.dty
         return lambda: torch.autograd.grad(loss(q, key), (q, key))
 
     shape = {"B": b, "K": k, "D": d, "n_hard": N_HARD, "n_mix": N_MIX, "n_mix_query": N_MIX_QUERY}
-    return Case(provider, mode, dtype, shape, build, flops=4.0 * b * k * d)
+    return Case(provider, mode, dtype, shape, build, flops=4.0 * b * k * d, gemm=(b, d, k))
 
 
 def cases(quick: bool, device: str, batch=None, queue=None, providers=PROVIDERS, modes=None) -> list[Case]:

@@ -43,7 +43,8 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
     "timestamp", "version", "commit", "device", "op", "provider", "mode", "dtype", "shape",
-    "status", "median_ms", "q20_ms", "q80_ms", "reps", "peak_mem_mb", "tflops", "note",
+    "status", "median_ms", "q20_ms", "q80_ms", "reps", "peak_mem_mb", "tflops", "bound_ms", "x_bound",
+    "gbps", "peak_frac", "note",
 ]  # fmt: skip
 
 
@@ -52,8 +53,16 @@ class Case:
     """One measurement: ``build()`` returns a zero-argument function running one iteration.
 
     The first entry of ``shape`` is the swept size: a failure at one size skips the larger ones
-    of the same provider, mode, dtype and other dims. ``flops`` (optional) is the work of one
-    iteration, for the TFLOP/s column. ``min_reps`` = 1 suits cases of minutes (no warm-up then).
+    of the same provider, mode, dtype and other dims. ``min_reps`` = 1 suits cases of minutes (no
+    warm-up then).
+
+    The bound (docs/design.md states each op's): the work the op cannot avoid, timed on this
+    hardware in the same run and dtype. A GEMM-bound op gives ``flops``, the FLOPs its algorithm
+    must do, and ``gemm`` = (m, k, n), the shape of the matrix product that work is made of: the
+    bound is the time of one ``torch.mm`` of that shape scaled to ``flops``. A memory-bound op gives
+    ``bytes_moved``, what it must read and write: the bound is the time of a copy moving as many
+    bytes. The row then has ``bound_ms`` and ``x_bound`` (time over bound), and on a GPU the
+    fraction of the device's peak (``peak_frac``, from TFLOP/s or GB/s).
     """
 
     provider: str
@@ -64,6 +73,8 @@ class Case:
     flops: float | None = None
     note: str = ""
     min_reps: int = 3
+    gemm: tuple[int, int, int] | None = None
+    bytes_moved: float | None = None
 
     @property
     def size(self) -> float:
@@ -207,6 +218,81 @@ def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
     return result
 
 
+# Dense peaks of the GPUs the project is measured on (vendor data sheets, SXM parts): TFLOP/s by
+# dtype for tensor-core matrix work, and memory bandwidth in GB/s.
+_GPU_PEAKS = {
+    "H200": ({"bfloat16": 989.0, "float16": 989.0, "float32": 494.0, "float64": 67.0}, 4800.0),
+    "H100": ({"bfloat16": 989.0, "float16": 989.0, "float32": 494.0, "float64": 67.0}, 3350.0),
+    "A100": ({"bfloat16": 312.0, "float16": 312.0, "float32": 156.0, "float64": 19.5}, 2039.0),
+}
+
+
+def _gpu_peak(device: str) -> tuple[dict, float] | None:
+    return next((peak for name, peak in _GPU_PEAKS.items() if name in device), None)
+
+
+def _bound_case(case: Case) -> Case | None:
+    """The measurement of the case's bound: one torch.mm of ``case.gemm``, or a copy of half of
+    ``case.bytes_moved`` (a copy reads and writes each byte once)."""
+    if case.gemm and case.flops:
+        m, k, n = case.gemm
+
+        def build_mm():
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            a = torch.randn(m, k, dtype=case.dtype, device=device)
+            b = torch.randn(k, n, dtype=case.dtype, device=device)
+            return lambda: torch.mm(a, b)
+
+        return Case("bound", "mm", case.dtype, {"m": m, "k": k, "n": n}, build_mm)
+    if case.bytes_moved:
+        count = max(1, int(case.bytes_moved // 2))
+
+        def build_copy():
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            src = torch.empty(count, dtype=torch.uint8, device=device).random_()
+            dst = torch.empty_like(src)
+            return lambda: dst.copy_(src)
+
+        return Case("bound", "copy", torch.uint8, {"bytes": 2 * count}, build_copy)
+    return None
+
+
+def _bound_ms(case: Case, device: str, budget_s: float, timeout_s: float, cache: dict) -> float | None:
+    """The case's bound in ms (see Case), measured once per shape and dtype in this run."""
+    probe = _bound_case(case)
+    if probe is None:
+        return None
+    key = (probe.mode, probe.dtype, probe.shape_str)
+    if key not in cache:
+        result = _measure(probe, device, budget_s) if device == "cuda" else _measure_forked(probe, budget_s, timeout_s)
+        cache[key] = result["median_ms"] if result["status"] == "ok" else None
+    ms = cache[key]
+    if ms is None or probe.mode != "mm":
+        return ms
+    m, k, n = case.gemm
+    return ms * case.flops / (2.0 * m * k * n)
+
+
+def _bound_columns(case: Case, result: dict, bound_ms: float | None, dev_name: str) -> dict:
+    """bound_ms, x_bound, GB/s and, on a GPU, the fraction of the device's peak."""
+    out = {}
+    seconds = result["median_ms"] * 1e-3
+    if bound_ms:
+        out["bound_ms"] = bound_ms
+        out["x_bound"] = result["median_ms"] / bound_ms
+    if case.bytes_moved:
+        out["gbps"] = case.bytes_moved / seconds / 1e9
+    peak = _gpu_peak(dev_name)
+    if peak is not None:
+        flops_peak, gbps_peak = peak
+        dtype = str(case.dtype).removeprefix("torch.")
+        if case.flops and dtype in flops_peak:
+            out["peak_frac"] = case.flops / seconds / 1e12 / flops_peak[dtype]
+        elif case.bytes_moved:
+            out["peak_frac"] = out["gbps"] / gbps_peak
+    return out
+
+
 def run(
     op: str,
     cases: list[Case],
@@ -227,6 +313,7 @@ def run(
     version, commit = _version()
     stamp = dt.datetime.now().isoformat(timespec="seconds")
     failed: dict[tuple, float] = {}  # (provider, mode, dtype, other dims) -> smallest failing size
+    bounds: dict[tuple, float | None] = {}
     rows = []
     for i, case in enumerate(cases, 1):
         key = (case.provider, case.mode, case.dtype, tuple(case.shape.items())[1:])  # all but the swept dim
@@ -244,8 +331,11 @@ def run(
                 print(result.get("trace", result.get("note", "")), file=sys.stderr)
         if result["status"] != "ok" and result["status"] != "skipped":
             failed[key] = min(failed.get(key, math.inf), case.size)
-        if result["status"] == "ok" and case.flops:
-            result["tflops"] = case.flops / (result["median_ms"] * 1e-3) / 1e12
+        if result["status"] == "ok":
+            if case.flops:
+                result["tflops"] = case.flops / (result["median_ms"] * 1e-3) / 1e12
+            bound = _bound_ms(case, device, budget_s, timeout_s, bounds)
+            result.update(_bound_columns(case, result, bound, dev_name))
         row = {
             "timestamp": stamp,
             "version": version,
@@ -272,7 +362,15 @@ def run(
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
+    """Appends rows; a file written with older columns is rewritten with today's first."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with path.open() as f:
+            header = next(csv.reader(f), None)
+        if header != FIELDS:
+            old = read_csv(path)
+            path.unlink()
+            append_csv(path, old)
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -291,7 +389,8 @@ def format_table(rows: list[dict], reference: str = "reference") -> str:
     ref = {
         (r["mode"], r["dtype"], r["shape"]): r for r in rows if r["provider"] == reference and r.get("status") == "ok"
     }
-    header = ["provider", "mode", "dtype", "shape", "status", "median ms", "x ref time", "peak MB", "x ref mem"]
+    header = ["provider", "mode", "dtype", "shape", "status", "median ms", "x ref time", "x bound", "peak MB"]
+    header.append("x ref mem")
     lines = [header]
     for r in rows:
         base = ref.get((r["mode"], r["dtype"], r["shape"]))
@@ -302,6 +401,7 @@ def format_table(rows: list[dict], reference: str = "reference") -> str:
             r["provider"], r["mode"], r["dtype"], r["shape"], r.get("status", ""),
             f"{t:.2f}" if ok else "",
             f"{t / float(base['median_ms']):.3f}" if ok and base else "",
+            f"{float(r['x_bound']):.2f}" if ok and r.get("x_bound") not in (None, "") else "",
             f"{m:.1f}" if ok else "",
             f"{m / max(float(base['peak_mem_mb']), 1e-9):.4f}" if ok and base else "",
         ])  # fmt: skip
