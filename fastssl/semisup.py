@@ -305,5 +305,7 @@ class SoftMatchLoss(nn.Module):
             self.num_updates += 1
         mu, var = self.prob_max_mu_t.to(probs.dtype), self.prob_max_var_t.to(probs.dtype)
         gap = (max_probs - mu).clamp(max=0.0)
-        weights = torch.exp(-(gap**2) / (2 * var / self.n_sigma**2)) + _nonfinite_rows(logits_weak, logits_strong)
+        # a row at or above the mean weighs 1, also when the variance is 0 (where the Gaussian is 0/0)
+        weights = torch.where(gap == 0, 1.0, torch.exp(-(gap**2) / (2 * var / self.n_sigma**2)))
+        weights = weights + _nonfinite_rows(logits_weak, logits_strong)
         return _consistency(logits_strong, logits_weak, weights, self.hard_label, self.temperature), weights
