@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from _assertions import assert_verbose_allclose
 
 import fastssl
+import fastssl.cli
 from fastssl.reference import semisup as ref
 
 B, C, N = 7, 5, 24  # rows per batch, classes, size of the unlabeled set (FlexMatch)
@@ -211,3 +212,30 @@ def _state_worker(rank, world, port, counts):
 def test_state_reduced_over_ranks():
     """Two gloo processes with 3 and 5 rows keep the state of one process on all 8."""
     mp.spawn(_state_worker, args=(2, _free_port(), [3, 5]), nprocs=2)
+
+
+# -- the example (`fastssl demo --method fixmatch`) ------------------------------------------------
+
+
+def test_fixmatch_demo_tiny_run(tmp_path):
+    """Two short epochs of both runs: accuracies and mask rates in range, the JSON and PNG written,
+    and `fastssl demo --method` reaching the example."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from examples import fixmatch_digits as demo
+
+    result = demo.run(demo.Config(epochs=2, steps_per_epoch=2, batch_size=16, mu=2), tmp_path)
+    assert result["labeled"] == 100 and result["labeled"] + result["unlabeled"] == 1257
+    for name in demo.RUNS:
+        assert len(result[name]["test_accuracy"]) == 3 and all(0 <= a <= 1 for a in result[name]["test_accuracy"])
+    assert len(result["fixmatch"]["mask_rate"]) == 2 and all(0 <= r <= 1 for r in result["fixmatch"]["mask_rate"])
+    assert json.loads((tmp_path / "fixmatch_digits.json").read_text())["labeled"] == 100
+    assert (tmp_path / "fixmatch_digits.png").read_bytes()[:4] == b"\x89PNG"
+    labeled = demo.split_labels(torch.arange(50) % 10, 3, seed=0)
+    assert torch.equal(torch.bincount(labeled % 10, minlength=10), torch.full((10,), 3))
+    with pytest.raises(SystemExit) as exc:
+        fastssl.cli.main(["demo", "--method", "fixmatch", "--epochs", "0"])
+    assert exc.value.code == 2
