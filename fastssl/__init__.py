@@ -21,18 +21,32 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
+from fastssl.semisup import (
+    FlexMatchLoss,
+    FreeMatchLoss,
+    SoftMatchLoss,
+    fixmatch_loss,
+    freematch_fairness_loss,
+    tsa_threshold,
+    uda_loss,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "FlexMatchLoss",
+    "FreeMatchLoss",
     "InfoNCELoss",
     "KNNClassifier",
     "MemoryQueue",
     "NTXentLoss",
+    "SoftMatchLoss",
     "__version__",
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
     "feature_attack",
+    "fixmatch_loss",
+    "freematch_fairness_loss",
     "info_nce",
     "instance_attack",
     "kmeans",
@@ -50,6 +64,8 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "tsa_threshold",
+    "uda_loss",
     "unpatchify",
     "unshuffle",
 ]

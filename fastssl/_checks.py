@@ -175,3 +175,21 @@ def interval(name: str, value) -> tuple[float, float]:
     if not lo < hi:  # also catches NaN
         raise ValueError(f"{name} must be (lo, hi) with lo < hi, got {value!r}")
     return float(lo), float(hi)
+
+
+def probability(name: str, value) -> float:
+    """A real number in [0, 1] (a confidence threshold)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0 <= value <= 1:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def flag(name: str, value) -> bool:
+    """A bool (not a truthy number or string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -1,5 +1,6 @@
 """`fastssl info` (environment report), `fastssl bench` (the benchmark suite) and `fastssl demo`
-(SimCLR on scikit-learn's digits, examples/simclr_digits.py)."""
+(SimCLR on scikit-learn's digits, examples/simclr_digits.py; `--method fixmatch`: FixMatch with 10
+labels per class, examples/fixmatch_digits.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 from fastssl import __version__, _ext
+
+DEMOS = {"simclr": "simclr_digits", "fixmatch": "fixmatch_digits"}  # --method -> examples/<module>.py
 
 
 def _version(module: str) -> str:
@@ -78,12 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suite on the present hardware")
     bench.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
     bench.add_argument("ops", nargs="*", help="benchmarks to run (default: all)")
-    sub.add_parser("demo", help="SimCLR on scikit-learn's digits, fastssl against the reference (demo --help)")
-    if argv[:1] == ["demo"]:  # the example parses its own options
+    sub.add_parser(
+        "demo",
+        help="SimCLR on scikit-learn's digits, fastssl against the reference; --method fixmatch: FixMatch "
+        "with 10 labels per class against the labels alone (demo [--method M] --help)",
+    )
+    if argv[:1] == ["demo"]:  # --method picks the example, which parses the other options
+        pick = argparse.ArgumentParser(add_help=False)
+        pick.add_argument("--method", choices=DEMOS, default="simclr")
+        method, rest = pick.parse_known_args(argv[1:])
         _repository("examples")
-        from examples.simclr_digits import main as demo
-
-        return demo(argv[1:], prog="fastssl demo")
+        demo = importlib.import_module(f"examples.{DEMOS[method.method]}").main
+        return demo(rest, prog=f"fastssl demo --method {method.method}")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())

@@ -108,3 +108,22 @@ class _SumValue(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def in_process_group() -> bool:
+    """Whether a torch.distributed process group is initialised (the state updates that follow
+    every rank's batch, fastssl.semisup, reduce over ranks only then)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+@torch.no_grad()
+def mean_over_ranks(x: Tensor, group=None) -> tuple[Tensor, Tensor]:
+    """The mean over dim 0 of every rank's ``x`` concatenated, and that concatenation's row count
+    (a 0-dim tensor of x's dtype), without gradient: batch statistics for a state that every rank
+    keeps the same (EMAs of confidence, of class frequencies). One all_reduce of the row sums and
+    the count, so ranks may hold different numbers of rows; without an initialised process group,
+    x's own mean (computed the same way, as the sum over the count)."""
+    packed = torch.cat([x.sum(0).flatten(), x.new_full((1,), x.shape[0])])
+    if in_process_group():
+        dist.all_reduce(packed, group=group)
+    return (packed[:-1] / packed[-1]).view(x.shape[1:]), packed[-1]

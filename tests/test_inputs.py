@@ -16,6 +16,7 @@ test, not a dead suite. Every public name of ``fastssl.__all__`` has at least on
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -106,6 +107,166 @@ def close_to(expected, rtol: float = 1e-5, atol: float = 1e-6):
 
 # ---------------------------------------------------------------------------------------------
 # environment: FASTSSL_IMPL
+
+
+# ---------------------------------------------------------------------------------------------
+# semi-supervised: fixmatch_loss, FlexMatchLoss, FreeMatchLoss, freematch_fairness_loss, SoftMatchLoss,
+# uda_loss, tsa_threshold
+
+
+def _logits(b=6, c=4, *, seed=0, dtype=torch.float32, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(b, c, generator=g)).to(dtype)
+
+
+def _with(x, i, value):
+    x = x.clone()
+    x[i] = value
+    return x
+
+
+def _classes(w):
+    return max(1, w.shape[-1])  # of the module: the logits' own number, so that their checks speak
+
+
+_W, _S = _logits(), _logits(seed=1)
+_IDX = torch.arange(6)
+_SEMISUP = {  # the functions and modules, each as f(weak, strong)
+    "fixmatch_loss": lambda w, s: fastssl.fixmatch_loss(w, s),
+    "uda_loss": lambda w, s: fastssl.uda_loss(w, s),
+    "FlexMatchLoss": lambda w, s: fastssl.FlexMatchLoss(_classes(w), 10)(w, s, torch.arange(w.shape[0])),
+    "FreeMatchLoss": lambda w, s: fastssl.FreeMatchLoss(_classes(w))(w, s),
+    "SoftMatchLoss": lambda w, s: fastssl.SoftMatchLoss(_classes(w))(w, s),
+}
+for _name, _f in _SEMISUP.items():
+    row(f"{_name}/1-D logits", lambda f=_f: f(_W[0], _S[0]), raises(ValueError, "logits_weak"))
+    row(f"{_name}/views of different shapes", lambda f=_f: f(_W, _S[:, :3]), raises(ValueError, "logits_strong"))
+    row(f"{_name}/views of different dtypes", lambda f=_f: f(_W, _S.double()), raises(TypeError, "logits_strong"))
+    row(f"{_name}/integer logits", lambda f=_f: f(_W.long(), _S.long()), raises(TypeError, "logits_weak"))
+    row(f"{_name}/empty batch", lambda f=_f: f(_W[:0], _S[:0]), raises(ValueError, "logits_weak"))
+    row(f"{_name}/no classes", lambda f=_f: f(_W[:, :0], _S[:, :0]), raises(ValueError, "logits_weak"))
+    # one class: every row is certain of it, so the consistency loss is 0
+    row(f"{_name}/C = 1", lambda f=_f: f(_W[:, :1], _S[:, :1]), gives(close_to(0.0)))
+    row(f"{_name}/NaN in the weak view", lambda f=_f: f(_with(_W, (2, 1), math.nan), _S), gives(nonfinite))
+    row(f"{_name}/inf in the strong view", lambda f=_f: f(_W, _with(_S, (0, 3), math.inf)), gives(nonfinite))
+    row(f"{_name}/-inf logit in the weak view", lambda f=_f: f(_with(_W, (4, 0), -math.inf), _S), gives(nonfinite))
+    row(
+        f"{_name}/fp16 logits",
+        lambda f=_f: f(_W.half(), _S.half()),
+        gives(lambda r: finite(r) and r[0].dtype == torch.float32),
+    )
+    row(f"{_name}/bf16 logits", lambda f=_f: f(_W.bfloat16(), _S.bfloat16()), gives(finite))
+
+for _t in (-0.1, 1.5, math.nan):
+    row(
+        f"fixmatch_loss/threshold {_t}",
+        lambda t=_t: fastssl.fixmatch_loss(_W, _S, threshold=t),
+        raises(ValueError, "threshold"),
+    )
+    row(f"uda_loss/threshold {_t}", lambda t=_t: fastssl.uda_loss(_W, _S, threshold=t), raises(ValueError, "threshold"))
+    row(
+        f"FlexMatchLoss/threshold {_t}",
+        lambda t=_t: fastssl.FlexMatchLoss(4, 6, threshold=t),
+        raises(ValueError, "threshold"),
+    )
+row(
+    "fixmatch_loss/threshold True",
+    lambda: fastssl.fixmatch_loss(_W, _S, threshold=True),
+    raises(TypeError, "threshold"),
+)
+row("fixmatch_loss/threshold 0 keeps every row", lambda: fastssl.fixmatch_loss(_W, _S, threshold=0.0)[1],
+    gives(lambda m: bool((m == 1).all())))  # fmt: skip
+row("fixmatch_loss/threshold 1 keeps only certain rows",
+    lambda: fastssl.fixmatch_loss(_W, _S, threshold=1.0)[1], gives(lambda m: bool((m == 0).all())))  # fmt: skip
+for _tau in (0.0, -1.0, math.inf):
+    row(f"fixmatch_loss/temperature {_tau}", lambda t=_tau: fastssl.fixmatch_loss(_W, _S, temperature=t),
+        raises(ValueError, "temperature"))  # fmt: skip
+    row(f"uda_loss/temperature {_tau}", lambda t=_tau: fastssl.uda_loss(_W, _S, temperature=t),
+        raises(ValueError, "temperature"))  # fmt: skip
+    row(f"FreeMatchLoss/temperature {_tau}", lambda t=_tau: fastssl.FreeMatchLoss(4, temperature=t),
+        raises(ValueError, "temperature"))  # fmt: skip
+row("fixmatch_loss/hard_label 1", lambda: fastssl.fixmatch_loss(_W, _S, hard_label=1), raises(TypeError, "hard_label"))
+row(
+    "fixmatch_loss/soft labels", lambda: fastssl.fixmatch_loss(_W, _S, hard_label=False, temperature=0.5), gives(finite)
+)
+row("tsa_threshold/unknown schedule", lambda: fastssl.tsa_threshold("cosine", 1, 10, 4), raises(ValueError, "schedule"))
+row("tsa_threshold/step past the end", lambda: fastssl.tsa_threshold("linear", 11, 10, 4), raises(ValueError, "step"))
+row("tsa_threshold/negative step", lambda: fastssl.tsa_threshold("linear", -1, 10, 4), raises(ValueError, "step"))
+row("tsa_threshold/float step", lambda: fastssl.tsa_threshold("linear", 1.5, 10, 4), raises(TypeError, "step"))
+row("tsa_threshold/total_steps 0", lambda: fastssl.tsa_threshold("linear", 0, 0, 4), raises(ValueError, "total_steps"))
+row("tsa_threshold/num_classes 0", lambda: fastssl.tsa_threshold("log", 0, 10, 0), raises(ValueError, "num_classes"))
+row("tsa_threshold/one class", lambda: fastssl.tsa_threshold("exp", 3, 10, 1), gives(lambda t: t == 1.0))
+row(
+    "tsa_threshold/start of linear is 1/K",
+    lambda: fastssl.tsa_threshold("linear", 0, 10, 4),
+    gives(lambda t: t == 0.25),
+)
+
+row("FlexMatchLoss/num_classes 0", lambda: fastssl.FlexMatchLoss(0, 6), raises(ValueError, "num_classes"))
+row("FlexMatchLoss/num_unlabeled 0", lambda: fastssl.FlexMatchLoss(4, 0), raises(ValueError, "num_unlabeled"))
+row("FlexMatchLoss/thresh_warmup 'no'", lambda: fastssl.FlexMatchLoss(4, 6, thresh_warmup="no"),
+    raises(TypeError, "thresh_warmup"))  # fmt: skip
+row("FlexMatchLoss/classes differ from num_classes", lambda: fastssl.FlexMatchLoss(5, 6)(_W, _S, _IDX),
+    raises(ValueError, "num_classes"))  # fmt: skip
+row(
+    "FlexMatchLoss/float indices",
+    lambda: fastssl.FlexMatchLoss(4, 6)(_W, _S, _IDX.float()),
+    raises(TypeError, "indices"),
+)
+row("FlexMatchLoss/indices of the wrong length", lambda: fastssl.FlexMatchLoss(4, 6)(_W, _S, _IDX[:3]),
+    raises(ValueError, "indices"))  # fmt: skip
+row("FlexMatchLoss/index past num_unlabeled", lambda: fastssl.FlexMatchLoss(4, 5)(_W, _S, _IDX),
+    raises(ValueError, "indices"))  # fmt: skip
+row(
+    "FlexMatchLoss/negative index", lambda: fastssl.FlexMatchLoss(4, 6)(_W, _S, _IDX - 1), raises(ValueError, "indices")
+)
+row("FlexMatchLoss/state in state_dict", lambda: sorted(fastssl.FlexMatchLoss(4, 6).state_dict()),
+    gives(lambda k: k == ["classwise_acc", "selected_label"]))  # fmt: skip
+
+
+def _poisoned(module, *extra):
+    """The loss of a finite batch after a batch with a NaN row went into the module's state."""
+    module(_with(_W, (0, 0), math.nan), _S, *extra)
+    return module(_W, _S, *extra)
+
+
+for _ema in (1.0, -0.1, math.nan):
+    row(f"FreeMatchLoss/ema {_ema}", lambda e=_ema: fastssl.FreeMatchLoss(4, ema=e), raises(ValueError, "ema"))
+    row(f"SoftMatchLoss/ema {_ema}", lambda e=_ema: fastssl.SoftMatchLoss(4, ema=e), raises(ValueError, "ema"))
+row("FreeMatchLoss/classes differ from num_classes", lambda: fastssl.FreeMatchLoss(3)(_W, _S),
+    raises(ValueError, "num_classes"))  # fmt: skip
+row("FreeMatchLoss/a NaN in the state stays visible", lambda: _poisoned(fastssl.FreeMatchLoss(4)), gives(nonfinite))
+row("FreeMatchLoss/ema 0 (no memory)", lambda: fastssl.FreeMatchLoss(4, ema=0.0)(_W, _S), gives(finite))
+
+_P = torch.full((4,), 0.25)
+_fair = fastssl.freematch_fairness_loss
+_ONES = torch.ones(6)
+row(
+    "freematch_fairness_loss/mask of the wrong length", lambda: _fair(_ONES[:3], _S, _P, _P), raises(ValueError, "mask")
+)
+row("freematch_fairness_loss/p_model too short", lambda: _fair(_ONES, _S, _P[:3], _P), raises(ValueError, "p_model"))
+row(
+    "freematch_fairness_loss/label_hist a list",
+    lambda: _fair(_ONES, _S, _P, [0.25] * 4),
+    raises(ValueError, "label_hist"),
+)
+row("freematch_fairness_loss/1-D logits", lambda: _fair(_ONES, _S[0], _P, _P), raises(ValueError, "logits_strong"))
+row("freematch_fairness_loss/empty mask gives 0", lambda: _fair(0 * _ONES, _S, _P, _P), gives(close_to(0.0)))
+row("freematch_fairness_loss/NaN in a masked row", lambda: _fair(_ONES, _with(_S, (1, 1), math.nan), _P, _P),
+    gives(nonfinite))  # fmt: skip
+row("freematch_fairness_loss/NaN mask entry", lambda: _fair(_with(0 * _ONES, 2, math.nan), _S, _P, _P), gives(finite))
+row("freematch_fairness_loss/a class never predicted",
+    lambda: _fair(_ONES, _S, _P, torch.tensor([0.5, 0.5, 0.0, 0.0])), gives(finite))  # fmt: skip
+
+row("SoftMatchLoss/n_sigma 0", lambda: fastssl.SoftMatchLoss(4, n_sigma=0), raises(ValueError, "n_sigma"))
+row("SoftMatchLoss/dist_align None", lambda: fastssl.SoftMatchLoss(4, dist_align=None), raises(TypeError, "dist_align"))
+row("SoftMatchLoss/one row (no variance)", lambda: fastssl.SoftMatchLoss(4)(_W[:1], _S[:1]),
+    raises(ValueError, "at least 2 rows"))  # fmt: skip
+row("SoftMatchLoss/a NaN in the state stays visible", lambda: _poisoned(fastssl.SoftMatchLoss(4)), gives(nonfinite))
+row("SoftMatchLoss/identical rows, ema 0 (variance 0)",
+    lambda: fastssl.SoftMatchLoss(4, ema=0.0)(_W[:1].repeat(3, 1), _S[:3]), gives(finite))  # fmt: skip
+row("SoftMatchLoss/weights in (0, 1]", lambda: fastssl.SoftMatchLoss(4)(_W, _S)[1],
+    gives(lambda w: bool(((w > 0) & (w <= 1)).all())))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
