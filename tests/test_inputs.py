@@ -331,6 +331,52 @@ row(
     gives(lambda r: all(0 <= v <= 1 for v in r.values())),
 )
 row(
+    "apgd_attack/success is misclassified",
+    lambda: fastssl.apgd_attack(_AMODEL, _AX, _AY, eps=0.1, steps=5),
+    gives(lambda r: bool(torch.equal(r[1], _AMODEL(r[0]).argmax(1) != _AY))),
+)
+row("apgd_attack/eps 0", lambda: fastssl.apgd_attack(_AMODEL, _AX, _AY, eps=0.0), raises(ValueError, "eps"))
+row(
+    "apgd_attack/dlr with 2 classes",
+    lambda: fastssl.apgd_attack(lambda v: _AMODEL(v)[:, :2], _AX, _AY % 2, eps=0.1, loss="dlr"),
+    raises(ValueError, "classes"),
+)
+row(
+    "apgd_attack/targeted with 3 classes",
+    lambda: fastssl.apgd_attack(_AMODEL, _AX, _AY, eps=0.1, targeted=True),
+    raises(ValueError, "classes"),
+)
+row(
+    "apgd_attack/x outside bounds",
+    lambda: fastssl.apgd_attack(_AMODEL, _AX + 1, _AY, eps=0.1),
+    raises(ValueError, "bounds"),
+)
+row(
+    "apgd_attack/model output 1-D",
+    lambda: fastssl.apgd_attack(lambda v: v.flatten(1).sum(1), _AX, _AY, eps=0.1),
+    raises(ValueError, "model"),
+)
+row(
+    "autoattack/standard not yet",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1),
+    raises(NotImplementedError, "fab-t"),
+)
+row(
+    "autoattack/version",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, version="plus"),
+    raises(ValueError, "version"),
+)
+row(
+    "autoattack/attacks",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, attacks=["pgd"]),
+    raises(ValueError, "attacks"),
+)
+row(
+    "autoattack/apgd-ce",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, attacks=["apgd-ce"], steps=5, progress=False),
+    gives(lambda r: bool(torch.equal(r[1], _AMODEL(r[0]).argmax(1) == _AY))),
+)
+row(
     "robust_accuracy/eps negative",
     lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY, eps=(0.1, -0.1)),
     raises(ValueError, "eps"),
