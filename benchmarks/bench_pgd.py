@@ -1,7 +1,7 @@
 """PGD: the fused step against the eager reference step and a torchattacks-style step, and whole
 attacks on a small CNN against the eager reference loop and torchattacks; time and peak memory.
 
-    python benchmarks/bench_pgd.py [--quick] [--B 64] [--providers fastssl reference] [--modes step-linf]
+    python benchmarks/bench_pgd.py [--quick] [--B 64] [--providers fastssl reference]
 
 Modes: step-linf, step-l2 (one step on B×3×224×224) and attack-linf, attack-l2 (10 steps of PGD on a
 small CNN, B×3×32×32). A step moves 4 tensors' worth of bytes (L∞: read x, x0, g, write x) or 7 (L2:
@@ -10,7 +10,6 @@ two passes); the achieved bandwidth of each step row is printed after the table.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,14 +17,14 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import Case, run
+from benchmarks.harness import Case, sweep_main, verdict
 
 OP = "pgd"
 STEP_PROVIDERS = ("fastssl", "fastssl-cuda", "reference", "torchattacks-style")
 ATTACK_PROVIDERS = ("fastssl", "reference", "torchattacks")
 PROVIDERS = tuple(dict.fromkeys(STEP_PROVIDERS + ATTACK_PROVIDERS))
 MODES = ("step-linf", "step-l2", "attack-linf", "attack-l2")
-# CPU targets at B=64: fastssl step time / eager reference step time
+# CPU targets at B=64: fastssl step time / eager reference step time (README, "PGD")
 TARGETS = {"step-linf": 0.35, "step-l2": 0.5}
 EPS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (ε, α)
 PASSES = {"linf": 4, "l2": 7}  # tensors' worth of bytes moved by one fused step
@@ -123,10 +122,11 @@ def make_case(provider: str, mode: str, b: int, dtype: torch.dtype, device: str)
     return Case(provider, mode, dtype, shape, build, note=note)
 
 
-def cases(quick: bool, device: str, batch=None, providers=PROVIDERS, modes=MODES) -> list[Case]:
+def cases(quick: bool, device: str, batch=None, providers=PROVIDERS, modes=None) -> list[Case]:
+    """Every mode of MODES (the harness's --modes, forward/backward, does not apply to PGD)."""
     dtype = torch.float32
     out = []
-    for mode in modes:
+    for mode in MODES:
         if mode.startswith("step"):
             sizes = batch or ([256] if device == "cuda" else [64] if quick else [16, 64])
             names = [p for p in STEP_PROVIDERS if p in providers and (p != "fastssl-cuda" or _has_cuda_kernel(device))]
@@ -143,41 +143,28 @@ def _has_cuda_kernel(device: str) -> bool:
     return device == "cuda" and _ext.CUDA_ERROR is None
 
 
-def report_bandwidth(rows: list[dict], peak_gbps: float | None) -> None:
+def report_bandwidth(rows: list[dict]) -> None:
     """Achieved bandwidth of every step row (bytes moved by the fused step / time)."""
     for r in rows:
         if r.get("status") != "ok" or not r["mode"].startswith("step"):
             continue
         gbps = float(r["note"].removeprefix("bytes=")) / (float(r["median_ms"]) * 1e-3) / 1e9
-        share = f" ({100 * gbps / peak_gbps:.0f} % of {peak_gbps:.0f} GB/s)" if peak_gbps else ""
-        print(f"{r['provider']:>18} {r['mode']:<9} {r['shape']}: {gbps:.1f} GB/s at the fused step's traffic{share}")
+        print(f"{r['provider']:>18} {r['mode']:<9} {r['shape']}: {gbps:.1f} GB/s at the fused step's traffic")
 
 
 def check_targets(rows: list[dict]) -> None:
-    """Prints the issue's CPU targets (B=64) against the rows just measured."""
+    """The bandwidth of each step row, then the CPU targets (B=64) against the rows just measured."""
+    report_bandwidth(rows)
     ok = {(r["provider"], r["mode"], r["shape"]): r for r in rows if r.get("status") == "ok"}
     shape = "B=64,C=3,H=224,W=224"
     for mode, target in TARGETS.items():
         fs, ref = ok.get(("fastssl", mode, shape)), ok.get(("reference", mode, shape))
         if fs and ref:
-            t = fs["median_ms"] / ref["median_ms"]
-            print(f"target {mode} {shape}: {t:.3f} x eager step (want <= {target}) {'PASS' if t <= target else 'MISS'}")
+            print(f"target {mode} {shape}: " + verdict("time", fs["median_ms"] / ref["median_ms"], target))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--B", type=int, nargs="+", help="batch sizes")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--peak-gbps", type=float, help="memory bandwidth to compare with (H100 SXM: 3350)")
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(OP, cases(args.quick, device, args.B, args.providers, args.modes))
-    report_bandwidth(rows, args.peak_gbps)
-    if device == "cpu":
-        check_targets(rows)
-    return rows
+    return sweep_main(OP, __doc__, {"B": "batch sizes"}, PROVIDERS, cases, check_targets, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,15 @@
 """fastssl: kernel-accelerated losses and tools for self-supervised, semi-supervised and robust training."""
 
-from fastssl.adversarial import feature_attack, instance_attack, pgd_attack, pgd_step_, random_start, robust_accuracy
+from fastssl.adversarial import (
+    apgd_attack,
+    autoattack,
+    feature_attack,
+    instance_attack,
+    pgd_attack,
+    pgd_step_,
+    random_start,
+    robust_accuracy,
+)
 from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from fastssl.masking import (
     block_masking,
@@ -41,6 +50,8 @@ __all__ = [
     "NTXentLoss",
     "SoftMatchLoss",
     "__version__",
+    "apgd_attack",
+    "autoattack",
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",

@@ -6,12 +6,20 @@ each step the fused op :func:`fastssl.pgd_step_`. Gradients are taken with
 their ``requires_grad`` flags and the model's train/eval mode are left exactly as they were.
 The model runs in the mode it is in; call ``model.eval()`` first if batch-norm statistics and
 dropout should be frozen during the attack (torchattacks does that for you).
+
+Robust evaluation: :func:`apgd_attack` is APGD (Croce & Hein 2020) with auto-attack's iterates
+(`autopgd_base.py`; docs/design.md, "APGD"), and :func:`autoattack` runs the AutoAttack sequence.
+Their speed comes from fewer and fuller forward/backward passes: all target classes (and
+restarts) of a point run together as rows of one batch, and a point leaves the batch as soon as
+one of its rows is misclassified (auto-attack keeps it to the end of every run).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,9 +28,18 @@ from torch import Tensor
 
 from fastssl import _checks, _ext
 from fastssl.contrastive import nt_xent
-from fastssl.ops.pgd import NORMS, pgd_step_, pgd_step_op, step_sizes
+from fastssl.ops.pgd import NORMS, pgd_step, pgd_step_, step_sizes
 
-__all__ = ["feature_attack", "instance_attack", "pgd_attack", "pgd_step_", "random_start", "robust_accuracy"]
+__all__ = [
+    "apgd_attack",
+    "autoattack",
+    "feature_attack",
+    "instance_attack",
+    "pgd_attack",
+    "pgd_step_",
+    "random_start",
+    "robust_accuracy",
+]
 
 
 def random_start(
@@ -57,7 +74,7 @@ def _random_start(x: Tensor, eps: Tensor, norm: str, lo: float, hi: float, gener
     else:
         u = torch.randn(x.shape, generator=generator, dtype=acc, device=x.device)
         r = torch.rand(x.shape[0], generator=generator, dtype=acc, device=x.device).view(shape)
-        delta = u * (r * e / torch.linalg.vector_norm(u.flatten(1), dim=1).view(shape))
+        delta = u * (r * e / torch.linalg.vector_norm(u.reshape(x.shape[0], -1), dim=1).view(shape))  # [B] x too
     return torch.clamp(x.to(acc) + delta, lo, hi).to(x.dtype)
 
 
@@ -142,7 +159,7 @@ def pgd_attack(
                 objective, _ = _losses(model, x_adv, y, loss_fn, k, targeted)
                 (grad,) = torch.autograd.grad(objective, x_adv)
                 x_adv.requires_grad_(False)
-                pgd_step_op(x_adv, grad, rows, eps_k, alpha_k, norm, lo, hi, impl)
+                pgd_step(x_adv, grad, rows, eps_k, alpha_k, norm, lo, hi, impl)
         if restarts == 1:
             return x_adv
         with torch.no_grad():
@@ -217,6 +234,7 @@ def instance_attack(
     """
     _checks.batch("x1", x1)
     _checks.batch("x2", x2)
+    _checks.positive("temperature", temperature)  # checked here too: with steps=0 nt_xent never runs
     if x2.shape[0] != x1.shape[0]:
         raise ValueError(f"x2 has {x2.shape[0]} samples but x1 has {x1.shape[0]}")
     with torch.no_grad():
@@ -238,10 +256,10 @@ def feature_attack(encoder: Callable[[Tensor], Tensor], x: Tensor, **pgd) -> Ten
     """
     _checks.batch("x", x)
     with torch.no_grad():
-        z = encoder(x).flatten(1)
+        z = encoder(x).reshape(x.shape[0], -1)
 
     def loss_fn(z_adv: Tensor) -> Tensor:
-        return (z_adv.flatten(1) - z).pow(2).sum(1)
+        return (z_adv.reshape(z.shape) - z).pow(2).sum(1)
 
     return pgd_attack(encoder, x, None, loss_fn=loss_fn, **pgd)
 
@@ -251,9 +269,14 @@ def robust_accuracy(
     x: Tensor,
     y: Tensor,
     eps: Sequence[float] = (0, 2 / 255, 4 / 255, 8 / 255),
+    *,
+    attack: str = "pgd",
     **pgd,
 ) -> dict[float, float]:
-    """Accuracy under PGD at each ε: {ε: fraction of x classified as y after the attack}.
+    """Accuracy under PGD (or AutoAttack) at each ε: {ε: fraction of x classified as y after the attack}.
+
+    ``attack="autoattack"``: each ε > 0 by :func:`autoattack` (``pgd`` then holds its keyword
+    arguments: norm, version, steps, generator, progress, ...), one ε after another.
 
     Every ε > 0 is attacked in one batched run: x repeated once per ε, with per-sample ε (and α,
     which defaults to ε/4, pgd_attack's 2/255 at 8/255). ε = 0 is the clean accuracy (the
@@ -265,12 +288,16 @@ def robust_accuracy(
     y = _checks.labels("y", y, x.shape[0], x.device)
     if pgd.get("targeted"):
         raise ValueError("robust_accuracy measures untargeted robustness: targeted=True is not supported")
+    _checks.choice("attack", attack, ("pgd", "autoattack"))
     radii = [_checks.nonnegative("eps", e) for e in ((eps,) if isinstance(eps, numbers.Real) else eps)]
     if not radii:
         raise ValueError("eps must hold at least one radius")
     attacked = sorted({r for r in radii if r > 0})
     b, ndim = x.shape[0], x.dim()
     accuracy = {}
+    if attack == "autoattack":
+        accuracy = {r: autoattack(model, x, y, eps=r, **pgd)[1].double().mean().item() for r in attacked}
+        attacked = []
     if 0.0 in radii:
         with torch.no_grad():
             accuracy[0.0] = (model(x).argmax(1) == y).double().mean().item()
@@ -290,3 +317,316 @@ def robust_accuracy(
             correct = (model(x_adv).argmax(1) == y_rows).double().view(e, b).mean(1)
         accuracy.update(zip(attacked, correct.tolist(), strict=True))
     return {r: accuracy[r] for r in radii}
+
+
+# -- robust evaluation: APGD and AutoAttack ------------------------------------------------------------
+
+LOSSES = ("ce", "dlr")
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t")
+VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
+NOT_YET = ("fab-t", "square")  # issue 17 (d): not implemented yet
+
+
+def apgd_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    restarts: int = 1,
+    loss: str = "ce",
+    targeted: bool = False,
+    n_target_classes: int = 9,
+    rho: float = 0.75,
+    x_init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    early_stop: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """APGD-CE / APGD-DLR, or APGD-T (``targeted=True``: the targeted DLR loss against the 2nd …
+    (n_target_classes+1)-th highest clean logits); returns (x_adv, success) with success[b] True
+    where x_adv[b] is misclassified (points misclassified clean count as successes, x_adv = x there
+    and wherever the attack failed).
+
+    Args:
+        model: maps x [B, ...] to logits [B, C].
+        x, y: clean inputs inside ``bounds`` and their labels.
+        eps: radius of the L∞ ("linf") or L2 ("l2") ball.
+        steps: iterations N per run (auto-attack: 100); checkpoints as in docs/design.md, "APGD".
+        restarts: runs per point (per target with ``targeted``), each from its own random start.
+        loss: "ce" or "dlr" (untargeted).
+        rho: the checkpoint's threshold ρ.
+        x_init: the start of every run (no random start; needs restarts=1): from the same start
+            and a deterministic model the iterates are auto-attack's.
+        generator: draws the random starts (auto-attack's: x + ε·t/‖t‖, t uniform in [−1, 1] for
+            L∞, Gaussian for L2).
+        early_stop: a point leaves the batch when one of its runs misclassifies it (then x_adv is
+            that first misclassified iterate); False runs every point to the end as auto-attack
+            does (x_adv is the last misclassified iterate of the first successful run, its result).
+
+    All runs of all points robust so far go through the model together: (targets·restarts)·B rows.
+    """
+    _check_model(model)
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    eps = _checks.nonnegative("eps", eps, strict=True)
+    _checks.choice("norm", norm, NORMS)
+    steps = _checks.integer("steps", steps, minimum=1)
+    restarts = _checks.integer("restarts", restarts, minimum=1)
+    _checks.choice("loss", loss, LOSSES)
+    n_target_classes = _checks.integer("n_target_classes", n_target_classes, minimum=1)
+    rho = _checks.nonnegative("rho", rho)
+    lo, hi = _checks.interval("bounds", bounds)
+    _check_inside("x", x, lo, hi)
+    _checks.generator("generator", generator, x.device)
+    if x_init is not None:
+        _checks.batch("x_init", x_init)
+        _checks.like("x_init", x_init, "x", x)
+        if restarts != 1:
+            raise ValueError(f"x_init fixes the start of every run: restarts must be 1, got {restarts}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("apgd_attack needs gradients: call it outside torch.inference_mode()")
+    x, y = x.detach(), y.detach()
+    with torch.no_grad():
+        clean = model(x)
+    classes = _check_logits(clean, x.shape[0])
+    need = 4 if targeted else 3 if loss == "dlr" else 2
+    if classes < need:
+        raise ValueError(
+            f"the {'targeted dlr' if targeted else loss} loss needs ≥ {need} classes (model outputs), got {classes}"
+        )
+    if targeted and n_target_classes > classes - 1:
+        raise ValueError(f"n_target_classes must be at most classes − 1 = {classes - 1}, got {n_target_classes}")
+    robust = clean.argmax(1) == y
+    x_adv = x.clone()
+    idx = robust.nonzero().view(-1)
+    p = len(idx)
+    if p == 0:
+        return x_adv, ~robust
+    # rows: run-major (target, then restart), point-minor, as auto-attack's loops visit them
+    ranks = list(range(2, n_target_classes + 2)) if targeted else [None]
+    runs = len(ranks) * restarts
+    rep = (runs,) + (1,) * (x.dim() - 1)
+    x_rows, y_rows = x[idx].repeat(rep), y[idx].repeat(runs)
+    target = None
+    if targeted:
+        order = clean[idx].sort(dim=1)[1]
+        target = torch.cat([order[:, -r] for r in ranks for _ in range(restarts)])
+    group = torch.arange(p, device=x.device).repeat(runs)
+    start = x_init[idx].repeat(rep) if x_init is not None else _apgd_start(x_rows, eps, norm, generator)
+    x_best_adv, fooled = _apgd_rows(
+        model, x_rows, y_rows, target, group, start, eps, norm, steps, "dlr-t" if targeted else loss, rho, lo, hi,
+        early_stop,
+    )  # fmt: skip
+    fooled = fooled.view(runs, p)
+    won = fooled.any(0)
+    first = fooled.to(torch.int8).argmax(0)  # the first run (target, restart) that won
+    x_adv[idx[won]] = x_best_adv.view(runs, p, *x.shape[1:])[first[won], won.nonzero().view(-1)]
+    robust[idx[won]] = False
+    return x_adv, ~robust
+
+
+def _apgd_start(x: Tensor, eps: float, norm: str, generator) -> Tensor:
+    """auto-attack's start: x + ε·t/(‖t‖ + 1e-12), t ~ U(−1, 1) (L∞) or N(0, 1) (L2) per element."""
+    if norm == "linf":
+        t = 2 * torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 1
+    else:
+        t = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x + eps * torch.ones_like(x) * _normalize(t, norm)
+
+
+def _norms(v: Tensor, norm: str) -> Tensor:
+    flat = v.reshape(len(v), -1)
+    n = flat.abs().max(1)[0] if norm == "linf" else (flat**2).sum(-1).sqrt()
+    return n.view(-1, *([1] * (v.dim() - 1)))
+
+
+def _normalize(v: Tensor, norm: str) -> Tensor:
+    return v / (_norms(v, norm) + 1e-12)
+
+
+def _row_losses(logits: Tensor, y: Tensor, target: Tensor | None, loss: str) -> Tensor:
+    """Per-row CE, DLR or targeted DLR (docs/design.md, "APGD")."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    z, order = logits.sort(dim=1)
+    rows = torch.arange(len(y), device=y.device)
+    if loss == "dlr":
+        top_is_y = (order[:, -1] == y).to(logits.dtype)
+        other = z[:, -2] * top_is_y + z[:, -1] * (1 - top_is_y)
+        return -(logits[rows, y] - other) / (z[:, -1] - z[:, -3] + 1e-12)
+    return -(logits[rows, y] - logits[rows, target]) / (z[:, -1] - 0.5 * (z[:, -3] + z[:, -4]) + 1e-12)
+
+
+def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho, lo, hi, early_stop, trace=None):
+    """APGD on independent rows (docs/design.md, "APGD"); returns (x_best_adv, fooled) per row.
+
+    With early_stop, a group (a point's rows) leaves the active set when one of its rows is
+    misclassified. `trace`, a list, gets (row ids, x_adv after step i, step size of step i,
+    reduced at the checkpoint after step i or None) per step (the tests compare it).
+    """
+    n = len(x)
+    out_adv = x_start.clamp(lo, hi)
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    ids = torch.arange(n, device=x.device)
+
+    def loss_grad(x_adv, y, target):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x_adv)
+            per = _row_losses(logits, y, target, loss)
+            (g,) = torch.autograd.grad(per.sum(), x_adv)
+        return logits.detach().argmax(1) != y, per.detach(), g
+
+    def project(x1, x, e):
+        if norm == "linf":
+            return torch.clamp(torch.min(torch.max(x1, x - e), x + e), lo, hi)
+        d = x1 - x
+        return torch.clamp(x + _normalize(d, "l2") * torch.min(e * torch.ones_like(x), _norms(d, "l2")), lo, hi)
+
+    x_adv = out_adv.clone()
+    wrong, loss_cur, grad = loss_grad(x_adv, y, target)
+    st = {
+        "x": x, "y": y, "target": target, "group": group, "ids": ids, "x_adv": x_adv, "x_old": x_adv.clone(),
+        "x_best": x_adv.clone(), "grad": grad, "grad_best": grad.clone(), "loss_best": loss_cur.clone(),
+        "loss_last": loss_cur.clone(), "reduced_last": torch.ones(n, dtype=torch.bool, device=x.device),
+        "step": torch.full((n, *([1] * (x.dim() - 1))), 2.0 * eps, dtype=x.dtype, device=x.device),
+        "history": torch.zeros(n, steps, device=x.device),  # fp32 as auto-attack keeps it; [row, step]
+    }  # fmt: skip
+    e = torch.full((n, *([1] * (x.dim() - 1))), eps, dtype=x.dtype, device=x.device)
+    st["eps"] = e
+
+    def record(wrong):
+        rows = st["ids"][wrong]
+        out_adv[rows] = st["x_adv"][wrong]
+        fooled[rows] = True
+        if early_stop and bool(wrong.any()):
+            done = torch.zeros(n, dtype=torch.bool, device=x.device)
+            done[st["group"][wrong]] = True
+            keep = ~done[st["group"]]
+            for key, v in st.items():
+                if v is not None:
+                    st[key] = v[keep]
+
+    record(wrong)
+    k, counter = max(int(0.22 * steps), 1), 0
+    k_min, k_decr = max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+    for i in range(steps):
+        if len(st["ids"]) == 0:
+            break
+        used = st["step"].view(-1).clone()
+        x_adv, x0, e = st["x_adv"], st["x"], st["eps"]
+        grad2 = x_adv - st["x_old"]
+        st["x_old"] = x_adv.clone()
+        a = 0.75 if i > 0 else 1.0
+        if norm == "linf":
+            x1 = project(x_adv + st["step"] * torch.sign(st["grad"]), x0, e)
+        else:
+            x1 = project(x_adv + st["step"] * _normalize(st["grad"], "l2"), x0, e)
+        x_adv = project(x_adv + (x1 - x_adv) * a + grad2 * (1 - a), x0, e)
+        st["x_adv"] = x_adv
+        wrong, loss_cur, grad = loss_grad(x_adv, st["y"], st["target"])
+        st["grad"] = grad
+        st["history"][:, i] = loss_cur
+        better = loss_cur > st["loss_best"]
+        st["x_best"][better] = x_adv[better]
+        st["grad_best"][better] = grad[better]
+        st["loss_best"][better] = loss_cur[better]
+        snapshot = (st["ids"].clone(), x_adv.clone(), used) if trace is not None else None
+        record(wrong)
+        counter += 1
+        reduced = None
+        if counter == k:
+            # the loss rose in at most ρ·k of the window's k steps (index −1 wraps, as in auto-attack),
+            # or the step was not halved last time and the best loss did not improve
+            h = st["history"]
+            cols = torch.tensor([(i - c) % steps for c in range(k)], device=x.device)
+            prev = torch.tensor([(i - c - 1) % steps for c in range(k)], device=x.device)
+            ups = (h[:, cols] > h[:, prev]).float().sum(1)
+            reduced = (ups <= k * rho) | (~st["reduced_last"] & (st["loss_last"] >= st["loss_best"]))
+            st["reduced_last"], st["loss_last"] = reduced.clone(), st["loss_best"].clone()
+            st["step"][reduced] /= 2.0
+            st["x_adv"][reduced] = st["x_best"][reduced]
+            st["grad"][reduced] = st["grad_best"][reduced]
+            counter, k = 0, max(k - k_decr, k_min)
+        if trace is not None:
+            trace.append((*snapshot, None if reduced is None else (st["ids"].clone(), reduced)))
+    return out_adv, fooled
+
+
+def autoattack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    attacks: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    steps: int = 100,
+    n_target_classes: int = 9,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> tuple[Tensor, Tensor]:
+    """The AutoAttack sequence: each attack on the points still robust; returns (x_adv, robust).
+
+    ``version``: "standard" (APGD-CE → APGD-T → FAB-T → Square, auto-attack's) or "apgd"
+    (APGD-CE → APGD-T); or ``attacks``, a list of "apgd-ce", "apgd-dlr", "apgd-t". FAB-T and
+    Square are not implemented yet: "standard" raises NotImplementedError. With ``progress``, one
+    line per attack on stderr: robust accuracy after it and the time so far (as auto-attack logs).
+    ``batch_size`` caps the points per call of an attack (APGD-T runs n_target_classes rows per point).
+    """
+    if attacks is None:
+        _checks.choice("version", version, tuple(VERSIONS))
+        attacks = VERSIONS[version]
+    attacks = list(attacks)
+    for a in attacks:
+        if a in NOT_YET:
+            raise NotImplementedError(f"{a} is not implemented yet: use version='apgd' or attacks={list(ATTACKS)}")
+        _checks.choice("attacks", a, ATTACKS)
+    _check_model(model)
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    bs = x.shape[0] if batch_size is None else _checks.integer("batch_size", batch_size, minimum=1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        clean = model(x)
+    _check_logits(clean, x.shape[0])
+    robust = clean.argmax(1) == y
+    x_adv = x.detach().clone()
+    n = x.shape[0]
+    if progress:
+        print(f"initial accuracy: {robust.double().mean().item():.2%}", file=sys.stderr)
+    kw = dict(eps=eps, norm=norm, steps=steps, generator=generator, bounds=bounds)
+    for name in attacks:
+        idx = robust.nonzero().view(-1)
+        for c in range(0, len(idx), bs):
+            rows = idx[c : c + bs]
+            if name == "apgd-t":
+                adv, won = apgd_attack(model, x[rows], y[rows], targeted=True, n_target_classes=n_target_classes, **kw)
+            else:
+                adv, won = apgd_attack(model, x[rows], y[rows], loss=name.removeprefix("apgd-"), **kw)
+            x_adv[rows[won]] = adv[won]
+            robust[rows[won]] = False
+        if progress:
+            print(
+                f"robust accuracy after {name.upper()}: {robust.double().sum().item() / n:.2%} "
+                f"(total time {time.perf_counter() - t0:.1f} s)",
+                file=sys.stderr,
+            )
+    return x_adv, robust
+
+
+def _check_model(model) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+
+
+def _check_logits(out, b: int) -> int:
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b:
+        raise ValueError(f"model must return logits [B, C] with B = {b}, got {getattr(out, 'shape', type(out))}")
+    return out.shape[1]

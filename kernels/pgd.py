@@ -20,6 +20,9 @@ the same arithmetic in the same order):
     Sums and arithmetic are fp32 (fp64 for fp64).
  4. NaN is never turned into a number: sign(NaN) = NaN (torch.sign gives 0), and the clamps
     propagate NaN as torch.clamp does.
+ 5. The bounds reach the kernel as a [2] tensor in ACC: a Python float argument is typed fp32 by
+    compiled Triton (fp64 clamps would be off by ~1e-8), and the hi/lo pairs of kernels/_tiles.py
+    cannot carry ±inf (inf − inf is NaN). No kernel argument is a Python float.
 
 Non-contiguous tensors are made contiguous by the caller (fastssl/ops/pgd.py).
 """
@@ -89,10 +92,9 @@ def _pgd_step_kernel(
     Eps_ptr,  # [B] ACC
     Alpha_ptr,  # [B] ACC
     Partials_ptr,  # [B, blocks, 3] ACC from _pgd_l2_sums_kernel (L2 only)
+    Bounds_ptr,  # [2] ACC: (lo, hi), see (5)
     n,
     blocks,
-    lo,
-    hi,
     L2: tl.constexpr,
     ONE_BLOCK: tl.constexpr,  # a sample fits in one block: (3) from the tile itself
     ACC: tl.constexpr,
@@ -106,6 +108,8 @@ def _pgd_step_kernel(
     ptr_off = b * n + offs
     eps = tl.load(Eps_ptr + b)
     alpha = tl.load(Alpha_ptr + b)
+    lo = tl.load(Bounds_ptr)
+    hi = tl.load(Bounds_ptr + 1)
     x = tl.load(X_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
     x0 = tl.load(X0_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
     g = tl.load(G_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
@@ -175,6 +179,8 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
     meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, num_warps=_NUM_WARPS)
     one_block = blocks == 1
     partials = x_adv.new_empty(1 if one_block or not l2 else batch * blocks * 3, dtype=acc)
+    bounds = x_adv.new_full((2,), lo, dtype=acc)  # (5): fills on the device, no host-to-device copy (no sync)
+    bounds[1] = hi
     if l2 and not one_block:
         _pgd_l2_sums_kernel[grid](x_adv, x_orig, grad, partials, n, blocks, **meta)
     _pgd_step_kernel[grid](
@@ -184,10 +190,9 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
         eps,
         alpha,
         partials,
+        bounds,
         n,
         blocks,
-        float(lo),
-        float(hi),
         L2=l2,
         ONE_BLOCK=one_block,
         SUM_BLOCK=_SUM_BLOCK,

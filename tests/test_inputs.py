@@ -16,6 +16,7 @@ test, not a dead suite. Every public name of ``fastssl.__all__`` has at least on
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -98,6 +99,297 @@ def close_to(expected, rtol: float = 1e-5, atol: float = 1e-6):
 
 # ---------------------------------------------------------------------------------------------
 # adversarial: pgd_step_, random_start, pgd_attack, instance_attack, feature_attack, robust_accuracy
+
+_AX = torch.rand(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+_AY = torch.tensor([0, 1, 2, 1])
+_AG = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+torch.manual_seed(0)
+_AMODEL = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+_AENC = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+
+
+def _step(x_adv=None, grad=None, x_orig=None, **kw):
+    kw = {"eps": 0.1, "alpha": 0.01, **kw}
+    x_adv = _AX.clone() if x_adv is None else x_adv
+    return fastssl.pgd_step_(x_adv, _AG if grad is None else grad, _AX if x_orig is None else x_orig, **kw)
+
+
+def _linf_step(x, g, x0, eps, alpha, lo=0.0, hi=1.0):
+    return lambda: (x0 + (x + alpha * g.sign() - x0).clamp(-eps, eps)).clamp(lo, hi)
+
+
+def _attack(x=None, y="default", **kw):
+    return fastssl.pgd_attack(_AMODEL, _AX if x is None else x, _AY if isinstance(y, str) else y, **kw)
+
+
+def _in_box(eps):
+    return lambda r: bool(((r - _AX).abs() <= eps + 1e-6).all() and (r >= 0).all() and (r <= 1).all())
+
+
+_step_known = _linf_step(_AX, _AG, _AX, 0.1, 0.01)
+row("pgd_step_/known step", _step, gives(close_to(_step_known)))
+row(
+    "pgd_step_/1-D x",
+    lambda: _step(_AX.flatten().clone(), _AG.flatten(), _AX.flatten()),
+    gives(close_to(lambda: _step_known().flatten())),
+)
+row(
+    "pgd_step_/one sample", lambda: _step(_AX[:1].clone(), _AG[:1], _AX[:1]), gives(close_to(lambda: _step_known()[:1]))
+)
+row("pgd_step_/fp64", lambda: _step(_AX.double(), _AG.double(), _AX.double()), gives(close_to(_step_known)))
+row(
+    "pgd_step_/bf16",
+    lambda: _step(_AX.bfloat16(), _AG.bfloat16(), _AX.bfloat16()),
+    gives(close_to(_step_known, rtol=1e-2, atol=1e-2)),
+)
+row(
+    "pgd_step_/fp16",
+    lambda: _step(_AX.half(), _AG.half(), _AX.half()),
+    gives(close_to(_step_known, rtol=1e-3, atol=1e-3)),
+)
+row(
+    "pgd_step_/transposed x_adv",
+    lambda: _step(_AX.clone().transpose(2, 3), _AG.transpose(2, 3), _AX.transpose(2, 3)),
+    gives(close_to(lambda: _step_known().transpose(2, 3))),
+)
+row("pgd_step_/expanded x_adv", lambda: _step(_AX[:1].expand(4, 3, 2, 2)), raises(ValueError, "x_adv"))
+row(
+    "pgd_step_/expanded grad",
+    lambda: _step(grad=_AG[:1].expand(4, 3, 2, 2)),
+    gives(close_to(_linf_step(_AX, _AG[:1].expand(4, 3, 2, 2), _AX, 0.1, 0.01))),
+)
+row("pgd_step_/empty batch", lambda: _step(_AX[:0].clone(), _AG[:0], _AX[:0]), raises(ValueError, "x_adv"))
+row(
+    "pgd_step_/scalar x_adv",
+    lambda: _step(torch.tensor(0.5), torch.tensor(1.0), torch.tensor(0.5)),
+    raises(ValueError, "x_adv"),
+)
+row("pgd_step_/int x_adv", lambda: _step(torch.zeros(4, 3, dtype=torch.long)), raises(TypeError, "x_adv"))
+row("pgd_step_/complex x_adv", lambda: _step(torch.zeros(4, 3, dtype=torch.cfloat)), raises(TypeError, "x_adv"))
+row("pgd_step_/list x_adv", lambda: _step([[0.5]]), raises(TypeError, "x_adv"))
+row("pgd_step_/grad shape", lambda: _step(grad=_AG[:, :1]), raises(ValueError, "grad"))
+row("pgd_step_/grad dtype", lambda: _step(grad=_AG.double()), raises(TypeError, "grad"))
+row("pgd_step_/x_orig batch", lambda: _step(x_orig=_AX[:3]), raises(ValueError, "x_orig"))
+row("pgd_step_/NaN grad", lambda: _step(grad=_AG.masked_fill(_AG > 1, float("nan"))), gives(nonfinite))
+row("pgd_step_/inf grad", lambda: _step(grad=_AG * float("inf")), gives(close_to(_step_known)))
+row(
+    "pgd_step_/large grad l2",
+    lambda: _step(grad=_AG * 1e15, norm="l2"),
+    gives(close_to(lambda: _step(grad=_AG, norm="l2"))),
+)
+row("pgd_step_/tiny grad l2", lambda: _step(grad=_AG * 1e-30, norm="l2"), gives(close_to(_AX)))
+row("pgd_step_/zero grad", lambda: _step(grad=torch.zeros_like(_AG)), gives(close_to(_AX)))
+row("pgd_step_/eps 0", lambda: _step(eps=0.0), gives(close_to(_AX)))
+row("pgd_step_/eps huge", lambda: _step(eps=1e30), gives(close_to(_linf_step(_AX, _AG, _AX, 1e30, 0.01))))
+row("pgd_step_/eps negative", lambda: _step(eps=-0.1), raises(ValueError, "eps"))
+row("pgd_step_/eps NaN", lambda: _step(eps=float("nan")), raises(ValueError, "eps"))
+row("pgd_step_/eps inf", lambda: _step(eps=float("inf")), raises(ValueError, "eps"))
+row("pgd_step_/eps string", lambda: _step(eps="0.1"), raises(TypeError, "eps"))
+row("pgd_step_/eps bool", lambda: _step(eps=True), raises(TypeError, "eps"))
+row(
+    "pgd_step_/eps per sample",
+    lambda: _step(eps=torch.tensor([0.0, 0.1, 0.1, 0.1])),
+    gives(lambda r: bool(torch.equal(r[0], _AX[0]))),
+)
+row("pgd_step_/eps wrong shape", lambda: _step(eps=torch.full((3,), 0.1)), raises(ValueError, "eps"))
+row(
+    "pgd_step_/eps tensor with grad",
+    lambda: _step(eps=torch.full((4,), 0.1, requires_grad=True)),
+    gives(close_to(_step_known)),
+)
+row("pgd_step_/alpha 0", lambda: _step(alpha=0.0), raises(ValueError, "alpha"))
+row("pgd_step_/alpha tiny", lambda: _step(alpha=1e-30), gives(close_to(_AX)))
+row(
+    "pgd_step_/alpha NaN tensor",
+    lambda: _step(alpha=torch.tensor([0.1, float("nan"), 0.1, 0.1])),
+    raises(ValueError, "alpha"),
+)
+row("pgd_step_/norm", lambda: _step(norm="l1"), raises(ValueError, "norm"))
+row("pgd_step_/bounds reversed", lambda: _step(bounds=(1.0, 0.0)), raises(ValueError, "bounds"))
+row("pgd_step_/bounds NaN", lambda: _step(bounds=(0.0, float("nan"))), raises(ValueError, "bounds"))
+row(
+    "pgd_step_/bounds None",
+    lambda: _step(bounds=None),
+    gives(close_to(_linf_step(_AX, _AG, _AX, 0.1, 0.01, -1e9, 1e9))),
+)
+row("pgd_step_/impl", lambda: _step(impl="fast"), raises(ValueError, "impl"))
+
+row(
+    "random_start/linf in the box",
+    lambda: fastssl.random_start(_AX, 0.1, generator=torch.Generator().manual_seed(0)),
+    gives(_in_box(0.1)),
+)
+row(
+    "random_start/l2 1-D x",
+    lambda: fastssl.random_start(_AX.flatten(), 0.1, norm="l2"),
+    gives(lambda r: r.shape == (48,) and bool(((r - _AX.flatten()).abs() <= 0.1 + 1e-6).all())),
+)
+row("random_start/eps 0", lambda: fastssl.random_start(_AX, 0.0), gives(close_to(_AX)))
+row(
+    "random_start/eps per sample",
+    lambda: fastssl.random_start(_AX, torch.tensor([0.0, 0.1, 0.1, 0.1])),
+    gives(lambda r: bool(torch.equal(r[0], _AX[0]))),
+)
+row("random_start/eps negative", lambda: fastssl.random_start(_AX, -0.1), raises(ValueError, "eps"))
+row("random_start/x outside bounds", lambda: fastssl.random_start(_AX + 1, 0.1), raises(ValueError, "bounds"))
+row(
+    "random_start/x NaN",
+    lambda: fastssl.random_start(_AX.masked_fill(_AX > 0.5, float("nan")), 0.1),
+    raises(ValueError, "non-finite"),
+)
+row("random_start/empty", lambda: fastssl.random_start(_AX[:0], 0.1), raises(ValueError, "x"))
+row("random_start/generator type", lambda: fastssl.random_start(_AX, 0.1, generator=0), raises(TypeError, "generator"))
+row("random_start/norm", lambda: fastssl.random_start(_AX, 0.1, norm="linf2"), raises(ValueError, "norm"))
+
+row("pgd_attack/in the box", lambda: _attack(eps=0.1, alpha=0.03, steps=3), gives(_in_box(0.1)))
+row("pgd_attack/steps 0 no start", lambda: _attack(steps=0, random_start=False), gives(close_to(_AX)))
+row(
+    "pgd_attack/1-D x l2",
+    lambda: fastssl.pgd_attack(
+        lambda v: torch.stack([v, -v], 1),
+        _AX.flatten(),
+        torch.zeros(48, dtype=torch.long),
+        eps=0.1,
+        alpha=0.05,
+        steps=2,
+        norm="l2",
+    ),
+    gives(lambda r: r.shape == (48,) and bool(((r - _AX.flatten()).abs() <= 0.1 + 1e-6).all())),
+)
+row("pgd_attack/one sample", lambda: _attack(_AX[:1], _AY[:1], steps=2), gives(finite))
+row(
+    "pgd_attack/fp64",
+    lambda: fastssl.pgd_attack(copy.deepcopy(_AMODEL).double(), _AX.double(), _AY, steps=2),
+    gives(finite),
+)
+row("pgd_attack/eps negative", lambda: _attack(eps=-0.1), raises(ValueError, "eps"))
+row("pgd_attack/alpha 0", lambda: _attack(alpha=0.0), raises(ValueError, "alpha"))
+row("pgd_attack/steps negative", lambda: _attack(steps=-1), raises(ValueError, "steps"))
+row("pgd_attack/steps float", lambda: _attack(steps=2.0), raises(TypeError, "steps"))
+row("pgd_attack/restarts 0", lambda: _attack(restarts=0), raises(ValueError, "restarts"))
+row("pgd_attack/y length", lambda: _attack(y=_AY[:3]), raises(ValueError, "y"))
+row("pgd_attack/no y no loss", lambda: _attack(y=None), raises(ValueError, "loss_fn"))
+row("pgd_attack/loss_fn shape", lambda: _attack(loss_fn=lambda out, y: out), raises(ValueError, "loss_fn"))
+row(
+    "pgd_attack/model returns scalar",
+    lambda: fastssl.pgd_attack(lambda v: v.sum(), _AX, _AY),
+    raises(ValueError, "model"),
+)
+row("pgd_attack/model not callable", lambda: fastssl.pgd_attack(3, _AX, _AY), raises(TypeError, "model"))
+row("pgd_attack/x NaN", lambda: _attack(_AX.masked_fill(_AX > 0.5, float("nan"))), raises(ValueError, "non-finite"))
+row(
+    "pgd_attack/x inf",
+    lambda: _attack(_AX.masked_fill(_AX > 0.5, float("inf")), bounds=None),
+    raises(ValueError, "non-finite"),
+)
+row("pgd_attack/bounds", lambda: _attack(bounds=(0.0, 0.0)), raises(ValueError, "bounds"))
+row(
+    "pgd_attack/generator type",
+    lambda: _attack(generator="seed"),
+    raises(TypeError, "generator"),
+)
+
+_Z2 = _AX.flip(0)
+row(
+    "instance_attack/in the box",
+    lambda: fastssl.instance_attack(_AENC, _AX, _Z2, eps=0.1, alpha=0.03, steps=2),
+    gives(_in_box(0.1)),
+)
+row(
+    "instance_attack/temperature 0 steps 0",
+    lambda: fastssl.instance_attack(_AENC, _AX, _Z2, temperature=0, steps=0),
+    raises(ValueError, "temperature"),
+)
+row(
+    "instance_attack/temperature NaN",
+    lambda: fastssl.instance_attack(_AENC, _AX, _Z2, temperature=float("nan")),
+    raises(ValueError, "temperature"),
+)
+row("instance_attack/x2 batch", lambda: fastssl.instance_attack(_AENC, _AX, _Z2[:3]), raises(ValueError, "x2"))
+row("instance_attack/x1 int", lambda: fastssl.instance_attack(_AENC, _AX.long(), _Z2), raises(TypeError, "x1"))
+
+row(
+    "feature_attack/in the box",
+    lambda: fastssl.feature_attack(_AENC, _AX, eps=0.1, alpha=0.03, steps=2),
+    gives(_in_box(0.1)),
+)
+row(
+    "feature_attack/1-D embeddings",
+    lambda: fastssl.feature_attack(lambda v: v.flatten(1).sum(1), _AX, eps=0.1, steps=2),
+    gives(_in_box(0.1)),
+)
+row("feature_attack/eps NaN", lambda: fastssl.feature_attack(_AENC, _AX, eps=float("nan")), raises(ValueError, "eps"))
+row("feature_attack/empty", lambda: fastssl.feature_attack(_AENC, _AX[:0]), raises(ValueError, "x"))
+
+row(
+    "robust_accuracy/clean only",
+    lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY, eps=0),
+    gives(lambda r: list(r) == [0.0] and r[0.0] == (_AMODEL(_AX).argmax(1) == _AY).double().mean().item()),
+)
+row(
+    "robust_accuracy/in [0, 1]",
+    lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY, eps=(0.0, 0.1), steps=2),
+    gives(lambda r: all(0 <= v <= 1 for v in r.values())),
+)
+row(
+    "apgd_attack/success is misclassified",
+    lambda: fastssl.apgd_attack(_AMODEL, _AX, _AY, eps=0.1, steps=5),
+    gives(lambda r: bool(torch.equal(r[1], _AMODEL(r[0]).argmax(1) != _AY))),
+)
+row("apgd_attack/eps 0", lambda: fastssl.apgd_attack(_AMODEL, _AX, _AY, eps=0.0), raises(ValueError, "eps"))
+row(
+    "apgd_attack/dlr with 2 classes",
+    lambda: fastssl.apgd_attack(lambda v: _AMODEL(v)[:, :2], _AX, _AY % 2, eps=0.1, loss="dlr"),
+    raises(ValueError, "classes"),
+)
+row(
+    "apgd_attack/targeted with 3 classes",
+    lambda: fastssl.apgd_attack(_AMODEL, _AX, _AY, eps=0.1, targeted=True),
+    raises(ValueError, "classes"),
+)
+row(
+    "apgd_attack/x outside bounds",
+    lambda: fastssl.apgd_attack(_AMODEL, _AX + 1, _AY, eps=0.1),
+    raises(ValueError, "bounds"),
+)
+row(
+    "apgd_attack/model output 1-D",
+    lambda: fastssl.apgd_attack(lambda v: v.flatten(1).sum(1), _AX, _AY, eps=0.1),
+    raises(ValueError, "model"),
+)
+row(
+    "autoattack/standard not yet",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1),
+    raises(NotImplementedError, "fab-t"),
+)
+row(
+    "autoattack/version",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, version="plus"),
+    raises(ValueError, "version"),
+)
+row(
+    "autoattack/attacks",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, attacks=["pgd"]),
+    raises(ValueError, "attacks"),
+)
+row(
+    "autoattack/apgd-ce",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, attacks=["apgd-ce"], steps=5, progress=False),
+    gives(lambda r: bool(torch.equal(r[1], _AMODEL(r[0]).argmax(1) == _AY))),
+)
+row(
+    "robust_accuracy/eps negative",
+    lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY, eps=(0.1, -0.1)),
+    raises(ValueError, "eps"),
+)
+row("robust_accuracy/eps empty", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY, eps=()), raises(ValueError, "eps"))
+row(
+    "robust_accuracy/targeted",
+    lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY, targeted=True),
+    raises(ValueError, "targeted"),
+)
+row("robust_accuracy/float labels", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY.float()), raises(TypeError, "y"))
+row("robust_accuracy/labels length", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY[:2]), raises(ValueError, "y"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from _assertions import assert_verbose_allclose
 from torch import nn
 
 import fastssl
-from fastssl.ops.pgd import pgd_step_op
+from fastssl.ops.pgd import pgd_step
 from fastssl.reference import pgd as reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -146,7 +146,7 @@ def test_step_nan_gradient_gives_nan(impl):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_opcheck(impl, norm):
     x0, x, g, eps, alpha = _step_inputs((3, 2, 5))
-    torch.library.opcheck(pgd_step_op, (x, g, x0, eps, alpha, norm, 0.0, 1.0, impl))
+    torch.library.opcheck(pgd_step, (x, g, x0, eps, alpha, norm, 0.0, 1.0, impl))
 
 
 def test_torch_compile_fullgraph():
@@ -265,6 +265,66 @@ def test_random_start():
     assert torch.equal(again, linf)  # the generator makes the draw repeatable
     clamped = fastssl.random_start(x, eps, generator=torch.Generator().manual_seed(0))
     assert_verbose_allclose(clamped, linf.clamp(0, 1), name="clamped start")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_one_dimensional_x(norm):
+    """x of shape [B] (one value per sample), as pgd_step_ takes it: random_start and pgd_attack too (issue 13, 6)."""
+    x = torch.rand(6, dtype=torch.float64)
+    start = fastssl.random_start(x, 0.1, norm=norm, generator=torch.Generator().manual_seed(0), bounds=None)
+    assert start.shape == x.shape and ((start - x).abs() <= 0.1 + 1e-12).all()
+    w = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    model = lambda v: torch.stack([v * w, -v * w], 1)  # [B] -> [B, 2] logits
+    y = torch.zeros(6, dtype=torch.long)
+    kw = dict(eps=0.1, alpha=0.03, steps=3, norm=norm)
+    ours = fastssl.pgd_attack(model, x, y, random_start=False, **kw)
+    expected = reference.pgd_attack(lambda v: F.cross_entropy(model(v), y), x, x, **kw)
+    assert_verbose_allclose(ours, expected, rtol=1e-12, atol=1e-14)
+    assert fastssl.pgd_attack(model, x, y, generator=torch.Generator().manual_seed(0), **kw).shape == x.shape
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
+def test_step_expanded_x_adv_raises(impl):
+    """An expanded x_adv (stride 0) would be written through one element many times (issue 13, 11)."""
+    x0 = torch.rand(4, 5)
+    x = torch.rand(1, 5).expand(4, 5)
+    with pytest.raises(ValueError, match="x_adv"):
+        fastssl.pgd_step_(x, torch.randn(4, 5), x0, eps=0.1, alpha=0.01, impl=impl)
+    # expanded grad and x_orig are only read: fine
+    g = torch.randn(1, 5).expand(4, 5)
+    out = fastssl.pgd_step_(x0.clone(), g, x0, eps=0.1, alpha=0.01, impl=impl)
+    assert_verbose_allclose(out, (x0 + 0.01 * g.sign()).clamp(0, 1))
+
+
+def test_triton_bounds_at_input_precision(monkeypatch):
+    """The Triton step gets no Python float (compiled Triton types one as fp32: fp64 clamps off by ~1e-8,
+    which the interpreter hides), and its bounds arrive in the accumulation dtype (issue 12, 5)."""
+    import fastssl.kernels.pgd as kernels
+
+    seen = []
+    real = kernels._pgd_step_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(args)
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_pgd_step_kernel", Recorder())
+    lo, hi = 1 / 3, 2 / 3  # not fp32 numbers
+    for dtype in (torch.float64, torch.float32):
+        x0 = torch.full((2, 3), 0.5, dtype=dtype)
+        g = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 1.0]], dtype=dtype)
+        x = fastssl.pgd_step_(x0.clone(), g, x0, eps=1.0, alpha=1.0, bounds=(lo, hi), impl="triton")
+        args = seen.pop()
+        assert not any(isinstance(a, float) for a in args), [type(a).__name__ for a in args]
+        bounds = [a for a in args if isinstance(a, torch.Tensor) and a.shape == (2,)]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert bounds and all(b.dtype == acc for b in bounds)
+        want = torch.tensor([[hi, lo, 0.5], [lo, hi, hi]], dtype=torch.float64).to(dtype)
+        assert torch.equal(x, want), (x - want).abs().max()
 
 
 # -- label-free attacks and robustness curves ------------------------------------------------------------------
@@ -427,6 +487,8 @@ def test_step_bad_input(args, kwargs, error, match):
         (fastssl.robust_accuracy, {"targeted": True}, ValueError, "targeted"),
         (fastssl.robust_accuracy, {"y": Y.float()}, TypeError, "y"),
         (fastssl.instance_attack, {"x2": X[:3]}, ValueError, "x2"),
+        (fastssl.instance_attack, {"temperature": 0.0, "steps": 0}, ValueError, "temperature"),
+        (fastssl.instance_attack, {"temperature": -1.0, "steps": 0}, ValueError, "temperature"),
     ],
 )
 def test_other_bad_input(fn, kwargs, error, match):

@@ -6,8 +6,11 @@ For every sample b of x_adv [B, ...] (the clean input x0, the loss gradient g, r
     L∞:  x ← clamp(x0 + clamp(x + α·sign(g) − x0, −ε, ε), lo, hi)                             (1)
     L2:  x' = x + α·g/(‖g‖ + 1e-10),  δ = x' − x0,  x ← clamp(x0 + min(1, ε/‖δ‖)·δ, lo, hi)    (2)
 
-(torchattacks' PGD and PGDL2, in the same order of operations). The step is the custom op
-`fastssl::pgd_step_`, which mutates x_adv: the C++ kernel (csrc/cpu/pgd.cpp) on CPU tensors, the
+(torchattacks' PGD and PGDL2, in the same order of operations). The step is named `pgd_step` in
+every layer (docs/design.md, "PGD"): the custom op `fastssl::pgd_step` (:func:`pgd_step` here),
+which mutates x_adv, and :func:`pgd_step_`, its checked public form (a trailing underscore for
+in place, as torch's `add_`); `reference.pgd.pgd_step`; the kernels `pgd_step_cpu`, `pgd_step_cuda`
+and `kernels/pgd.py` `pgd_step`: the C++ kernel (csrc/cpu/pgd.cpp) on CPU tensors, the
 Triton kernel (kernels/pgd.py) on CUDA tensors, and the CUDA C++ kernel (csrc/cuda/pgd.cu) with
 impl="cuda" (not the default until a GPU run shows it correct and faster). Each is one pass over
 memory for (1) and two for (2), where eager PyTorch makes a dozen or more.
@@ -24,8 +27,8 @@ from fastssl.reference import pgd as reference
 NORMS = ("linf", "l2")
 
 
-@torch.library.custom_op("fastssl::pgd_step_", mutates_args=("x_adv",))
-def pgd_step_op(
+@torch.library.custom_op("fastssl::pgd_step", mutates_args=("x_adv",))
+def pgd_step(
     x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Tensor, norm: str, lo: float, hi: float, impl: str
 ) -> None:
     """Unchecked step (1)/(2) on x_adv in place; eps, alpha: [B] in x's accumulation dtype."""
@@ -43,7 +46,7 @@ def pgd_step_op(
         x_adv.copy_(work)
 
 
-@pgd_step_op.register_fake
+@pgd_step.register_fake
 def _(x_adv, grad, x_orig, eps, alpha, norm, lo, hi, impl):
     return None
 
@@ -78,6 +81,12 @@ def pgd_step_(
     Tensor-valued eps/alpha are checked with one device sync (skipped under torch.compile).
     """
     _checks.batch("x_adv", x_adv)
+    # 1: some elements share memory (expanded, stride 0); not traceable, so eager only
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x_adv) == 1:
+        raise ValueError(
+            f"x_adv is updated in place, so its elements must not share memory; got strides {x_adv.stride()} "
+            "(an expanded tensor?): pass x_adv.clone()"
+        )
     for name, t in (("grad", grad), ("x_orig", x_orig)):
         _checks.batch(name, t)
         _checks.like(name, t, "x_adv", x_adv)
@@ -86,7 +95,7 @@ def pgd_step_(
     lo, hi = _checks.interval("bounds", bounds)
     impl = _ext.resolve_impl(impl, x_adv.device)
     with torch.no_grad():  # a step is not differentiated; x_adv may be a leaf that requires grad
-        pgd_step_op(x_adv, grad, x_orig, eps_b, alpha_b, norm, lo, hi, impl)
+        pgd_step(x_adv, grad, x_orig, eps_b, alpha_b, norm, lo, hi, impl)
     return x_adv
 
 
