@@ -247,9 +247,11 @@ def masked_mse_loss(
     Args:
         pred: [B, L, P] predicted patches (the decoder's output).
         target: [B, L, P] target patches (:func:`patchify` of the images), any floating dtype; it is
-            not differentiated.
+            not differentiated. With norm_pix, values beyond about 1e19 overflow the fp32 variance
+            (as in MAE's code): use fp64 there.
         mask: [B, L], 1 (True) on the patches to average over, 0 elsewhere: random_masking's mask.
-            Non-negative float weights give the weighted mean Σ w·mse / Σ w.
+            Non-negative float weights give the weighted mean Σ w·mse / Σ w; the mask is not
+            differentiated.
         norm_pix: normalise each target patch by its mean and unbiased variance (eps 1e-6) first,
             as MAE's norm_pix_loss (needs P > 1).
         impl: as for :func:`random_masking`.
