@@ -78,3 +78,10 @@ info: build
 
 clean:
 	rm -rf build *.egg-info fastssl/_C*.so $(VENV)/.built
+
+# pytest-benchmark over the quick sizes: one test per op and provider (benchmarks/pytest_bench.py, which
+# `make test` does not collect). PYTEST_ARGS="--benchmark-autosave" saves a run under .benchmarks/,
+# "--benchmark-compare" compares with the latest saved one, "--benchmark-json=FILE" writes its JSON.
+.PHONY: bench-pytest
+bench-pytest: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest benchmarks/pytest_bench.py --benchmark-columns=min,median,max,rounds $(PYTEST_ARGS)

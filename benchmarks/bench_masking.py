@@ -1,8 +1,9 @@
 """Masking: fastssl against MAE's code (the reference, eager and under torch.compile), time and peak memory.
 
-    python benchmarks/bench_masking.py [--quick] [--B 256] [--parts random_masking loss] [--dtypes float32]
+    python benchmarks/bench_masking.py [--quick] [--B 256] [--providers fastssl reference] [--modes forward]
 
-Parts (the mode column reads "<part> <forward|forward+backward>"):
+Parts, each in fp32 and bf16 (fp32 only with --quick on the CPU); the mode column reads
+"<part> <forward|forward+backward>", and --modes picks the second word:
   random_masking  noise, ranks, mask and the gather of the visible tokens (MAE: argsort, argsort,
                   gather with an index expanded to [B, keep, D]); backward = the scatter into x
   unshuffle       the decoder's input from the visible tokens and the mask token, and its backward
@@ -12,7 +13,6 @@ Shapes are MAE ViT-B/16 at 224 px: L = 196 patches, D = 768, P = 16·16·3 = 768
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, run
+from benchmarks.harness import Case, sweep_main, verdict
 from fastssl.reference import masking as reference
 
 OP = "masking"
@@ -87,15 +87,15 @@ def make_case(provider: str, part: str, mode: str, b: int, dtype: torch.dtype, d
     return Case(provider, f"{part} {mode}", dtype, {"B": b, "L": L, "D": D}, build)
 
 
-def cases(quick: bool, device: str, batch=None, parts=PARTS, dtypes=None, providers=PROVIDERS) -> list[Case]:
+def cases(quick: bool, device: str, batch=None, providers=PROVIDERS, modes=None) -> list[Case]:
     batch = batch or ([256] if quick else [64, 256, 1024])
-    dtypes = dtypes or (["float32"] if quick and device == "cpu" else list(DTYPES))
+    dtypes = ["float32"] if quick and device == "cpu" else list(DTYPES)
     if quick:
         providers = [p for p in providers if p != "reference-compile"]  # compile time dominates a quick run
     out = []
-    for part in parts:
-        modes = ["forward+backward"] if part == "loss" else ["forward", "forward+backward"]
-        for mode in modes:
+    for part in PARTS:
+        part_modes = ["forward+backward"] if part == "loss" else ["forward", "forward+backward"]
+        for mode in (m for m in part_modes if not modes or m in modes):
             for dtype in dtypes:
                 for provider in providers:
                     out.extend(make_case(provider, part, mode, b, DTYPES[dtype], device) for b in batch)
@@ -103,35 +103,18 @@ def cases(quick: bool, device: str, batch=None, parts=PARTS, dtypes=None, provid
 
 
 def check_targets(rows: list[dict]) -> None:
-    """Prints the issue's CPU targets (B = 256) against the rows just measured."""
+    """Prints the CPU targets (B = 256) against the rows just measured."""
     ok = {(r["provider"], r["mode"], r["dtype"], r["shape"]): r for r in rows if r.get("status") == "ok"}
     shape = f"B=256,L={L},D={D}"
     for mode, target in TARGETS.items():
         for dtype in DTYPES:
             fs, ref = ok.get(("fastssl", mode, dtype, shape)), ok.get(("reference", mode, dtype, shape))
             if fs and ref:
-                t = fs["median_ms"] / ref["median_ms"]
-                verdict = "PASS" if t <= target else "MISS"
-                print(f"target {mode} {dtype} B=256: time {t:.3f} x reference (want <= {target}) {verdict}")
+                print(f"target {mode} {dtype} B=256: " + verdict("time", fs["median_ms"] / ref["median_ms"], target))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--B", type=int, nargs="+", help="batch sizes")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(
-        OP,
-        cases(args.quick, device, args.B, args.parts, args.dtypes, args.providers),
-        budget_s=1.0 if args.quick else 3.0,
-    )
-    if device == "cpu":
-        check_targets(rows)
-    return rows
+    return sweep_main(OP, __doc__, {"B": "batch sizes"}, PROVIDERS, cases, check_targets, argv)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,20 @@
-"""Masked image modelling in Triton: MAE's random masking, its gather, the unshuffle, the masked loss.
+"""Masked image modelling in Triton: MAE's rank, gather and unshuffle, and the masked MSE loss.
 
-Same contract as the C++ kernels (csrc/cpu/masking.cpp); fastssl/ops/masking.py calls
-`masking_rank`, `masking_gather`, `masking_unshuffle` and `masked_mse_fwd` (He et al. 2022, MAE).
+The math is docs/design.md, "Masking" (rank, gather, unshuffle, masked MSE); same contract as the
+C++ kernels (csrc/cpu/masking.cpp); fastssl/ops/masking.py calls `masking_rank`, `masking_gather`,
+`masking_unshuffle` and `masked_mse_fwd`.
 
-A sequence of N = P + L rows holds P prefix tokens (a class token), always kept, and L patch tokens.
-Patch i of sample b has rank r_i = ids_restore[b, i] in the sample's noise; it is visible when
-r_i < keep and then sits at row P + r_i of the visible sequence [B, P + keep, D].
+A sequence of N = P + L rows holds P prefix tokens, always kept, and L patch tokens; patch i of
+sample b, with rank r_i = ids_restore[b, i], is visible when r_i < keep and then sits at row P + r_i.
 
- 1. Rank. r_i = #{j : n_j < n_i, or n_j = n_i and j < i}, the inverse of a stable argsort (MAE
-    takes argsort(argsort(noise))). A program compares BLOCK_I noise values with all L of its
-    sample, BLOCK_J at a time: O(L²) comparisons, no sort, no second pass to invert the permutation.
- 2. Gather. Each input row knows its destination (row P + r_i when r_i < keep, its own row when it
-    is a prefix token), so the gather is written as a scatter without collisions: ranks are
-    distinct. With SUM_MASKED the rows with r_i ≥ keep are summed per program into
-    Partial[b·n_blocks + block] (no atomics; the host adds the partials): this is the mask token's
-    gradient when the gather is the unshuffle's backward.
- 3. Unshuffle. Output row P + i reads visible row P + r_i when r_i < keep, else the mask token.
-    (2) and (3) are each other's adjoint, so each is the other's backward.
-    Ranks outside [0, keep) count as masked: a corrupted ids_restore never leads out of bounds.
- 4. Masked MSE, one program per patch row r with weight w_r, P values in BLOCK_P chunks:
-       t̂ = (t − mean t)/sqrt(var t + 1e-6), unbiased variance (NORM_PIX, MAE's norm_pix_loss), else t;
-       RowLoss[r] = w_r·(1/P)·Σ_k (p_k − t̂_k)²;  Grad[r, k] = 2 w_r (p_k − t̂_k)/(P·Σw).
-    Mean and variance take two passes over the chunks (mean first: no cancellation in E[t²] − E[t]²);
-    the third pass forms the difference. A row with w_r = 0 is not read (loss and gradient 0).
-    Accumulation is fp32 (fp64 for fp64 inputs, for gradcheck).
+* Rank: a program compares BLOCK_I noise values with all L of its sample, BLOCK_J at a time.
+* Gather: written as a scatter (each input row knows its destination; ranks are distinct); with
+  SUM_MASKED the masked rows are summed per program into Partial[b·n_blocks + block] (no atomics;
+  the host adds the partials).
+* Unshuffle: output row P + i reads visible row P + r_i, or the mask token. Ranks outside [0, keep)
+  count as masked: a corrupted ids_restore never leads out of bounds.
+* Masked MSE: one program per patch row, P values in BLOCK_P chunks, three passes (mean, variance,
+  difference); a row of weight 0 is not read.
 
 Row indices are int64 before they meet a stride; strides are passed for every tensor, so rows of
 non-contiguous inputs are read in place (the last dim must be dense, which the host ensures).
@@ -55,7 +46,7 @@ def _masking_rank_kernel(
     for j0 in range(0, L, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         n_j = tl.load(Noise_ptr + b * Noise_stride_b + j, mask=j < L, other=0.0)
-        # (1): j precedes i in a stable sort
+        # j precedes i in a stable sort
         before = (n_j[None, :] < n_i[:, None]) | ((n_j[None, :] == n_i[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum((before & (j < L)[None, :]).to(tl.int64), axis=1)
     tl.store(Ids_ptr + b * Ids_stride_b + i, rank, mask=i_ok)
@@ -90,7 +81,7 @@ def _masking_gather_kernel(
     prefix = rows < num_prefix
     r = tl.load(Ids_ptr + b * Ids_stride_b + (rows - num_prefix), mask=row_ok & ~prefix, other=-1)
     visible = (r >= 0) & (r < keep)
-    # (2): prefix rows stay where they are; a visible patch goes to row P + r
+    # prefix rows stay where they are; a visible patch goes to row P + r
     dest = tl.where(prefix, rows, num_prefix + r)
     kept = row_ok & (prefix | visible)
     if SUM_MASKED:  # every row is read; otherwise only the kept ones
@@ -138,7 +129,7 @@ def _masking_unshuffle_kernel(
     row_ok = rows < N
     prefix = rows < num_prefix
     r = tl.load(Ids_ptr + b * Ids_stride_b + (rows - num_prefix), mask=row_ok & ~prefix, other=-1)
-    # (3): a prefix row or a visible patch reads the visible sequence, a masked patch the token
+    # a prefix row or a visible patch reads the visible sequence, a masked patch the token
     from_v = row_ok & (prefix | ((r >= 0) & (r < keep)))
     src = tl.where(prefix, rows, num_prefix + r)
     vals = tl.load(
@@ -178,7 +169,7 @@ def _masked_mse_kernel(
     target_row = Target_ptr + r * Target_stride_r
     grad_row = Grad_ptr + r * Grad_stride_r
     offs = tl.arange(0, BLOCK_P)
-    if w == 0:  # (4): not a masked patch, not read
+    if w == 0:  # not a masked patch: not read
         tl.store(RowLoss_ptr + r, w)
         if NEED_GRAD:
             for p0 in range(0, P, BLOCK_P):
@@ -215,7 +206,7 @@ def _masked_mse_kernel(
 
 @launcher
 def masking_rank(noise: Tensor) -> Tensor:
-    """ids_restore [B, L] int64: each value's rank in its row, ties in index order (1)."""
+    """ids_restore [B, L] int64: each value's rank in its row, ties in index order."""
     noise = noise.to(torch.float32)
     b, l = noise.shape
     ids = torch.empty((b, l), dtype=torch.int64, device=noise.device)
@@ -234,7 +225,7 @@ def masking_rank(noise: Tensor) -> Tensor:
 def masking_gather(
     x: Tensor, ids_restore: Tensor, keep: int, num_prefix: int, sum_masked: bool
 ) -> tuple[Tensor, Tensor]:
-    """(visible [B, P + keep, D], Σ of masked rows [B·blocks, D] fp32/fp64 or [0, D]) as in (2)."""
+    """(visible [B, P + keep, D], Σ of masked rows [B·blocks, D] fp32/fp64 or [0, D]): the gather."""
     if x.stride(2) != 1:
         x = x.contiguous()
     b, n, d = x.shape
@@ -255,7 +246,7 @@ def masking_gather(
 
 @launcher
 def masking_unshuffle(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, num_prefix: int) -> Tensor:
-    """[B, P + L, D]: the visible rows back in place, the mask token elsewhere (3)."""
+    """[B, P + L, D]: the visible rows back in place, the mask token elsewhere: the unshuffle."""
     if visible.stride(2) != 1:
         visible = visible.contiguous()
     b, _, d = visible.shape
@@ -278,7 +269,7 @@ def masking_unshuffle(visible: Tensor, ids_restore: Tensor, mask_token: Tensor, 
 def masked_mse_fwd(
     pred: Tensor, target: Tensor, weight: Tensor, weight_sum: Tensor, norm_pix: bool, need_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    """(w_r·ℓ_r per row [B·L] fp32/fp64, ∂loss/∂pred [B, L, P] in pred's dtype or [0]) as in (4)."""
+    """(w_r·ℓ_r per row [B·L] fp32/fp64, ∂loss/∂pred [B, L, P] in pred's dtype or [0]): the masked MSE."""
     p = pred.shape[-1]
     pred2, target2 = pred.reshape(-1, p), target.reshape(-1, p)
     if pred2.stride(1) != 1:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from _assertions import assert_lowprec_close, assert_verbose_allclose
 
 import fastssl
+from fastssl import masking
 from fastssl.ops import masking as ops
 from fastssl.reference import masking as reference
 
@@ -124,7 +127,7 @@ def test_seeds_reproduce_masks():
 def _masking_grads(impl, x, token, weights, p, ratio=0.75):
     x = x.detach().clone().requires_grad_()
     token = token.detach().clone().requires_grad_()
-    visible, _, ids = fastssl.random_masking(x, ratio, generator=_gen(9), num_prefix_tokens=p, impl=impl)
+    visible, _, ids = fastssl.random_masking(x, ratio, generator=_gen(9, x.device), num_prefix_tokens=p, impl=impl)
     out = fastssl.unshuffle(visible * 2, ids, token, num_prefix_tokens=p, impl=impl)
     return out, torch.autograd.grad((out.float() * weights).sum(), (x, token))
 
@@ -341,6 +344,32 @@ def test_masked_mse_backward_accumulates(impl):
         torch.autograd.grad(fastssl.masked_mse_loss(pred, target, mask, impl=impl), pred, create_graph=True)
 
 
+@pytest.mark.parametrize("impl", KERNELS)
+def test_masked_mse_gradient_is_not_a_buffer_the_graph_holds(impl):
+    """Issue 13: with retain_graph, zeroing pred.grad in place (or through .data) and calling backward
+    again gives the gradient again: backward never hands autograd a buffer the graph still holds."""
+    pred, target, mask = _loss_inputs(2, 5, 6, torch.float32)
+    pred.requires_grad_()
+    loss = fastssl.masked_mse_loss(pred, target, mask, impl=impl)
+    (ref,) = torch.autograd.grad(fastssl.masked_mse_loss(pred, target, mask, impl="reference"), pred)
+    for zero in (lambda g: g.zero_(), lambda g: g.data.zero_()):
+        loss.backward(retain_graph=True)
+        zero(pred.grad)
+        loss.backward(retain_graph=True)
+        assert_verbose_allclose(pred.grad, ref, rtol=1e-5, atol=1e-8, name="grad after zeroing .grad")
+        pred.grad = None
+
+
+def test_masking_grads_follow_the_tensors_device(monkeypatch):
+    """Issue 12: the helper the GPU test calls draws its masks on the tensors' device (a CPU generator
+    with CUDA tensors raised). Checked on the meta device, with the generator creation recorded."""
+    seen = []
+    monkeypatch.setattr(sys.modules[__name__], "_gen", lambda seed, device="cpu": seen.append(torch.device(device)))
+    x, token, weights = (torch.empty(s, device="meta") for s in ((2, 6, 3), (3,), (2, 6, 3)))
+    out, _ = _masking_grads("reference", x, token, weights, 1)
+    assert out.shape == (2, 6, 3) and seen == [torch.device("meta")]
+
+
 def test_masked_mse_convergence_matches_reference():
     """A tiny masked autoencoder trained with the kernels and with MAE's code ends in the same place."""
     torch.manual_seed(1)  # four near-copies of one pattern per image: masked patches are predictable
@@ -412,7 +441,7 @@ def test_blocks_before_top_up(case):
     (h, w), n, min_block = case
     b = 48
     lo, hi = 0.3, 1 / 0.3
-    mask, blocks = ops._place_blocks(b, h, w, n, min_block, lo, hi, _gen(5), torch.device("cpu"))
+    mask, blocks = masking._place_blocks(b, h, w, n, min_block, lo, hi, _gen(5), torch.device("cpu"))
     union = torch.zeros(b, h, w, dtype=torch.bool)
     kept = blocks[..., 2] > 0  # [rounds, B]
     assert kept.any(0).float().mean() > 0.9  # nearly every sample got blocks
@@ -423,7 +452,7 @@ def test_blocks_before_top_up(case):
         union[s, top : top + bh, left : left + bw] = True
     assert torch.equal(mask, union)
     assert (mask.sum((1, 2)) <= n).all()
-    final = ops._top_up(mask, n, _gen(6))
+    final = masking._top_up(mask, n, _gen(6))
     assert (final | mask).equal(final) and torch.equal(final.sum((1, 2)), torch.full((b,), n))
 
 
@@ -431,7 +460,7 @@ def test_block_masks_cover_like_beit():
     """Before the top-up our batched rounds place about as much of the budget as BEiT's own loop."""
     gen = reference.BeitMaskingGenerator((14, 14), 75, 16, seed=0)
     beit_masks = torch.stack([gen() for _ in range(100)])
-    mask, _ = ops._place_blocks(160, 14, 14, 75, 16, 0.3, 1 / 0.3, _gen(1), torch.device("cpu"))
+    mask, _ = masking._place_blocks(160, 14, 14, 75, 16, 0.3, 1 / 0.3, _gen(1), torch.device("cpu"))
     ours, beit = mask.sum((1, 2)).float(), beit_masks.sum((1, 2)).float()
     assert ours.mean() > beit.mean() - 2.0, (ours.mean(), beit.mean())
     # and the masks are as blocky: a masked patch's neighbours are masked about as often
@@ -439,8 +468,8 @@ def test_block_masks_cover_like_beit():
 
 
 def test_top_up_grows_blocks():
-    mask, _ = ops._place_blocks(128, 14, 14, 75, 16, 0.3, 1 / 0.3, _gen(2), torch.device("cpu"))
-    final = ops._top_up(mask, 75, _gen(3))
+    mask, _ = masking._place_blocks(128, 14, 14, 75, 16, 0.3, 1 / 0.3, _gen(2), torch.device("cpu"))
+    final = masking._top_up(mask, 75, _gen(3))
     added = final & ~mask
     assert added.sum() > 0
     m = torch.nn.functional.pad(mask.float(), (1, 1, 1, 1))
@@ -460,7 +489,7 @@ def test_block_masks_reproducible():
 # -- ColorMAE noise masks ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("color", ops.COLORS)
+@pytest.mark.parametrize("color", masking.COLORS)
 @pytest.mark.parametrize("grid, ratio", [((14, 14), 0.75), ((7, 9), 0.5), ((14, 14), 0.0), ((3, 3), 0.9)])
 def test_noise_masks_have_exact_counts(color, grid, ratio):
     mask = fastssl.noise_masking(32, grid, ratio, color=color, generator=_gen(0))
@@ -480,7 +509,8 @@ def _band_power(field: torch.Tensor) -> torch.Tensor:
 
 def test_noise_spectrum_follows_its_colour():
     white = _band_power(torch.randn(256, 28, 28))
-    p = {c: _band_power(ops.colored_noise(256, (14, 14), c, generator=_gen(1), crop=False)) / white for c in ops.COLORS}
+    fields = {c: masking.colored_noise(256, (14, 14), c, generator=_gen(1), crop=False) for c in masking.COLORS}
+    p = {c: _band_power(f) / white for c, f in fields.items()}
     low, mid, high = 0, 1, 2
     assert p["red"][low] > 3 * p["red"][mid] and p["red"][mid] > 3 * p["red"][high]  # low-pass
     assert p["blue"][high] > 2 * p["blue"][mid] and p["blue"][mid] > 2 * p["blue"][low]  # high-pass
@@ -490,7 +520,8 @@ def test_noise_spectrum_follows_its_colour():
 
 def test_noise_masks_spatial_structure():
     """Red masks are smooth (masked patches sit among masked ones), blue ones spread out, green between."""
-    frac = {c: _masked_neighbour_fraction(fastssl.noise_masking(128, color=c, generator=_gen(2))) for c in ops.COLORS}
+    masks = {c: fastssl.noise_masking(128, color=c, generator=_gen(2)) for c in masking.COLORS}
+    frac = {c: _masked_neighbour_fraction(m) for c, m in masks.items()}
     random = torch.rand(128, 196).argsort(1).argsort(1).view(128, 14, 14) < 147
     white = _masked_neighbour_fraction(random)
     assert frac["red"] > frac["green"] > frac["blue"], frac
@@ -542,6 +573,10 @@ IDS = torch.arange(5).expand(2, 5)
         (fastssl.masked_mse_loss, (X, X[:, :4], torch.ones(2, 5)), {}, ValueError, "target"),
         (fastssl.masked_mse_loss, (X, X, torch.zeros(2, 5)), {}, ValueError, "mask"),
         (fastssl.masked_mse_loss, (X, X, -torch.ones(2, 5)), {}, ValueError, "mask"),
+        (fastssl.masked_mse_loss, (X, X, torch.full((2, 5), float("inf"))), {}, ValueError, "mask"),
+        (fastssl.masked_mse_loss, (X, X, torch.tensor([[float("inf")] + [1.0] * 4] * 2)), {}, ValueError, "mask"),
+        (fastssl.masked_mse_loss, (X, X, torch.tensor([[float("nan")] + [1.0] * 4] * 2)), {}, ValueError, "mask"),
+        (fastssl.masked_mse_loss, (X, X, torch.full((2, 5), 3e38)), {}, ValueError, "mask"),
         (fastssl.masked_mse_loss, (X, X, torch.ones(2, 5)), {"norm_pix": 1}, TypeError, "norm_pix"),
         (fastssl.masked_mse_loss, (X[..., :1], X[..., :1], torch.ones(2, 5)), {"norm_pix": True}, ValueError, "P"),
         (fastssl.masked_mse_loss, (X[0], X[0], torch.ones(5)), {}, ValueError, "pred"),
@@ -602,6 +637,6 @@ def test_gpu_masks_exact_counts():
     gen = _gen(0, "cuda")
     blocks = fastssl.block_masking(256, generator=gen, device="cuda")
     assert blocks.is_cuda and torch.equal(blocks.sum((1, 2)).cpu(), torch.full((256,), 75))
-    for color in ops.COLORS:
+    for color in masking.COLORS:
         noise = fastssl.noise_masking(256, color=color, generator=gen)
         assert noise.is_cuda and torch.equal(noise.sum((1, 2)).cpu(), torch.full((256,), 147))

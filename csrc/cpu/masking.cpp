@@ -1,27 +1,18 @@
-// Masked image modelling on the CPU: MAE's random masking, its gather and unshuffle, and the
-// masked MSE loss with its gradient in one pass (He et al. 2022, "Masked Autoencoders Are
-// Scalable Vision Learners"; fastssl/ops/masking.py defines the ops around these kernels).
+// Masked image modelling on the CPU: MAE's rank, gather and unshuffle, and the masked MSE loss with
+// its gradient in one sweep (He et al. 2022). The math is docs/design.md, "Masking"; the ops around
+// these kernels are in fastssl/ops/masking.py.
 //
-// Token layout shared by the gather and the unshuffle kernels: a sequence of N = P + L rows holds
-// P prefix tokens (a class token), which are always kept, and L patch tokens. For patch i,
-// r_i = ids_restore[b, i] is its rank in the sample's noise; it is visible when r_i < keep, and
-// then it sits at row P + r_i of the visible sequence [B, P + keep, D].
-//  1. masking_rank:      r_i = #{j : n_j < n_i, or n_j = n_i and j < i}: a stable argsort's inverse,
-//                        i.e. MAE's argsort(argsort(noise)) with ties broken by index.
-//  2. masking_gather:    visible[b, P + r_i] = x[b, P + i] for r_i < keep (prefix rows copied as they
-//                        are); optionally sum_{i : r_i >= keep} x[b, P + i], which is the gradient
-//                        of the mask token when this gather is the unshuffle's backward.
-//  3. masking_unshuffle: out[b, P + i] = visible[b, P + r_i] if r_i < keep else the mask token.
-//     (2) and (3) are each other's adjoint: each is the other's backward.
-// Values of ids_restore outside [0, keep) are treated as masked, so a corrupted index can never
-// read or write outside the tensors. Rows are moved with memcpy, for every dtype.
-//
-//  4. masked_mse_fwd: for row r (a patch) with weight w_r, target t and prediction p of P values,
-//       t̂ = (t − mean t) / sqrt(var t + 1e-6)  with the unbiased variance (norm_pix; MAE), else t,
-//       ℓ_r = (1/P) Σ_k (p_k − t̂_k)²,   loss = Σ_r w_r ℓ_r / Σ_r w_r,
-//       ∂loss/∂p_k = 2 w_r (p_k − t̂_k) / (P Σ_r w_r).
-//     The kernel returns w_r ℓ_r per row and, when asked, the gradient (the target is not
-//     differentiated, as in MAE). Rows with w_r = 0 are not read: their loss and gradient are 0.
+// A sequence of N = P + L rows holds P prefix tokens (a class token), always kept, and L patch tokens;
+// patch i, with rank r_i = ids_restore[b, i], is visible when r_i < keep and sits at row P + r_i of
+// the visible sequence [B, P + keep, D].
+//  masking_rank:      r_i = #{j : n_j < n_i, or n_j = n_i and j < i}, MAE's argsort(argsort(noise)).
+//  masking_gather:    visible[b, P + r_i] = x[b, P + i] for r_i < keep, prefix rows copied as they are;
+//                     optionally the sum of the masked rows (the mask token's gradient).
+//  masking_unshuffle: out[b, P + i] = visible[b, P + r_i] if r_i < keep else the mask token.
+// Values of ids_restore outside [0, keep) count as masked, so a corrupted index can never read or
+// write outside the tensors. Rows are moved with memcpy, for every dtype.
+//  masked_mse_fwd:    w_r ℓ_r per row and, when asked, ∂loss/∂p = 2 w_r (p − t̂)/(P Σw); rows with
+//                     w_r = 0 are not read: their loss and gradient are 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
