@@ -21,9 +21,20 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
+from fastssl.prototypes import (
+    DINOLoss,
+    IBOTLoss,
+    dino_loss,
+    ibot_loss,
+    koleo_loss,
+    swav_loss,
+    teacher_temperature_schedule,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "DINOLoss",
+    "IBOTLoss",
     "InfoNCELoss",
     "KNNClassifier",
     "MemoryQueue",
@@ -32,13 +43,16 @@ __all__ = [
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
+    "dino_loss",
     "feature_attack",
+    "ibot_loss",
     "info_nce",
     "instance_attack",
     "kmeans",
     "knn_classify",
     "knn_pseudo_labels",
     "knn_search",
+    "koleo_loss",
     "masked_mse_loss",
     "mochi_logits",
     "mochi_loss",
@@ -50,6 +64,8 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "swav_loss",
+    "teacher_temperature_schedule",
     "unpatchify",
     "unshuffle",
 ]
