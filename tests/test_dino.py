@@ -3,16 +3,17 @@ main_dino.py, DINOv2 and main_swav.py), against lightly's losses (a peer), and k
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
-import types
+import os
 
+import _peers
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _assertions import assert_verbose_allclose
+from test_info_nce import _free_port
 
 import fastssl
 from fastssl.reference import dino as reference
@@ -61,6 +62,17 @@ def test_dino_loss_matches_reference(v, g, b, k, d, centering):
     ref = _loss_and_grads(_dino, student, weight, *args, impl="reference", **kw)
     _assert_same(ours, ref)
     assert ours[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn", "none"])
+@pytest.mark.parametrize(("v", "g", "b", "k", "d"), [(3, 2, 5, 70, 20), (2, 1, 3, 7, 100)])
+def test_dino_loss_triton_interpreted(v, g, b, k, d, centering):
+    """The Triton kernels (interpreted on CPU tensors): several K blocks, D in one and in two chunks."""
+    student, teacher, weight, teacher_weight, center = _inputs(v, g, b, k, d)
+    kw = dict(n_global_crops=g, centering=centering)
+    args = (teacher, teacher_weight, center)
+    ours = _loss_and_grads(_dino, student, weight, *args, impl="triton", **kw)
+    _assert_same(ours, _loss_and_grads(_dino, student, weight, *args, impl="reference", **kw))
 
 
 def test_dino_loss_known_values():
@@ -144,43 +156,15 @@ def test_teacher_temperature_schedule_is_dinos():
     assert len(ours) == 100 and np.allclose(ours, ref, rtol=0, atol=1e-15)
 
 
-# -- lightly, a peer (its loss modules import torchvision only for names they never call) ------------------
-
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {"__init__": lambda self, *a, **k: None})
-
-
-class _StubTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] == "torchvision":
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _StubModule(spec.name)
-        module.__path__, module.__version__ = [], "0.0"
-        return module
-
-    def exec_module(self, module):
-        pass
+# -- lightly, a peer ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def lightly_loss():
-    pytest.importorskip("lightly")
-    finder = None
-    if importlib.util.find_spec("torchvision") is None:
-        finder = _StubTorchvision()
-        sys.meta_path.insert(0, finder)
     try:
-        return importlib.import_module("lightly.loss")
-    finally:
-        if finder is not None:
-            sys.meta_path.remove(finder)
+        return _peers.lightly_loss()
+    except ImportError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize(("v", "b", "k"), [(2, 5, 7), (8, 3, 1000)])
@@ -202,7 +186,7 @@ def test_dino_loss_matches_lightly(lightly_loss, v, b, k):
     assert_verbose_allclose(module.center, peer.center.view(k), rtol=1e-10, atol=1e-12, name="center")
 
 
-# -- iBOT -----------------------------------------------------------------------------------------------------------
+# -- iBOT -------------------------------------------------------------------------------------------
 
 
 def _masked_tokens(n_images=3, h=4, w=5, m=13, k=40, d=16):
@@ -228,7 +212,7 @@ def test_ibot_loss_matches_reference(centering, weighted):
 
 
 def test_ibot_loss_matches_lightly(lightly_loss):
-    mask, token_weights, student, teacher, weight, teacher_weight, center = _masked_tokens()
+    mask, token_weights, student, teacher, weight, teacher_weight, _ = _masked_tokens()
     peer = lightly_loss.IBOTPatchLoss(40, teacher_temp=0.0625, center_momentum=0.9).double()
     module = fastssl.IBOTLoss(40, teacher_temperature=0.0625).double()
     for step in range(2):  # the second step with the updated centers
@@ -243,7 +227,7 @@ def test_ibot_loss_matches_lightly(lightly_loss):
         _assert_same(_loss_and_grads(ours, student, weight), _loss_and_grads(theirs, student, weight))
 
 
-# -- SwAV -------------------------------------------------------------------------------------------------------------
+# -- SwAV -------------------------------------------------------------------------------------------
 
 
 def _swav_inputs(v=6, b=4, k=30, d=16, q=9, g=2):
@@ -280,18 +264,17 @@ def test_swav_loss_matches_lightly(lightly_loss):
     _assert_same(ours, _loss_and_grads(theirs, z, prototypes))
 
 
-# -- KoLeo --------------------------------------------------------------------------------------------------------------
+# -- KoLeo ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("n", "d"), [(2, 1), (37, 8), (300, 3)])
 def test_koleo_loss_matches_reference_and_lightly(lightly_loss, n, d):
-    x = torch.randn(n, d, dtype=torch.float64)
-    ours = _loss_and_grads(lambda x, _: fastssl.koleo_loss(x), x, torch.zeros(1, requires_grad=True))
-    x_ref = x.clone().requires_grad_()
-    ref = reference.koleo_loss(x_ref)
-    assert_verbose_allclose(ours[0], ref, rtol=1e-12, atol=1e-12, name="loss")
-    assert_verbose_allclose(ours[1], torch.autograd.grad(ref, x_ref)[0], rtol=1e-10, atol=1e-12, name="grad")
-    assert_verbose_allclose(ours[0], lightly_loss.KoLeoLoss()(x), rtol=1e-12, atol=1e-12, name="lightly")
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    ours, ref = fastssl.koleo_loss(x), reference.koleo_loss(x)
+    assert_verbose_allclose(ours, ref, rtol=1e-12, atol=1e-12, name="loss")
+    grad, grad_ref = (torch.autograd.grad(loss, x)[0] for loss in (ours, ref))
+    assert_verbose_allclose(grad, grad_ref, rtol=1e-10, atol=1e-12, name="grad")
+    assert_verbose_allclose(ours, lightly_loss.KoLeoLoss()(x), rtol=1e-12, atol=1e-12, name="lightly")
 
 
 def test_koleo_loss_ties_and_duplicates():
@@ -302,4 +285,57 @@ def test_koleo_loss_ties_and_duplicates():
     expected = -(2 * np.log(eps * 2**0.5 + eps) + np.log(2**0.5 + eps)) / 3
     assert abs(float(fastssl.koleo_loss(x)) - expected) < 1e-9
     antipodes = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
-    assert abs(float(fastssl.koleo_loss(antipodes)) + np.log(2 + 2 * eps)) < 1e-12
+    # pairwise_distance adds eps to the difference: ‖(2 + eps, eps)‖ ≈ 2 + eps and ‖(−2 + eps, eps)‖ ≈ 2 − eps
+    expected = -(np.log(2 + 2 * eps) + np.log(2)) / 2
+    assert abs(float(fastssl.koleo_loss(antipodes)) - expected) < 1e-12
+
+
+# -- torch.distributed (gloo): the Sinkhorn sums and the center are all-reduced ----------------------------
+
+
+def _dino_from_q(s, q, v, g, tau_s=0.1):
+    """main_dino.py's pair loop on logits s [V·B, K] against a given teacher distribution q [G·B, K]."""
+    lsm = F.log_softmax(s / tau_s, dim=-1).chunk(v)
+    terms = [-(qg * lsm[i]).sum(-1).mean() for j, qg in enumerate(q.chunk(g)) for i in range(v) if i != j]
+    return sum(terms) / len(terms)
+
+
+def _distributed_worker(rank, world, port, counts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same whole batch on every rank; rank r holds samples mine
+        v, g, k, d = 3, 2, 20, 8
+        total = sum(counts)
+        student, teacher, weight, teacher_weight, center = _inputs(v, g, total, k, d, scale=1.0)
+        start = sum(counts[:rank])
+        mine = torch.arange(start, start + counts[rank])
+        rows = lambda n_crops: torch.cat([c * total + mine for c in range(n_crops)])
+        s_mine, t_mine = student[rows(v)], teacher[rows(g)]
+        # Sinkhorn: this rank's rows of the assignment of the whole batch
+        q_all = _reference_sinkhorn(teacher @ teacher_weight.t(), 0.04, 3)
+        # DINOv2 counts B = local rows × world size: its reference holds for equal counts only
+        for impl in ("cpp", "reference") if len(set(counts)) == 1 else ("cpp",):
+            loss = fastssl.dino_loss(s_mine, t_mine, weight, teacher_weight, centering="sinkhorn", impl=impl)
+            expected = _dino_from_q(s_mine @ weight.t(), q_all[rows(g)], v, g)
+            assert_verbose_allclose(loss, expected, rtol=1e-10, atol=1e-12, name=f"rank {rank} sinkhorn loss {impl}")
+        # the center: the EMA of the whole batch's mean teacher logit
+        module = fastssl.DINOLoss(k, center_momentum=0.7).double()
+        module.center.copy_(center)
+        module(s_mine, t_mine, weight, teacher_weight)
+        expected = 0.7 * center + 0.3 * (teacher @ teacher_weight.t()).mean(0)
+        assert_verbose_allclose(module.center, expected, rtol=1e-10, atol=1e-12, name=f"rank {rank} center")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_sinkhorn_and_center_equal_one_process(world):
+    """The Sinkhorn codes of each rank's rows and the updated center equal those of one process on
+    the whole batch: ranks with equal numbers of samples (also the reference, DINOv2's all-reduce),
+    and with different numbers."""
+    counts = {2: [3, 3], 4: [3, 5, 1, 4]}[world]
+    mp.spawn(_distributed_worker, args=(world, _free_port(), counts), nprocs=world)

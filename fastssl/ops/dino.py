@@ -37,7 +37,7 @@ def dino_teacher_lse(
     teacher: Tensor, teacher_weight: Tensor, shift: Tensor, inv_tau: float, impl: str
 ) -> tuple[Tensor, Tensor]:
     """(LSE_k(inv_tau·t_rk + shift_k), max_k of the same) per teacher row [R], t = teacher·teacher_weightᵀ."""
-    kernel = _ext.kernel(impl, teacher.device, cpp="dino_teacher_lse_cpu")
+    kernel = _ext.kernel(impl, teacher.device, cpp="dino_teacher_lse_cpu", triton="dino.dino_teacher_lse")
     lse, row_max = kernel(teacher, teacher_weight, shift, inv_tau)
     return lse, row_max
 
@@ -53,7 +53,7 @@ def dino_sinkhorn_sums(
     teacher: Tensor, teacher_weight: Tensor, inv_tau: float, shift: float, u: Tensor, v: Tensor, impl: str
 ) -> tuple[Tensor, Tensor]:
     """With E_rk = exp(inv_tau·t_rk − shift)·u_k·v_r: (Σ_r E_rk [K], Σ_k E_rk [R])."""
-    kernel = _ext.kernel(impl, teacher.device, cpp="dino_sinkhorn_sums_cpu")
+    kernel = _ext.kernel(impl, teacher.device, cpp="dino_sinkhorn_sums_cpu", triton="dino.dino_sinkhorn_sums")
     rows, cols = kernel(teacher, teacher_weight, inv_tau, shift, u, v)
     return rows, cols
 
@@ -77,7 +77,7 @@ def dino_loss_stats(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """(lse [N], dot [G, N]) of (1), with q from a [G, K] and beta [R]; G = a.shape[0], B = R/G."""
-    kernel = _ext.kernel(impl, student.device, cpp="dino_loss_fwd_cpu")
+    kernel = _ext.kernel(impl, student.device, cpp="dino_loss_fwd_cpu", triton="dino.dino_loss_fwd")
     lse, dots = kernel(student, weight, teacher, teacher_weight, a, beta, inv_tau_s, inv_tau_t)
     return lse, dots
 
@@ -104,7 +104,7 @@ def dino_loss_stats_backward(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """(dL/dstudent, dL/dweight): G = (grad_lse·p + Σ_g grad_dots_g·q_g)/τ_s, then G·weight and Gᵀ·student."""
-    kernel = _ext.kernel(impl, student.device, cpp="dino_loss_bwd_cpu")
+    kernel = _ext.kernel(impl, student.device, cpp="dino_loss_bwd_cpu", triton="dino.dino_loss_bwd")
     return kernel(grad_lse, grad_dots, student, weight, teacher, teacher_weight, a, beta, lse, inv_tau_s, inv_tau_t)
 
 
@@ -328,7 +328,12 @@ def swav_loss(
     impl: str = "auto",
 ) -> Tensor:
     """SwAV's swapped-prediction loss fused with the prototype layer; see :func:`fastssl.swav_loss`."""
-    _check_prototype_inputs(z, z, prototypes, prototypes, temperature, epsilon, "sinkhorn", sinkhorn_iterations)
+    _checks.features("z", z)
+    _checks.features("prototypes", prototypes)
+    _checks.like("prototypes", prototypes, "z", z, dims=[1])
+    _checks.positive("temperature", temperature)
+    _checks.positive("epsilon", epsilon)
+    _checks.integer("sinkhorn_iterations", sinkhorn_iterations)
     v = _checks.integer("n_crops", n_crops, minimum=2)
     g = _checks.integer("n_crops_for_assign", n_crops_for_assign, minimum=1)
     if g > v:
@@ -336,7 +341,7 @@ def swav_loss(
     b = _crops("z", z.shape[0], v, "n_crops =")
     if queue is not None:
         _checks.features("queue", queue, ndim=queue.dim() if isinstance(queue, Tensor) and queue.dim() == 3 else 2)
-        _checks.like("queue", queue, "z", z, dims=[queue.dim() - 1])
+        _checks.like("queue", queue.reshape(-1, queue.shape[-1]), "z", z, dims=[1])
         if queue.dim() == 3 and queue.shape[0] != g:
             raise ValueError(f"queue [n_crops_for_assign, Q, d] must have {g} queues, got shape {tuple(queue.shape)}")
     impl = _ext.resolve_impl(impl, z.device)
