@@ -241,7 +241,25 @@ def dino_loss(
     sinkhorn_iterations: int = 3,
     impl: str = "auto",
 ) -> Tensor:
-    """DINO's loss fused with the last layer; see :func:`fastssl.dino_loss`."""
+    """DINO's loss (main_dino.py's `DINOLoss`) fused with the student's and teacher's last layer.
+
+    Args:
+        student: [V·B, d] the student head's output before its last layer (DINO L2-normalises it;
+            the op does not), crop-major: rows v·B … (v+1)·B − 1 are crop v, the first
+            `n_global_crops` crops the global ones.
+        teacher: [n_global_crops·B, d] the same for the teacher's global crops (no gradient).
+        weight: [K, d] the student's last layer as used (with `weight_norm`, the normalised weight;
+            its gradient flows back through the parametrisation).
+        teacher_weight: [K, d] the teacher's last layer (no gradient).
+        center: [K] or [1, K] DINO's center for ``centering="center"`` (None: a zero center).
+        centering: "center" (softmax((t − c)/τ_t)), "sinkhorn" (DINOv2's Sinkhorn-Knopp over the
+            teacher rows of every rank, `sinkhorn_iterations` iterations) or "none" (softmax(t/τ_t)).
+        impl: "auto", "reference" (the logits materialised) or "cpp".
+
+    Returns the mean over the pairs (g, v ≠ g) of mean_b −Σ_k q_{g,b,k} log softmax(s_{v,b}/τ_s)_k,
+    s = student·weightᵀ, t = teacher·teacher_weightᵀ (DINOv2's `DINOLoss` sums over the pairs: multiply
+    by their number). Gradients reach `student` and `weight` only. fp32 (fp64 for fp64 inputs).
+    """
     _check_prototype_inputs(
         student, teacher, weight, teacher_weight, student_temperature, teacher_temperature, centering,
         sinkhorn_iterations,
@@ -286,7 +304,14 @@ def ibot_loss(
     sinkhorn_iterations: int = 3,
     impl: str = "auto",
 ) -> Tensor:
-    """iBOT's masked-token loss fused with the last layer; see :func:`fastssl.ibot_loss`."""
+    """iBOT's masked patch loss (DINOv2's `iBOTPatchLoss.forward_masked`) fused with the last layer.
+
+    `student`, `teacher`: the masked patch tokens [M, d] before the last layer, token p of the
+    student against token p of the teacher. Returns −(1/n_images) Σ_p w_p Σ_k q_{p,k} log
+    softmax(s_p/τ_s)_k with w = `token_weights` (DINOv2's `masks_weight`, 1/(masked tokens of p's
+    image); None: 1) and `n_images` (None: M, the mean over tokens). With ``centering="sinkhorn"``
+    the masked tokens of every rank form one assignment problem, as in DINOv2.
+    """
     _check_prototype_inputs(
         student, teacher, weight, teacher_weight, student_temperature, teacher_temperature, centering,
         sinkhorn_iterations,
@@ -327,7 +352,15 @@ def swav_loss(
     queue: Tensor | None = None,
     impl: str = "auto",
 ) -> Tensor:
-    """SwAV's swapped-prediction loss fused with the prototype layer; see :func:`fastssl.swav_loss`."""
+    """SwAV's loss (main_swav.py) fused with the prototype layer.
+
+    `z` [n_crops·B, d]: the normalised embeddings, crop-major; `prototypes` [K, d] (SwAV normalises
+    them before each step). The codes of each of the first `n_crops_for_assign` crops come from
+    `distributed_sinkhorn` (ε = `epsilon`, no gradient) over that crop's rows, after the rows of
+    `queue` ([Q, d] shared by the assigned crops, or [n_crops_for_assign, Q, d] one each, as SwAV's);
+    every other crop's softmax(z·prototypesᵀ/temperature) is scored against them and the terms are
+    averaged as SwAV does. The queue is read, not updated (fastssl.MemoryQueue can hold it).
+    """
     _checks.features("z", z)
     _checks.features("prototypes", prototypes)
     _checks.like("prototypes", prototypes, "z", z, dims=[1])
@@ -374,7 +407,14 @@ def batch_center(teacher: Tensor, teacher_weight: Tensor) -> Tensor:
 
 
 def koleo_loss(x: Tensor, *, eps: float = 1e-8) -> Tensor:
-    """DINOv2's KoLeo regulariser with O(N·D) memory; see :func:`fastssl.koleo_loss`."""
+    """DINOv2's KoLeo regulariser: −mean_i log(‖x̂_i − x̂_nn(i) + eps‖ + eps), x̂ the rows normalised
+    and nn(i) the row of largest cosine with x̂_i other than i itself, found in row blocks (O(N·D)
+    memory; no gradient through the choice).
+
+    Ties go to the lowest index. The row itself is never its own neighbour (lightly's −2 on the
+    diagonal; DINOv2's −1 could tie with an antipodal row). A duplicate row is the nearest
+    neighbour at distance eps·√D, a finite, large term. At least two rows.
+    """
     _checks.features("x", x)
     eps = _checks.positive("eps", eps)
     n = x.shape[0]
@@ -392,8 +432,9 @@ def koleo_loss(x: Tensor, *, eps: float = 1e-8) -> Tensor:
     return -torch.log(distances + eps).mean()
 
 
-def temperature_schedule(warmup: float, final: float, warmup_epochs: int, epochs: int) -> list[float]:
-    """DINO's teacher temperature per epoch: linear from `warmup` to `final` over `warmup_epochs`, then `final`."""
+def teacher_temperature_schedule(warmup: float, final: float, warmup_epochs: int, epochs: int) -> list[float]:
+    """DINO's teacher temperature per epoch (main_dino.py): `warmup_epochs` values from `warmup` to
+    `final` (numpy.linspace), then `final`; index it by epoch."""
     _checks.positive("warmup", warmup)
     _checks.positive("final", final)
     w = _checks.integer("warmup_epochs", warmup_epochs)
