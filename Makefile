@@ -24,8 +24,9 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel pybind11 ninja numpy triton faiss-cpu pytest pytest-benchmark matplotlib \
 		ruff scikit-learn scipy tqdm pytorch-metric-learning inf-cl
-	# torchattacks without its dependencies: its torchvision pin would pull a CUDA torch.
-	$(PIP) --no-deps torchattacks
+	# torchattacks and lightly without their dependencies: their torchvision pins would pull a CUDA
+	# torch (lightly's loss modules only need a stub torchvision: tests/_peers.py).
+	$(PIP) --no-deps torchattacks lightly
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(CSRC)

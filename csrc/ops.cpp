@@ -29,4 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mochi_hard_set_cpu", &mochi_hard_set_cpu, nogil);
   m.def("info_nce_lse_fwd_cpu", &info_nce_lse_fwd_cpu, nogil);
   m.def("info_nce_lse_bwd_cpu", &info_nce_lse_bwd_cpu, nogil);
+  m.def("dino_teacher_lse_cpu", &dino_teacher_lse_cpu, nogil);
+  m.def("dino_sinkhorn_sums_cpu", &dino_sinkhorn_sums_cpu, nogil);
+  m.def("dino_loss_fwd_cpu", &dino_loss_fwd_cpu, nogil);
+  m.def("dino_loss_bwd_cpu", &dino_loss_bwd_cpu, nogil);
 }

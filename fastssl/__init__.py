@@ -30,6 +30,15 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
+from fastssl.prototypes import (
+    DINOLoss,
+    IBOTLoss,
+    dino_loss,
+    ibot_loss,
+    koleo_loss,
+    swav_loss,
+    teacher_temperature_schedule,
+)
 from fastssl.semisup import (
     FlexMatchLoss,
     FreeMatchLoss,
@@ -42,8 +51,10 @@ from fastssl.semisup import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "DINOLoss",
     "FlexMatchLoss",
     "FreeMatchLoss",
+    "IBOTLoss",
     "InfoNCELoss",
     "KNNClassifier",
     "MemoryQueue",
@@ -55,15 +66,18 @@ __all__ = [
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
+    "dino_loss",
     "feature_attack",
     "fixmatch_loss",
     "freematch_fairness_loss",
+    "ibot_loss",
     "info_nce",
     "instance_attack",
     "kmeans",
     "knn_classify",
     "knn_pseudo_labels",
     "knn_search",
+    "koleo_loss",
     "masked_mse_loss",
     "mochi_logits",
     "mochi_loss",
@@ -75,6 +89,8 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "swav_loss",
+    "teacher_temperature_schedule",
     "tsa_threshold",
     "uda_loss",
     "unpatchify",

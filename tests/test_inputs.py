@@ -899,6 +899,80 @@ row("SoftMatchLoss/identical rows, ema 0 (variance 0)",
     lambda: fastssl.SoftMatchLoss(4, ema=0.0)(_W[:1].repeat(3, 1), _S[:3]), gives(finite))  # fmt: skip
 row("SoftMatchLoss/weights in (0, 1]", lambda: fastssl.SoftMatchLoss(4)(_W, _S)[1],
     gives(lambda w: bool(((w > 0) & (w <= 1)).all())))  # fmt: skip
+# prototypes: dino_loss, DINOLoss, ibot_loss, IBOTLoss, swav_loss, koleo_loss, teacher_temperature_schedule
+
+
+def _dino_inputs(v=4, g=2, b=3, k=10, d=6, dtype=torch.float32):
+    return (torch.randn(v * b, d, dtype=dtype), torch.randn(g * b, d, dtype=dtype), torch.randn(k, d, dtype=dtype),
+            torch.randn(k, d, dtype=dtype))  # fmt: skip
+
+
+def _dino(student=None, teacher=None, weight=None, teacher_weight=None, center=None, **kw):
+    s, t, w, tw = _dino_inputs()
+    given = (student, teacher, weight, teacher_weight)
+    pick = [x if x is not None else y for x, y in zip(given, (s, t, w, tw), strict=True)]
+    return lambda: fastssl.dino_loss(*pick, center, **kw)
+
+
+def _nan_at(x, i=0):
+    x = x.clone()
+    x.view(-1)[i] = float("nan")
+    return x
+
+
+_S, _T, _W, _TW = _dino_inputs()
+row("dino_loss/student rows not a multiple of B", _dino(student=torch.randn(10, 6)), raises(ValueError, "student"))
+row("dino_loss/teacher rows not a multiple of n_global_crops", _dino(teacher=torch.randn(5, 6)),
+    raises(ValueError, "n_global_crops"))  # fmt: skip
+row("dino_loss/n_global_crops more than crops", _dino(student=torch.randn(3, 6), teacher=torch.randn(6, 6),
+    n_global_crops=2), raises(ValueError, "n_global_crops"))  # fmt: skip
+row("dino_loss/one crop, no pair", _dino(student=torch.randn(3, 6), teacher=torch.randn(3, 6), n_global_crops=1),
+    raises(ValueError, "pair"))  # fmt: skip
+row("dino_loss/K mismatch", _dino(teacher_weight=torch.randn(9, 6)), raises(ValueError, "teacher_weight"))
+row("dino_loss/d mismatch", _dino(weight=torch.randn(10, 5)), raises(ValueError, "weight"))
+row("dino_loss/center of the wrong size", _dino(center=torch.zeros(9)), raises(ValueError, "center"))
+row("dino_loss/student_temperature 0", _dino(student_temperature=0.0), raises(ValueError, "student_temperature"))
+row("dino_loss/teacher_temperature < 0", _dino(teacher_temperature=-0.04), raises(ValueError, "teacher_temperature"))
+row("dino_loss/unknown centering", _dino(centering="mean"), raises(ValueError, "centering"))
+row("dino_loss/negative sinkhorn_iterations", _dino(centering="sinkhorn", sinkhorn_iterations=-1),
+    raises(ValueError, "sinkhorn_iterations"))  # fmt: skip
+row("dino_loss/dtype mismatch", _dino(weight=torch.randn(10, 6, dtype=torch.float64)), raises(TypeError, "weight"))
+row("dino_loss/integer student", _dino(student=torch.ones(12, 6, dtype=torch.int64)), raises(TypeError, "student"))
+row("dino_loss/NaN student", _dino(student=_nan_at(_S)), gives(nonfinite))
+row("dino_loss/NaN teacher, sinkhorn", _dino(teacher=_nan_at(_T), centering="sinkhorn"), gives(nonfinite))
+row("dino_loss/inf weight", _dino(weight=_W.index_fill(0, torch.tensor([2]), float("inf"))), gives(nonfinite))
+row("dino_loss/K = 1 gives 0", _dino(weight=torch.randn(1, 6), teacher_weight=torch.randn(1, 6)), gives(close_to(0.0)))
+row("dino_loss/huge logits stay finite", _dino(student=1e4 * _S, teacher=1e4 * _T, centering="none"), gives(finite))
+row("DINOLoss/center_momentum > 1", lambda: fastssl.DINOLoss(10, center_momentum=1.5),
+    raises(ValueError, "center_momentum"))  # fmt: skip
+row("DINOLoss/forward updates the center", lambda: (lambda m: (m(_S, _T, _W, _TW), m.center)[1])(fastssl.DINOLoss(10)),
+    gives(lambda c: bool(c.abs().sum() > 0)))  # fmt: skip
+row("ibot_loss/teacher rows differ from student", lambda: fastssl.ibot_loss(_S, _T, _W, _TW),
+    raises(ValueError, "teacher"))  # fmt: skip
+row("ibot_loss/token_weights of the wrong length", lambda: fastssl.ibot_loss(_S, _S, _W, _TW,
+    token_weights=torch.ones(5)), raises(ValueError, "token_weights"))  # fmt: skip
+row("ibot_loss/n_images 0", lambda: fastssl.ibot_loss(_S, _S, _W, _TW, n_images=0), raises(ValueError, "n_images"))
+row("ibot_loss/NaN teacher", lambda: fastssl.ibot_loss(_S, _nan_at(_S), _W, _TW), gives(nonfinite))
+row("IBOTLoss/unknown centering", lambda: fastssl.IBOTLoss(10, centering="ema"), raises(ValueError, "centering"))
+row("IBOTLoss/forward", lambda: fastssl.IBOTLoss(10)(_S, _S, _W, _TW), gives(finite))
+row("swav_loss/rows not a multiple of n_crops", lambda: fastssl.swav_loss(torch.randn(10, 6), _W, n_crops=4),
+    raises(ValueError, "n_crops"))  # fmt: skip
+row("swav_loss/n_crops_for_assign > n_crops", lambda: fastssl.swav_loss(_S, _W, n_crops=2, n_crops_for_assign=3),
+    raises(ValueError, "n_crops_for_assign"))  # fmt: skip
+row("swav_loss/epsilon 0", lambda: fastssl.swav_loss(_S, _W, n_crops=4, epsilon=0.0), raises(ValueError, "epsilon"))
+row("swav_loss/queue d mismatch", lambda: fastssl.swav_loss(_S, _W, n_crops=4, queue=torch.randn(7, 5)),
+    raises(ValueError, "queue"))  # fmt: skip
+row("swav_loss/queue per crop, wrong count",
+    lambda: fastssl.swav_loss(_S, _W, n_crops=4, queue=torch.randn(3, 7, 6)), raises(ValueError, "queue"))  # fmt: skip
+row("swav_loss/NaN z", lambda: fastssl.swav_loss(_nan_at(_S), _W, n_crops=4), gives(nonfinite))
+row("koleo_loss/one row", lambda: fastssl.koleo_loss(torch.randn(1, 4)), raises(ValueError, "2 rows"))
+row("koleo_loss/eps 0", lambda: fastssl.koleo_loss(torch.randn(3, 4), eps=0.0), raises(ValueError, "eps"))
+row("koleo_loss/duplicate rows are finite", lambda: fastssl.koleo_loss(torch.ones(4, 3)), gives(finite))
+row("koleo_loss/NaN", lambda: fastssl.koleo_loss(_nan_at(torch.randn(5, 3))), gives(nonfinite))
+row("teacher_temperature_schedule/warmup longer than training",
+    lambda: fastssl.teacher_temperature_schedule(0.04, 0.07, 30, 10), raises(ValueError, "warmup_epochs"))  # fmt: skip
+row("teacher_temperature_schedule/final 0", lambda: fastssl.teacher_temperature_schedule(0.04, 0.0, 3, 10),
+    raises(ValueError, "final"))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
