@@ -126,10 +126,7 @@ def test_every_launch_runs_inside_the_device_context(case, monkeypatch):
 
     monkeypatch.setattr(_launch, "on_device", on_device)
     monkeypatch.setattr(KernelInterface, "__getitem__", launch)
-    try:
-        case.build(torch.device("cpu"), torch.float64, _SMALL)("triton")
-    except RuntimeError as exc:  # outputs of intercepted launches are not computed
-        pytest.skip(f"host code needs real kernel outputs: {exc}")
+    case.build(torch.device("cpu"), torch.float64, _SMALL)("triton")
     assert launches, f"{case.name}: no Triton launch"
     for kernel, contexts, devices in launches:
         assert contexts and set(contexts[-1:]) == devices, f"{kernel} launched under {contexts}, tensors on {devices}"
