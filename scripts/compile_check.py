@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -43,12 +44,14 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 def sizes():
-    """The shapes the cases run at: the smallest tiles, every BLOCK_D the launchers can pick with
-    rows enough for their largest row tiles (caps ≤ 128 rows, PGD's 4096-value blocks), and one
-    shape that is not a multiple of 16 (other alignment specialisations)."""
+    """The shapes the cases run at: rows enough for every launcher's largest row tiles (caps of
+    at most 128 rows; PGD's 4096-value blocks), and every feature width at which a launcher picks
+    another of its largest configurations (one-chunk caps of 32, 64 and 128, chunked D, masking's
+    256-wide and masked MSE's 1024-wide blocks). Smaller inputs get smaller tiles of the same code,
+    which use fewer registers and less shared memory."""
     from fastssl.selftest import Size
 
-    return [Size(16, 16), *(Size(512, d) for d in (32, 64, 128, 256, 1024)), Size(500, 100)]
+    return [Size(512, d) for d in (32, 64, 128, 256, 1024)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +115,8 @@ def _compile(index: int) -> dict:
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(
-                ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options.__dict__
-            )
+            source = ASTSource(fn, signature, constexprs, attrs)
+            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     except Exception as exc:
         return dict(error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
     text = log.getvalue()
@@ -126,6 +128,11 @@ def _compile(index: int) -> dict:
         shared=int(kernel.metadata.shared),
         error=None if "Used" in text else "no ptxas report (TRITON_DUMP_PTXAS_LOG)",
     )
+
+
+def _compile_one(item: tuple[int, str]) -> tuple[str, dict]:
+    index, digest = item
+    return digest, _compile(index)
 
 
 def _describe(fn, packed) -> str:
@@ -160,17 +167,30 @@ def child(jobs: int) -> int:
     for key, (fn, arch, packed, origin) in variants.items():
         digest = hashlib.sha256(repr((triton.__version__, fn.cache_key, key)).encode()).hexdigest()
         keys[digest] = (fn, arch, packed, origin)
-    todo = [d for d in keys if d not in cache]
+    todo = [d for d in keys if d not in cache and (not ONLY or any(o in keys[d][0].fn.__qualname__ for o in ONLY))]
     _VARIANTS[:] = [keys[d] for d in todo]
     recorded = time.perf_counter() - start
+    print(f"{len(keys)} variants recorded in {recorded:.0f} s; {len(todo)} to compile, {jobs} at a time", flush=True)
+    if LIST_ONLY:
+        counts = {}
+        for fn, arch, *_ in keys.values():
+            counts[fn.fn.__qualname__, arch] = counts.get((fn.fn.__qualname__, arch), 0) + 1
+        for (name, arch), count in sorted(counts.items()):
+            print(f"{name:32s} sm_{arch}: {count}")
+        return 0
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        for digest, result in zip(todo, pool.map(_compile, range(len(todo)), chunksize=1), strict=True):
+        results = pool.imap_unordered(_compile_one, enumerate(todo))
+        for done, (digest, result) in enumerate(results, 1):
             if result["error"] is None:  # errors are not cached: they are shown again next time
                 cache[digest] = result
             keys[digest] = (*keys[digest], result)
-    cache_file.write_text(json.dumps(cache, indent=0, sort_keys=True))
+            if done % 20 == 0 or done == len(todo):  # an interrupted run keeps what it compiled
+                cache_file.write_text(json.dumps(cache, indent=0, sort_keys=True))
+                print(f"  {done}/{len(todo)} compiled ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = []
     for digest, (fn, arch, packed, origin, *fresh) in keys.items():
+        if not fresh and digest not in cache:  # left out by --only
+            continue
         result = fresh[0] if fresh else cache[digest]
         problems = []
         if result["error"]:
@@ -183,7 +203,7 @@ def child(jobs: int) -> int:
         rows.append((fn.fn.__qualname__, _describe(fn, packed), arch, result, problems, origin))
     rows.sort(key=lambda r: (r[0], r[1], -r[2]))
     print(f"Triton {triton.__version__} ({triton.__file__})")
-    head = f"{'kernel':32s} {'sm':>3s} {'regs':>4s} {'spill':>5s} {'stack':>5s} {'shared':>7s}  status  variant  [first from]"
+    head = f"{'kernel':32s} {'sm':>3s} {'regs':>4s} {'spill':>5s} {'stack':>5s} {'shared':>7s}  status  variant"
     print(head)
     print("-" * len(head))
     for name, variant, arch, result, problems, origin in rows:
@@ -192,7 +212,8 @@ def child(jobs: int) -> int:
         stack = result.get("stack", "-")
         shared = f"{result['shared'] / 1024:.0f}K" if "shared" in result else "-"
         status = "ok" if not problems else "FAIL"
-        print(f"{name:32s} {arch:3d} {regs!s:>4s} {spill!s:>5s} {stack!s:>5s} {shared:>7s}  {status:6s}  {variant}  [{origin}]")
+        cells = f"{name:32s} {arch:3d} {regs!s:>4s} {spill!s:>5s} {stack!s:>5s} {shared:>7s}  {status:6s}"
+        print(f"{cells}  {variant}  [{origin}]")
         for problem in problems:
             print(f"    {problem.splitlines()[0][:300]}")
     for failure in failures:
@@ -242,7 +263,7 @@ def environment(spec: str) -> tuple[str, dict]:
         TRITON_ALWAYS_COMPILE="1",  # so that ptxas runs and reports (results are cached here instead)
         TRITON_DUMP_PTXAS_LOG="1",
         TRITON_DEFAULT_FP_FUSION="1",  # Triton's default, said explicitly (3.9 warns otherwise)
-        TRITON_CACHE_DIR=str(WORK / "triton-cache"),
+        TRITON_CACHE_DIR=str(WORK / "triton-cache"),  # emptied after each run (results are cached here)
         COMPILE_CHECK_CACHE=str(WORK / f"results-{version}.json"),
         OMP_WAIT_POLICY="PASSIVE",
     )
@@ -258,6 +279,8 @@ def environment(spec: str) -> tuple[str, dict]:
 
 
 ARCHS = [90, 80]
+LIST_ONLY = False
+ONLY: list[str] = []  # --only: compile just the kernels whose names contain one of these
 
 
 def main(argv=None) -> int:
@@ -267,11 +290,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="default: 90 and 80")
+    parser.add_argument("--list", action="store_true", help="count the variants, compile nothing")
+    parser.add_argument("--only", action="append", default=[], help="kernels whose names contain this (repeatable)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.arch:
         ARCHS[:] = args.arch
     if args.child:
+        global LIST_ONLY
+        LIST_ONLY = args.list
+        ONLY[:] = args.only
         return child(args.jobs)
     WORK.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -282,10 +310,12 @@ def main(argv=None) -> int:
             continue
         seen.add(version)
         cmd = [sys.executable, __file__, "--child", "--jobs", str(args.jobs)]
-        cmd += [f"--arch={a}" for a in ARCHS]
+        cmd += [f"--arch={a}" for a in ARCHS] + (["--list"] if args.list else [])
+        cmd += [f"--only={o}" for o in args.only]
         print(f"== Triton {version}", flush=True)
         if subprocess.run(cmd, env=env, cwd=ROOT).returncode:
             failed.append(version)
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
     if failed:
         print(f"compile-check FAILED under Triton {', '.join(failed)}")
         return 1

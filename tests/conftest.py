@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastssl import _ext  # noqa: E402 (after TRITON_INTERPRET is chosen)
+from fastssl import _ext
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -10,13 +10,13 @@ import importlib
 import inspect
 import pkgutil
 
+import fastssl.kernels
 import pytest
 import torch
+from fastssl.kernels import _launch
 from triton.runtime.jit import KernelInterface
 
-import fastssl.kernels
 from fastssl import selftest
-from fastssl.kernels import _launch
 
 
 def _entry_points():
