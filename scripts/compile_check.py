@@ -137,7 +137,7 @@ def _compile_one(item: tuple[int, str]) -> tuple[str, dict]:
 
 def _describe(fn, packed) -> str:
     """Dtypes of the pointer arguments, then the constexpr switches, num_warps and num_stages."""
-    options, signature, constexprs, _ = packed
+    options, signature, constexprs, attrs = packed
     names = fn.arg_names
     pointers = sorted({v.lstrip("*") for v in signature.values() if v.startswith("*")})
     switches = []
@@ -150,6 +150,9 @@ def _describe(fn, packed) -> str:
             switches.append(f"{names[i]}={value}")
         else:  # a runtime int specialised to 1 (a unit stride)
             switches.append(f"{names[i]}=1")
+    aligned = [names[i] for (i, *_) in attrs if not signature.get(names[i], "").startswith("*")]
+    if aligned:  # runtime ints Triton specialised as multiples of 16
+        switches.append(f"16|{','.join(aligned)}")
     return f"*{'/'.join(pointers)} " + " ".join(switches) + f" w{options.num_warps} s{options.num_stages}"
 
 
@@ -170,7 +173,7 @@ def child(jobs: int) -> int:
     todo = [d for d in keys if d not in cache and (not ONLY or any(o in keys[d][0].fn.__qualname__ for o in ONLY))]
     _VARIANTS[:] = [keys[d] for d in todo]
     recorded = time.perf_counter() - start
-    print(f"{len(keys)} variants recorded in {recorded:.0f} s; {len(todo)} to compile, {jobs} at a time", flush=True)
+    print(f"Triton {triton.__version__}: {len(keys)} variants in {recorded:.0f} s, {len(todo)} to compile", flush=True)
     if LIST_ONLY:
         counts = {}
         for fn, arch, *_ in keys.values():
