@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,7 +186,8 @@ def child(jobs: int) -> int:
         results = pool.imap_unordered(_compile_one, enumerate(todo))
         for done, (digest, result) in enumerate(results, 1):
             if result["error"] is None:  # errors are not cached: they are shown again next time
-                cache[digest] = result
+                fn, arch, packed, origin = keys[digest]
+                cache[digest] = dict(result, kernel=fn.fn.__qualname__, arch=arch, variant=_describe(fn, packed))
             keys[digest] = (*keys[digest], result)
             if done % 20 == 0 or done == len(todo):  # an interrupted run keeps what it compiled
                 cache_file.write_text(json.dumps(cache, indent=0, sort_keys=True))
@@ -260,13 +262,14 @@ def environment(spec: str) -> tuple[str, dict]:
             cached = sorted(WORK.glob("triton-*"))
             version = cached[-1].name.removeprefix("triton-") if cached else installed
             print(f"compile-check: no package index; the newest Triton at hand is {version}", file=sys.stderr)
+    WORK.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env.update(
         TRITON_INTERPRET="0",  # fastssl would pick the interpreter on a machine without CUDA
         TRITON_ALWAYS_COMPILE="1",  # so that ptxas runs and reports (results are cached here instead)
         TRITON_DUMP_PTXAS_LOG="1",
         TRITON_DEFAULT_FP_FUSION="1",  # Triton's default, said explicitly (3.9 warns otherwise)
-        TRITON_CACHE_DIR=str(WORK / "triton-cache"),  # emptied after each run (results are cached here)
+        TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cache-", dir=WORK),  # removed after the run
         COMPILE_CHECK_CACHE=str(WORK / f"results-{version}.json"),
         OMP_WAIT_POLICY="PASSIVE",
     )
@@ -304,7 +307,6 @@ def main(argv=None) -> int:
         LIST_ONLY = args.list
         ONLY[:] = args.only
         return child(args.jobs)
-    WORK.mkdir(parents=True, exist_ok=True)
     failed = []
     seen = set()
     for spec in args.triton or [OLDEST, "newest"]:
