@@ -312,6 +312,7 @@ def main(argv=None) -> int:
     for spec in args.triton or [OLDEST, "newest"]:
         version, env = environment(spec)
         if version in seen:
+            os.rmdir(env["TRITON_CACHE_DIR"])
             continue
         seen.add(version)
         cmd = [sys.executable, __file__, "--child", "--jobs", str(args.jobs)]
