@@ -151,7 +151,7 @@ def _describe(fn, packed) -> str:
             switches.append(f"{names[i]}={value}")
         else:  # a runtime int specialised to 1 (a unit stride)
             switches.append(f"{names[i]}=1")
-    aligned = [names[i] for (i, *_) in attrs if not signature.get(names[i], "").startswith("*")]
+    aligned = [names[i] for (i, *_) in attrs if signature.get(names[i]) in ("i32", "i64")]
     if aligned:  # runtime ints Triton specialised as multiples of 16
         switches.append(f"16|{','.join(aligned)}")
     return f"*{'/'.join(pointers)} " + " ".join(switches) + f" w{options.num_warps} s{options.num_stages}"
