@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-slow test-gpu bench demo lint cuda-check info wheelhouse clean
+.PHONY: setup build test test-slow test-gpu selftest compile-check bench demo lint cuda-check info wheelhouse clean
 
 setup: $(VENV)/.deps
 build: $(VENV)/.built
@@ -23,7 +23,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel pybind11 ninja numpy triton faiss-cpu pytest pytest-benchmark matplotlib \
-		ruff scikit-learn scipy tqdm pytorch-metric-learning inf-cl
+		ruff scikit-learn scipy tqdm pytorch-metric-learning inf-cl pytest-timeout
 	# torchattacks and lightly without their dependencies: their torchvision pins would pull a CUDA
 	# torch (lightly's loss modules only need a stub torchvision: tests/_peers.py).
 	$(PIP) --no-deps torchattacks lightly
@@ -36,14 +36,40 @@ $(VENV)/.built: $(VENV)/.deps $(CSRC)
 
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so that a busy machine
 # (other jobs on the cores) does not stall the suite at every parallel region.
+# On a machine with CUDA, Triton runs compiled, so the CPU tests that need its interpreter are
+# skipped and listed (tests/conftest.py); a second pass runs exactly those with CUDA hidden.
+INTERPRETER_TESTS := build/interpreter-tests.txt
+define pytest_cpu
+	@mkdir -p build && rm -f $(INTERPRETER_TESTS)
+	OMP_WAIT_POLICY=PASSIVE FASTSSL_INTERPRETER_TESTS=$(INTERPRETER_TESTS) $(PY) -m pytest -m "$(1)" $(PYTEST_ARGS)
+	@if [ -s $(INTERPRETER_TESTS) ]; then \
+		echo "== again in Triton's interpreter, CUDA hidden: the $$(wc -l <$(INTERPRETER_TESTS)) tests skipped for it"; \
+		CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 FASTSSL_ONLY_TESTS=$(INTERPRETER_TESTS) OMP_WAIT_POLICY=PASSIVE \
+			$(PY) -m pytest -m "$(1)" $(PYTEST_ARGS); \
+	fi
+endef
+
 test: build
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(call pytest_cpu,not slow and not gpu)
 
 test-slow: build
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+	$(call pytest_cpu,slow and not gpu)
 
+# The GPU cases, on the compiled kernels (TRITON_INTERPRET unset).
 test-gpu: build
-	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+	env -u TRITON_INTERPRET $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# Every op on every backend of a device against the reference: SELFTEST_ARGS="--device cuda:0".
+SELFTEST_ARGS ?=
+selftest: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m fastssl selftest $(SELFTEST_ARGS)
+
+# Every Triton kernel variant the host launches, compiled for sm_90 and sm_80 under Triton 3.6 and
+# the newest (each installed once into build/compile-check/): fails on an error, a spill or too
+# much shared memory (scripts/compile_check.py). COMPILE_CHECK_ARGS="--triton installed" is quicker.
+COMPILE_CHECK_ARGS ?=
+compile-check: build
+	$(PY) scripts/compile_check.py $(COMPILE_CHECK_ARGS)
 
 bench: build
 	$(PY) -m fastssl bench --quick
@@ -72,7 +98,7 @@ cuda-check: setup
 # Wheels that the offline GPU machines lack (Python 3.12 there), for scripts/gpu_session.sh.
 wheelhouse: setup
 	$(PY) -m pip download --quiet --dest .wheels --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux_2_28_x86_64 faiss-cpu pytorch-metric-learning inf-cl torchattacks
+		--platform manylinux_2_28_x86_64 faiss-cpu pytorch-metric-learning inf-cl torchattacks lightly pytest-timeout
 
 info: build
 	$(PY) -m fastssl info

@@ -99,8 +99,8 @@ def resolve_impl(impl: str, device: torch.device, *, has_cuda_kernel: bool = Fal
     (`has_cuda_kernel`).
     """
     if impl == "auto":
-        impl = os.environ.get("FASTSSL_IMPL", "auto")
-    if impl not in IMPLS:
+        impl = env_impl()
+    elif impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         if device.type == "cpu":
@@ -122,6 +122,19 @@ def resolve_impl(impl: str, device: torch.device, *, has_cuda_kernel: bool = Fal
     if impl == "triton" and device.type not in ("cpu", "cuda"):
         raise ValueError(f"impl='triton' runs on CUDA tensors (or CPU ones, interpreted), got {device}")
     return impl
+
+
+def env_impl() -> str:
+    """$FASTSSL_IMPL, the backend that impl="auto" stands for; unset or empty: "auto"."""
+    value = os.environ.get("FASTSSL_IMPL", "")
+    if value == "":
+        return "auto"
+    if value not in IMPLS:
+        raise ValueError(
+            f"the environment variable FASTSSL_IMPL (what impl='auto' stands for) must be one of {IMPLS} or empty, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def kernel(impl: str, device: torch.device, *, cpp: str | None = None, triton: str | None = None, cuda=None):

@@ -1,6 +1,7 @@
-"""`fastssl info` (environment report), `fastssl bench` (the benchmark suite) and `fastssl demo`
-(SimCLR on scikit-learn's digits, examples/simclr_digits.py; `--method fixmatch`: FixMatch with 10
-labels per class, examples/fixmatch_digits.py)."""
+"""`fastssl info` (environment report), `fastssl selftest` (every op on every backend against the
+reference, fastssl/selftest.py), `fastssl bench` (the benchmark suite) and `fastssl demo` (SimCLR on
+scikit-learn's digits, examples/simclr_digits.py; `--method fixmatch`: FixMatch with 10 labels per
+class, examples/fixmatch_digits.py)."""
 
 from __future__ import annotations
 
@@ -81,11 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suite on the present hardware")
     bench.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
     bench.add_argument("ops", nargs="*", help="benchmarks to run (default: all)")
+    sub.add_parser("selftest", help="every op on every backend of a device against the reference (selftest --help)")
     sub.add_parser(
         "demo",
         help="SimCLR on scikit-learn's digits, fastssl against the reference; --method fixmatch: FixMatch "
         "with 10 labels per class against the labels alone (demo [--method M] --help)",
     )
+    if argv[:1] == ["selftest"]:  # parses its own options
+        from fastssl.selftest import main as selftest
+
+        return selftest(argv[1:])
     if argv[:1] == ["demo"]:  # --method picks the example, which parses the other options
         pick = argparse.ArgumentParser(add_help=False)
         pick.add_argument("--method", choices=DEMOS, default="simclr")

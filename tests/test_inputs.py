@@ -741,6 +741,57 @@ row("robust_accuracy/labels length", lambda: fastssl.robust_accuracy(_AMODEL, _A
 # environment: FASTSSL_IMPL
 
 
+def _env_impl(value: str, fn):
+    """fn() with FASTSSL_IMPL set to `value` (restored after)."""
+
+    def call():
+        old = os.environ.get("FASTSSL_IMPL")
+        os.environ["FASTSSL_IMPL"] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FASTSSL_IMPL"]
+            else:
+                os.environ["FASTSSL_IMPL"] = old
+
+    return call
+
+
+def _env_calls():
+    """One call per op family that reads FASTSSL_IMPL through impl="auto" (CPU tensors)."""
+    z = torch.randn(6, 5, dtype=torch.float64)
+    x = torch.rand(2, 5, 3, dtype=torch.float64)
+    mask = torch.ones(2, 5)
+    visible, _, ids = fastssl.random_masking(x, 0.5, generator=torch.Generator().manual_seed(0), impl="reference")
+    return {
+        "nt_xent": lambda **kw: fastssl.nt_xent(z[:3], z[3:], **kw),
+        "info_nce": lambda **kw: fastssl.info_nce(z[:3], z[3:], **kw),
+        "mochi_loss": lambda **kw: fastssl.mochi_loss(
+            z[:3], z[3:], z, n_hard=4, n_mix=2, n_mix_query=1, generator=torch.Generator().manual_seed(0), **kw
+        ),
+        "random_masking": lambda **kw: fastssl.random_masking(
+            x, 0.5, generator=torch.Generator().manual_seed(0), **kw
+        )[0],
+        "unshuffle": lambda **kw: fastssl.unshuffle(visible, ids, torch.zeros(3, dtype=torch.float64), **kw),
+        "masked_mse_loss": lambda **kw: fastssl.masked_mse_loss(x, x.flip(0), mask, **kw),
+        "pgd_step_": lambda **kw: fastssl.pgd_step_(x.clone(), x - 0.5, x, eps=0.1, alpha=0.05, **kw),
+    }
+
+
+for _name, _call in _env_calls().items():
+    for _value in ("garbage", "CPP", " cpp"):
+        row(f"{_name}/FASTSSL_IMPL={_value!r}", _env_impl(_value, _call), raises(ValueError, "FASTSSL_IMPL"))
+    # empty means unset: the "auto" result; an explicit impl= is not overridden by a bad variable
+    row(f"{_name}/FASTSSL_IMPL=''", _env_impl("", _call), gives(close_to(lambda c=_call: c(impl="cpp"), 1e-12)))
+    row(f"{_name}/FASTSSL_IMPL=garbage, impl='cpp'", _env_impl("garbage", lambda c=_call: c(impl="cpp")), gives(finite))
+    row(
+        f"{_name}/FASTSSL_IMPL=reference",
+        _env_impl("reference", _call),
+        gives(close_to(lambda c=_call: c(impl="reference"), 1e-12)),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # semi-supervised: fixmatch_loss, FlexMatchLoss, FreeMatchLoss, freematch_fairness_loss, SoftMatchLoss,
 # uda_loss, tsa_threshold
