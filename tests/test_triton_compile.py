@@ -40,7 +40,7 @@ for rows, (one_d, block_d), shift, cols in itertools.product(
     precision = "tf32x3" if rows == "fp32" else "tf32"
     base = dict(ACC=tl.float32, Z_DOT=dot, DOT_PRECISION=precision, BLOCK_D=block_d, ONE_D_BLOCK=one_d, ROW_SHIFT=shift)
     grad = dict(A_DTYPE=dot, A_DOT=dot, A_PRECISION=precision)
-    two_tower = dict(BLOCK_M=64, BLOCK_N=64, WITH_COLS=cols, HAS_SELF=cols)
+    two_tower = dict(BLOCK_M=64, BLOCK_N=64, WITH_COLS=cols, HAS_SELF=cols, TAU_PTR=shift)
     build(I._info_nce_lse_fwd_kernel, dict(base, **two_tower, WRITE_MAX=False), rows)
     build(I._info_nce_lse_bwd_kernel, dict(base, **two_tower, **grad), rows)
     count += 2
