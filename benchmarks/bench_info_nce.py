@@ -83,7 +83,9 @@ def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, 
 
 
 def check_targets(rows: list[dict]) -> None:
-    """Prints the issue's CPU targets against the rows just measured."""
+    """Prints the CPU targets (fp32, D = 128, forward+backward against the eager reference: at
+    M = 8192 at most 0.4 × its time, at M = 32768 at most 1/20 of its peak memory) against the rows
+    just measured."""
     check_size_targets(rows, TARGETS, "M")
 
 

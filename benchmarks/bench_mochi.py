@@ -3,9 +3,9 @@
 
     python benchmarks/bench_mochi.py [--quick] [--B 256] [--K 65536] [--providers fastssl reference]
 
-The issue's size is B = 256, K = 65536, D = 128, n_hard = 1024, n_mix = 1024, n_mix_query = 128;
-it is the only size (the --quick set is the same). TFLOP/s counts the queue logits' matmuls,
-4·B·K·D per forward+backward.
+The target size is B = 256, K = 65536, D = 128, n_hard = 1024, n_mix = 1024, n_mix_query = 128
+(the MoCHi paper's MoCo-v2 setting); it is the only size (the --quick set is the same). TFLOP/s
+counts the queue logits' matmuls, 4·B·K·D per forward+backward.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def cases(quick: bool, device: str, batch=None, queue=None, providers=PROVIDERS,
 
 
 def check_targets(rows: list[dict]) -> None:
-    """Prints the issue's CPU targets against the rows just measured."""
+    """Prints the CPU targets (fp32, forward+backward at the target size against the materialising
+    reference: at most 0.5 × its time and 1/4 of its peak memory) against the rows just measured."""
     ok = {(r["provider"], r["mode"], r["shape"]): r for r in rows if r.get("status") == "ok"}
     t_target, m_target = TARGET
     for (provider, mode, shape), fs in ok.items():

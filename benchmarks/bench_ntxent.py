@@ -81,7 +81,9 @@ def cases(quick: bool, device: str, batch=None, dims=None, providers=PROVIDERS, 
 
 
 def check_targets(rows: list[dict]) -> None:
-    """Prints the README's CPU targets against the rows just measured."""
+    """Prints the CPU targets (fp32, D = 128, forward+backward against the eager reference: at
+    B = 4096 at most 0.3 × its time, at B = 16384 at most 0.25 × its time and 1/20 of its peak
+    memory) against the rows just measured."""
     check_size_targets(rows, TARGETS, "B")
 
 

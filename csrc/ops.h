@@ -31,15 +31,15 @@ void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x
                    const at::Tensor& eps, const at::Tensor& alpha, bool l2, double lo, double hi,
                    int64_t stream);
 #endif
-// mochi: synthetic-negative logits inv_tau q_b.norm(w a^ + (1 - w) n^) [B, S] and the backward's
-// coefficients [B, S, 2]; a = queue[first] (q_bar[b] where first = -1), n = queue[second], x^ = x/|x|.
+// mochi: synthetic-negative logits q_b.norm(w a^ + (1 - w) n^) [B, S] and the backward's
+// coefficients [B, S, 2]; a = queue[first] (q_bar[b] where first = -1), n = queue[second], x^ = x/|x|,
+// row_scale [K] the queue rows' power-of-two scales (applied before the rows are squared).
 std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q, const at::Tensor& q_bar,
                                                      const at::Tensor& queue, const at::Tensor& first,
                                                      const at::Tensor& second, const at::Tensor& weight,
-                                                     double inv_tau);
+                                                     const at::Tensor& row_scale);
 at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad, const at::Tensor& q_bar, const at::Tensor& queue,
-                             const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef,
-                             double inv_tau);
+                             const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef);
 // mochi: the columns of the n largest scores of every row of scores [B, K], [B, n] int64, unordered.
 at::Tensor mochi_hard_set_cpu(const at::Tensor& scores, int64_t n);
 // info_nce: row_i = log sum_j exp(inv_tau * q_i . k_j) and, with with_cols, col_j = log sum_i exp(...)

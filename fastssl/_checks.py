@@ -67,6 +67,25 @@ def positive(name: str, value) -> float:
     return float(value)
 
 
+def inverse_temperature(name: str, value, device: torch.device) -> float | torch.Tensor:
+    """1/τ for a temperature τ: a float for a Python number (finite and > 0; nothing goes to the
+    device), or a 0-dim tensor on `device` for a one-element floating tensor τ, which keeps τ's
+    gradient (a learned temperature) and is never read on the host where that would wait on a
+    device or break torch.compile's graph: there a τ that is not finite and > 0 gives 1/τ = NaN
+    (so a NaN loss). A CPU tensor is checked (ValueError) outside torch.compile."""
+    if not isinstance(value, torch.Tensor):
+        return 1.0 / positive(name, value)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a number or a floating tensor, got dtype {value.dtype}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+    tau = value.reshape(())
+    if tau.device.type == "cpu" and not torch.compiler.is_compiling():
+        positive(name, tau.detach())
+    tau = tau.to(device)
+    return torch.where(torch.isfinite(tau) & (tau > 0), tau.reciprocal(), torch.full_like(tau, math.nan))
+
+
 def choice(name: str, value, options: tuple) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from fastssl import _checks, distributed
-from fastssl.ops.mochi import mochi_logits, mochi_loss
+from fastssl.ops import mochi as ops
 
 __all__ = ["MemoryQueue", "mochi_logits", "mochi_loss"]
+
+
+def _reads_queue(fn):
+    """The op `fn` with a queue given as a tensor or as a MemoryQueue (its filled rows, passed down)."""
+
+    @functools.wraps(fn)
+    def call(q: Tensor, k: Tensor, queue, **options) -> Tensor:
+        return fn(q, k, queue.get() if isinstance(queue, MemoryQueue) else queue, **options)
+
+    return call
+
+
+mochi_logits = _reads_queue(ops.mochi_logits)
+mochi_loss = _reads_queue(ops.mochi_loss)
 
 
 class MemoryQueue(nn.Module):

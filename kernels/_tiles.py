@@ -14,6 +14,7 @@ import struct
 import torch
 import triton
 import triton.language as tl
+from fastssl.kernels._launch import block_size
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
@@ -84,7 +85,7 @@ def tile_dots(
     BLOCK_D: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr,
 ):
-    """(dots, b_j): the [BLOCK_M, BLOCK_N] products a_i·b_j of rows `rows_i` of A and `rows_j` of B (3).
+    """(dots, b_j): the [BLOCK_M, BLOCK_N] products a_i·b_j of rows `rows_i` of A and `rows_j` of B.
 
     With ONE_D_BLOCK a_i holds the A rows (loaded once by the caller) and b_j, the B rows, is
     loaded here and returned for the backward's products; else D goes in BLOCK_D chunks, a_i is
@@ -98,7 +99,7 @@ def tile_dots(
         for d0 in range(0, D, BLOCK_D):
             ai = load_rows(A_ptr, rows_i, ok_i, d0, D, A_stride_n, A_stride_d, BLOCK_D, Z_DOT)
             bj = load_rows(B_ptr, rows_j, ok_j, d0, D, B_stride_n, B_stride_d, BLOCK_D, Z_DOT)
-            dots = tl.dot(ai, tl.trans(bj), dots, input_precision=DOT_PRECISION)
+            dots = tl.dot(ai, tl.trans(bj), dots, input_precision=DOT_PRECISION, out_dtype=ACC)
         b_j = dots
     return dots, b_j
 
@@ -113,6 +114,38 @@ def times_log2e(x):
     return x * LOG2E_HI + x * LOG2E_LO
 
 
+@triton.jit
+def temperature_scales(
+    InvTau_ptr, scale_hi, scale_lo, inv_tau_hi, inv_tau_lo, ACC: tl.constexpr, TAU_PTR: tl.constexpr
+):
+    """(k = log₂e/τ, 1/τ) in ACC (docs/design.md, "Tile kernels"): from the fp32 hi/lo pairs of a
+    float temperature, or with TAU_PTR from the one-element tensor at InvTau_ptr (a tensor
+    temperature, read on the device only so that the host never waits for it)."""
+    if TAU_PTR:
+        inv_tau = tl.load(InvTau_ptr).to(ACC)
+        scale = times_log2e(inv_tau)
+    else:
+        inv_tau = scalar(inv_tau_hi, inv_tau_lo, ACC)
+        scale = scalar(scale_hi, scale_lo, ACC)
+    return scale, inv_tau
+
+
+def temperature_args(inv_tau: float | Tensor, acc_dtype: torch.dtype, placeholder: Tensor) -> tuple[list, dict]:
+    """The launch arguments (InvTau_ptr, scale_hi, scale_lo, inv_tau_hi, inv_tau_lo) and TAU_PTR for
+    1/τ given as a float (hi/lo pairs; nothing goes to the device, `placeholder` stands in for the
+    pointer) or as a one-element tensor on the kernels' device (read there, never on the host)."""
+    if isinstance(inv_tau, Tensor):
+        return [inv_tau.reshape(1).to(acc_dtype), 0.0, 0.0, 0.0, 0.0], dict(TAU_PTR=True)
+    inv_tau = float(inv_tau)
+    return [placeholder, *hi_lo(inv_tau * LOG2E), *hi_lo(inv_tau)], dict(TAU_PTR=False)
+
+
+def fixed_shift_applies(inv_tau: float | Tensor) -> bool:
+    """The fixed shift is used for a float 1/τ where it is exact; a tensor 1/τ is not read on the
+    host, so its kernels take the row shift, exact for every τ (docs/design.md, "Tile kernels")."""
+    return not isinstance(inv_tau, Tensor) and fixed_shift_is_exact(float(inv_tau))
+
+
 # Triton's interpreter replaces triton.jit functions by InterpretedFunction objects.
 INTERPRETED = not isinstance(load_rows, triton.runtime.JITFunction)
 
@@ -121,6 +154,18 @@ def fixed_shift_is_exact(inv_tau: float) -> bool:
     """The fixed shift m = 1/τ is exact (docs/design.md, "Tile kernels"): exp(s − m) ≥ exp(−2/τ) is a
     normal fp32 number while 2/τ ≤ 80, as in the C++ kernels."""
     return 2.0 * inv_tau <= 80.0
+
+
+def tile_config(configs: dict, kernel: str, dtype: torch.dtype, d: int) -> tuple[int, int, bool, int, int]:
+    """(BLOCK, BLOCK_D, ONE_D_BLOCK, num_warps, num_stages) for rows of `d` features from a kernel
+    file's table {(kernel, dtype): (one_chunk, chunked)} of (BLOCK, BLOCK_D, num_warps, num_stages):
+    `one_chunk` where D fits one BLOCK_D chunk (None where that variant would not fit the
+    registers), else `chunked` (docs/design.md, "Tile kernels": launch configurations). BLOCK_D
+    shrinks to D's power of two; the caller shrinks BLOCK to its rows'."""
+    one_chunk, chunked = configs[(kernel, dtype)]
+    one_d = one_chunk is not None and d <= one_chunk[1]
+    block, block_d, num_warps, num_stages = one_chunk if one_d else chunked
+    return block, block_size(d, block_d), one_d, num_warps, num_stages
 
 
 def check_matrix(fn: str, z: Tensor, name: str = "z") -> None:
@@ -132,7 +177,7 @@ def check_matrix(fn: str, z: Tensor, name: str = "z") -> None:
 
 
 def dot_dtypes(z: Tensor) -> tuple[torch.dtype, dict]:
-    """The accumulation dtype and the kernels' dtype switches for z's dtype (docs/design.md, "Tile kernels: precision").
+    """The accumulation dtype and the kernels' dtype switches for z's dtype (docs/design.md, "Tile kernels": precision).
 
     Triton's interpreter cannot compute on bf16 (it multiplies the raw bits in tl.dot), so there
     bf16 tiles are widened to fp32 after their load, exactly, and A still goes through bf16.

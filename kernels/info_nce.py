@@ -4,41 +4,18 @@ Same contract as the C++ kernel (csrc/cpu/info_nce.cpp); fastssl/ops/info_nce.py
 `info_nce_lse_fwd` and `info_nce_lse_bwd`. For unit rows q_i (M × D), k_j (N × D: keys, then any
 extra negatives) and s_ij = q_i·k_j/τ,
 
-    row_i = log Σ_j exp(s_ij),   col_j = log Σ_i exp(s_ij)                                   (1)
+    row_i = log Σ_j exp(s_ij),   col_j = log Σ_i exp(s_ij)
 
 are the only parts of InfoNCE (Oord et al. 2018; MoCo, He et al. 2020) and of the symmetric
-CLIP loss (Radford et al. 2021) that need all M·N pairs. With HAS_SELF the pairs
-(i, i + self_offset) are left out (NT-Xent rows against every rank's rows, where row i meets its
-own copy). With g_i = ∂L/∂row_i, h_j = ∂L/∂col_j, P_ij = exp(s_ij − row_i), C_ij = exp(s_ij − col_j),
+CLIP loss (Radford et al. 2021) that need all M·N pairs. With g_i = ∂L/∂row_i, h_j = ∂L/∂col_j,
+P_ij = exp(s_ij − row_i), C_ij = exp(s_ij − col_j),
 
-    A_ij = g_i P_ij + h_j C_ij,   ∂L/∂q_i = (1/τ) Σ_j A_ij k_j,   ∂L/∂k_j = (1/τ) Σ_i A_ij q_i.   (2)
+    A_ij = g_i P_ij + h_j C_ij,   ∂L/∂q_i = (1/τ) Σ_j A_ij k_j,   ∂L/∂k_j = (1/τ) Σ_i A_ij q_i,
 
-s is linear in 1/τ, so ∂L/∂(1/τ) = Σ_ij A_ij q_i·k_j: the backward sums it from the fp32 tiles of A,
-before A is rounded for the products of (2) (for bf16 that rounding would lose the gradient of a
-saturated softmax, a difference of nearly equal terms).
-
-How the kernels compute them (docs/design.md, "Tile kernels" and "InfoNCE"; kernels/ntxent.py has the same
-numbered steps for one tower):
-
- 3. Tiles. Program (I, part) takes row block I and a contiguous run of the column blocks (the
-    runs split the columns so that a few row blocks, e.g. MoCo's queries against a long queue,
-    still fill the GPU). Row-side results of I (row sums, row max, and ∂L/∂q_I when D fits one
-    BLOCK_D chunk) accumulate in registers and are added once at the run's end; column-side
-    results of J (column sums and maxima, ∂L/∂k_J) go through fp32 (fp64) atomics into zero- (or
-    −∞-) initialised buffers: race-free, but order-dependent in the last bits.
- 4. Fixed shift. Rows are unit vectors, so s_ij ≤ m = 1/τ and e_ij = exp(s_ij − m) ≤ 1 needs no
-    running max; one exponential per pair feeds row i and column j. In base 2 with
-    k = log₂e/τ: e_ij = 2^{(q_i·k_j − 1)·k}. Exact while 2/τ ≤ 80 (e_ij ≥ exp(−2/τ) is a normal
-    fp32 number).
- 5. Row shift (2/τ > 80): a WRITE_MAX pass writes each row's and column's max t_ij = s_ij·log₂e,
-    and the sums use 2^{t_ij − max} (two exponentials per pair when columns are wanted).
- 6. Backward, fixed shift: P_ij = e_ij c_i, C_ij = e_ij d_j with c_i = exp(m − row_i) and
-    d_j = exp(m − col_j) ≤ exp(2/τ), so A_ij = e_ij (u_i + v_j), u_i = g_i c_i/τ, v_j = h_j d_j/τ:
-    one exponential per pair. Row shift: A_ij = (g_i/τ) 2^{t_ij − row_i·log₂e} + (h_j/τ) 2^{t_ij − col_j·log₂e}.
- 7. Precision as in kernels/ntxent.py (8): tl.dot in the input dtype with fp32 accumulation
-    (tf32x3 for fp32, fp64 for fp64), A rounded like flash-attention's P, scalars as fp32 hi/lo pairs.
-
-Memory: O((M + N)·D), never an M × N matrix. Inputs are read through their strides.
+and ∂L/∂(1/τ) = Σ_ij A_ij q_i·k_j. How the kernels compute them is docs/design.md: "InfoNCE"
+(column runs, self pairs, row shift in base 2, gradients) and "Tile kernels" (fixed shift, row
+shift, backward, temperature, runs, registers and atomics, precision); the comments below cite
+those paragraphs.
 """
 
 from __future__ import annotations
@@ -48,32 +25,44 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastssl.kernels._launch import MIN_BLOCK, launcher, program_target
+from fastssl.kernels._launch import block_size, launcher, program_target
 from fastssl.kernels._tiles import (
     LN2,
-    LOG2E,
     block_rows,
     check_matrix,
     dot_dtypes,
-    fixed_shift_is_exact,
-    hi_lo,
+    fixed_shift_applies,
     load_rows,
-    scalar,
+    temperature_args,
+    temperature_scales,
+    tile_config,
     tile_dots,
     times_log2e,
 )
 from torch import Tensor
 
-# Block sizes: the largest power of two up to these caps, at least 16 (tl.dot's minimum).
-# Module constants so that tests can shrink them to exercise many tiles on small inputs.
-_FWD_BLOCK = 128
-_BWD_BLOCK = 64
-_FP64_BLOCK = 64
-_MAX_BLOCK_D = {2: 128, 4: 64, 8: 32}  # by element size: bf16/fp16, fp32, fp64
+# Launch configurations, (BLOCK, BLOCK_D, num_warps, num_stages) per kernel and dtype, BLOCK being
+# BLOCK_M and BLOCK_N: the first when D fits in one BLOCK_D chunk (the q rows loaded once, ∂L/∂q_I
+# kept in registers) or None where that variant spills, the second for D in chunks
+# (docs/design.md, "Tile kernels": launch configurations). For fp32 and fp64 forward and backward
+# share BLOCK and BLOCK_D ("forward matches backward"). Tests may replace the table to exercise
+# many tiles on small inputs.
+_CONFIGS = {
+    ("fwd", torch.bfloat16): ((128, 128, 8, 3), (32, 64, 4, 2)),
+    ("fwd", torch.float16): ((128, 128, 8, 3), (32, 64, 4, 2)),
+    ("fwd", torch.float32): ((32, 32, 4, 2), (32, 32, 4, 2)),
+    ("fwd", torch.float64): ((64, 32, 4, 2), (64, 32, 4, 2)),
+    ("bwd", torch.bfloat16): ((64, 64, 4, 3), (32, 32, 4, 1)),
+    ("bwd", torch.float16): ((64, 128, 8, 2), (64, 64, 4, 2)),
+    ("bwd", torch.float32): (None, (32, 32, 4, 1)),
+    ("bwd", torch.float64): ((64, 32, 4, 2), (64, 32, 4, 2)),
+}
+
 
 @triton.jit
 def _program_tiles(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's row block I (rows and mask) and its run [j_start, j_end) of column blocks (3)."""
+    """This program's row block I (rows and mask) and its run [j_start, j_end) of column blocks
+    (docs/design.md, "InfoNCE": column runs)."""
     I = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
     parts = tl.num_programs(1).to(tl.int64)
@@ -106,7 +95,7 @@ def _tile(
     ONE_D_BLOCK: tl.constexpr,
     HAS_SELF: tl.constexpr,
 ):
-    """Column block J against row block I (3): its rows and their mask, its k rows (with
+    """Column block J against row block I: its rows and their mask, its k rows (with
     ONE_D_BLOCK, where q_i holds the I rows; else D goes in BLOCK_D chunks and k_j is a
     placeholder), the dots q_i·k_j, and the pairs that count (both rows in the matrix, and not a
     row against its own copy)."""
@@ -138,8 +127,11 @@ def _info_nce_lse_fwd_kernel(
     K_stride_n,
     K_stride_d,
     self_offset,
+    InvTau_ptr,  # [1] 1/τ, read when TAU_PTR
     scale_hi,  # k = log₂e/τ as an fp32 hi/lo pair
     scale_lo,
+    inv_tau_hi,  # 1/τ as an fp32 hi/lo pair
+    inv_tau_lo,
     ACC: tl.constexpr,
     Z_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -151,9 +143,10 @@ def _info_nce_lse_fwd_kernel(
     HAS_SELF: tl.constexpr,
     ROW_SHIFT: tl.constexpr,
     WRITE_MAX: tl.constexpr,
+    TAU_PTR: tl.constexpr,  # 1/τ from InvTau_ptr (a tensor temperature) instead of the hi/lo pairs
 ):
     rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
-    scale = scalar(scale_hi, scale_lo, ACC)
+    scale, _inv_tau = temperature_scales(InvTau_ptr, scale_hi, scale_lo, inv_tau_hi, inv_tau_lo, ACC, TAU_PTR)
     if WRITE_MAX:
         acc_i = tl.full([BLOCK_M], float("-inf"), ACC)
     else:
@@ -167,13 +160,13 @@ def _info_nce_lse_fwd_kernel(
             ACC, Z_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, ONE_D_BLOCK, HAS_SELF,
         )  # fmt: skip
         if WRITE_MAX:
-            # (5) t_ij = s_ij·log₂e; row max in registers, column max by atomic max
+            # row shift, first pass: t_ij = s_ij·log₂e; row max in registers, column max by atomic max
             t = tl.where(keep, dots * scale, float("-inf"))
             acc_i = tl.maximum(acc_i, tl.max(t, axis=1))
             if WITH_COLS:
                 tl.atomic_max(ColOut_ptr + rows_j, tl.max(t, axis=0), mask=ok_j, sem="relaxed")
         elif ROW_SHIFT:
-            # (5) 2^{t_ij − max_i} for row i, 2^{t_ij − max_j} for column j (exponents ≤ 0 on kept
+            # row shift: 2^{t_ij − max_i} for row i, 2^{t_ij − max_j} for column j (exponents ≤ 0 on kept
             # pairs; the clamp keeps masked lanes finite)
             t = dots * scale
             acc_i += tl.sum(tl.where(keep, tl.exp2(tl.minimum(t - shift_i[:, None], 0.0)), 0.0), axis=1)
@@ -182,7 +175,7 @@ def _info_nce_lse_fwd_kernel(
                 e_col = tl.where(keep, tl.exp2(tl.minimum(t - shift_j[None, :], 0.0)), 0.0)
                 tl.atomic_add(ColOut_ptr + rows_j, tl.sum(e_col, axis=0), mask=ok_j, sem="relaxed")
         else:
-            # (4) e_ij = 2^{(q_i·k_j − 1)·k}, once per pair, for row i and column j
+            # fixed shift: e_ij = 2^{(q_i·k_j − 1)·k}, once per pair, for row i and column j
             e = tl.where(keep, tl.exp2(dots * scale - scale), 0.0)
             acc_i += tl.sum(e, axis=1)
             if WITH_COLS:
@@ -213,6 +206,7 @@ def _info_nce_lse_bwd_kernel(
     K_stride_n,
     K_stride_d,
     self_offset,
+    InvTau_ptr,  # [1] 1/τ, read when TAU_PTR
     scale_hi,  # k = log₂e/τ as an fp32 hi/lo pair
     scale_lo,
     inv_tau_hi,  # 1/τ as an fp32 hi/lo pair
@@ -230,15 +224,15 @@ def _info_nce_lse_bwd_kernel(
     WITH_COLS: tl.constexpr,
     HAS_SELF: tl.constexpr,
     ROW_SHIFT: tl.constexpr,
+    TAU_PTR: tl.constexpr,  # 1/τ from InvTau_ptr (a tensor temperature) instead of the hi/lo pairs
 ):
     rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
-    scale = scalar(scale_hi, scale_lo, ACC)
-    inv_tau = scalar(inv_tau_hi, inv_tau_lo, ACC)
+    scale, inv_tau = temperature_scales(InvTau_ptr, scale_hi, scale_lo, inv_tau_hi, inv_tau_lo, ACC, TAU_PTR)
     cols = tl.arange(0, BLOCK_D)
     g_i = tl.load(G_ptr + rows_i, mask=ok_i, other=0.0).to(ACC) * inv_tau
     row2_i = times_log2e(tl.load(RowLse_ptr + rows_i, mask=ok_i, other=0.0).to(ACC))
     if not ROW_SHIFT:
-        u_i = g_i * tl.exp2(scale - row2_i)  # (6) u_i = (g_i/τ)·exp(m − row_i)
+        u_i = g_i * tl.exp2(scale - row2_i)  # backward, fixed shift: u_i = (g_i/τ)·exp(m − row_i)
     q_i = block_rows(Q_ptr, rows_i, ok_i, D, Q_stride_m, Q_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
     if ONE_D_BLOCK:
         dq_i = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -252,13 +246,14 @@ def _info_nce_lse_bwd_kernel(
             h_j = tl.load(H_ptr + rows_j, mask=ok_j, other=0.0).to(ACC) * inv_tau
             col2_j = times_log2e(tl.load(ColLse_ptr + rows_j, mask=ok_j, other=0.0).to(ACC))
         if ROW_SHIFT:
-            # (6) each exponent is ≤ 0 on kept pairs (s_ij ≤ row_i, col_j); the clamp keeps masked lanes finite
+            # backward, row shift: each exponent is ≤ 0 on kept pairs (s_ij ≤ row_i, col_j); the clamp
+            # keeps masked lanes finite
             t = dots * scale
             a = g_i[:, None] * tl.exp2(tl.minimum(t - row2_i[:, None], 0.0))
             if WITH_COLS:
                 a += h_j[None, :] * tl.exp2(tl.minimum(t - col2_j[None, :], 0.0))
         else:
-            # (6) A_ij = e_ij·(u_i + v_j), one exponential per pair
+            # backward, fixed shift: A_ij = e_ij·(u_i + v_j), one exponential per pair
             w = u_i[:, None]
             if WITH_COLS:
                 w = w + (h_j * tl.exp2(scale - col2_j))[None, :]
@@ -266,9 +261,9 @@ def _info_nce_lse_bwd_kernel(
         a = tl.where(keep, a, 0.0)
         d_inv_tau += tl.sum(a * dots, axis=1)
         a = a.to(A_DTYPE).to(A_DOT)
-        # (2) ∂L/∂q_I += A K_J, ∂L/∂k_J += Aᵀ Q_I
+        # ∂L/∂q_I += A K_J, ∂L/∂k_J += Aᵀ Q_I
         if ONE_D_BLOCK:
-            dq_i = tl.dot(a, k_j.to(A_DOT), dq_i, input_precision=A_PRECISION)
+            dq_i = tl.dot(a, k_j.to(A_DOT), dq_i, input_precision=A_PRECISION, out_dtype=ACC)
             dk_j = tl.dot(tl.trans(a), q_i.to(A_DOT), input_precision=A_PRECISION, out_dtype=ACC)
             ptrs = DK_ptr + rows_j[:, None] * D + cols[None, :]
             tl.atomic_add(ptrs, dk_j, mask=ok_j[:, None] & (cols < D)[None, :], sem="relaxed")
@@ -311,14 +306,11 @@ def _check_qk(fn: str, q: Tensor, k: Tensor) -> None:
         )
 
 
-def _launch(q: Tensor, k: Tensor, block_cap: int) -> dict:
-    """Block sizes and grid (3) for q [M, D] against k [N, D]."""
+def _launch(q: Tensor, k: Tensor, kernel: str) -> dict:
+    """Block sizes, warps, stages and grid (column runs) for q [M, D] against k [N, D] (see _CONFIGS)."""
     (m, d), n = q.shape, k.shape[0]
-    if q.dtype == torch.float64:
-        block_cap = min(block_cap, _FP64_BLOCK)
-    block_m = max(MIN_BLOCK, min(block_cap, triton.next_power_of_2(m)))
-    block_n = max(MIN_BLOCK, min(block_cap, triton.next_power_of_2(n)))
-    block_d = max(MIN_BLOCK, min(_MAX_BLOCK_D[q.element_size()], triton.next_power_of_2(d)))
+    block, block_d, one_d, num_warps, num_stages = tile_config(_CONFIGS, kernel, q.dtype, d)
+    block_m, block_n = block_size(m, block), block_size(n, block)
     row_blocks, col_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     target = program_target(q.device)
     parts = max(1, min(col_blocks, triton.cdiv(target, row_blocks)))
@@ -327,42 +319,46 @@ def _launch(q: Tensor, k: Tensor, block_cap: int) -> dict:
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        ONE_D_BLOCK=d <= block_d,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        ONE_D_BLOCK=one_d,
+        num_warps=num_warps if block_m * block_n >= 64 * 64 else 4,
+        num_stages=num_stages,
     )
 
 
 @launcher
-def info_nce_lse_fwd(q: Tensor, k: Tensor, inv_tau: float, with_cols: bool, self_offset: int) -> tuple[Tensor, Tensor]:
+def info_nce_lse_fwd(
+    q: Tensor, k: Tensor, inv_tau: float | Tensor, with_cols: bool, self_offset: int
+) -> tuple[Tensor, Tensor]:
     """row_i = log Σ_j exp(inv_tau·q_i·k_j) [M] and, with `with_cols`, col_j = log Σ_i exp(...) [N]
     (else an empty tensor) for unit rows q, k; pairs (i, i + self_offset) left out when self_offset ≥ 0.
+    inv_tau: a float, or a one-element tensor on q's device (never read on the host).
     fp32 (fp64 for fp64 input); an empty sum gives −inf."""
     _check_qk("info_nce_lse_fwd", q, k)
-    inv_tau = float(inv_tau)
     (m, d), n = q.shape, k.shape[0]
     acc_dtype, dtypes = dot_dtypes(q)
     row_sums = torch.zeros(m, dtype=acc_dtype, device=q.device)
     col_sums = torch.zeros(n if with_cols else 0, dtype=acc_dtype, device=q.device)
     if m == 0 or n == 0:
         return row_sums.log_(), col_sums.log_()
-    launch = _launch(q, k, _FWD_BLOCK)
+    launch = _launch(q, k, "fwd")
     grid = launch.pop("grid")
-    scale_hi, scale_lo = hi_lo(inv_tau * LOG2E)
+    tau_args, tau_meta = temperature_args(inv_tau, acc_dtype, row_sums)
     meta = dict(
         ACC=dtypes["ACC"],
         Z_DOT=dtypes["Z_DOT"],
         DOT_PRECISION=dtypes["DOT_PRECISION"],
         WITH_COLS=bool(with_cols),
         HAS_SELF=self_offset >= 0,
+        **tau_meta,
         **launch,
     )
-    args = (m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), self_offset, scale_hi, scale_lo)
-    if fixed_shift_is_exact(inv_tau):
+    args = (m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), self_offset, *tau_args)
+    if fixed_shift_applies(inv_tau):
         _info_nce_lse_fwd_kernel[grid](
             q, k, row_sums, col_sums, row_sums, col_sums, *args, ROW_SHIFT=False, WRITE_MAX=False, **meta
         )
         return row_sums.log_().add_(inv_tau), col_sums.log_().add_(inv_tau)
-    # (5) per-row and per-column shifts (in log₂ units), then the shifted sums
+    # row shift: per-row and per-column maxima (in log₂ units), then the shifted sums
     row_max = torch.full_like(row_sums, -math.inf)
     col_max = torch.full_like(col_sums, -math.inf)
     _info_nce_lse_fwd_kernel[grid](
@@ -382,13 +378,12 @@ def info_nce_lse_bwd(
     k: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
-    inv_tau: float,
+    inv_tau: float | Tensor,
     self_offset: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂q, ∂L/∂k) of (2) in the dtype of q, and ∂L/∂(1/τ) (0-dim, fp32 or fp64); the column
-    terms only when col_lse is not empty."""
+    """(∂L/∂q, ∂L/∂k) in the dtype of q, and ∂L/∂(1/τ) (0-dim, fp32 or fp64); the column
+    terms only when col_lse is not empty. inv_tau as in info_nce_lse_fwd."""
     _check_qk("info_nce_lse_bwd", q, k)
-    inv_tau = float(inv_tau)
     (m, d), n = q.shape, k.shape[0]
     with_cols = col_lse.numel() > 0
     grad_row = _check_rows("info_nce_lse_bwd", "grad_row", grad_row, m, q)
@@ -403,18 +398,17 @@ def info_nce_lse_bwd(
     dk = torch.zeros((n, d), dtype=acc_dtype, device=q.device)
     d_inv_tau = torch.zeros(1, dtype=acc_dtype, device=q.device)
     if m and n:
-        launch = _launch(q, k, _BWD_BLOCK)
+        launch = _launch(q, k, "bwd")
         grid = launch.pop("grid")
-        scale_hi, scale_lo = hi_lo(inv_tau * LOG2E)
-        inv_tau_hi, inv_tau_lo = hi_lo(inv_tau)
+        tau_args, tau_meta = temperature_args(inv_tau, acc_dtype, d_inv_tau)
         _info_nce_lse_bwd_kernel[grid](
             q, k, grad_row, grad_col, row_lse, col_lse, dq, dk, d_inv_tau,
-            m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), self_offset,
-            scale_hi, scale_lo, inv_tau_hi, inv_tau_lo,
+            m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), self_offset, *tau_args,
             **dtypes,
             WITH_COLS=with_cols,
             HAS_SELF=self_offset >= 0,
-            ROW_SHIFT=not fixed_shift_is_exact(inv_tau),
+            ROW_SHIFT=not fixed_shift_applies(inv_tau),
+            **tau_meta,
             **launch,
         )  # fmt: skip
-    return dq.to(q.dtype), dk.to(k.dtype), d_inv_tau.div_(inv_tau).squeeze(0)
+    return dq.to(q.dtype), dk.to(k.dtype), (d_inv_tau / inv_tau).squeeze(0)

@@ -3,16 +3,15 @@
 Same contract as the C++ kernel (csrc/cpu/mochi.cpp); fastssl/ops/mochi.py calls
 `mochi_mix_fwd` and `mochi_mix_bwd`. Synthetic negative s of query b (Kalantidis et al. 2020,
 "Hard Negative Mixing for Contrastive Learning") mixes two rows: n = queue[second_bs] and
-a = queue[first_bs], or a = q̄_b (the detached query) where first_bs = −1. Rows are normalised on
-the fly, x̂ = x / max(‖x‖, ε) as F.normalize, and the negative is h = v/‖v‖ with
-
- 1. v = w â + (1 − w) n̂ = c_a a + c_n n,   c_a = w/‖a‖,  c_n = (1 − w)/‖n‖,
- 2. logit_bs = (1/τ) q·h = (1/τ)(c_a q·a + c_n q·n)/‖v‖,
- 3. ‖v‖² = c_a² a·a + c_n² n·n + 2 c_a c_n a·n:
-
-five dot products of two gathered rows and q, O(D) per negative, and no [B, S, D] tensor.
- 4. h is a constant (detached): ∂L/∂q_b = (1/τ) Σ_s g_bs (k_a a + k_n n) with k = c/‖v‖, the
-    coefficients the forward saves; the backward gathers a and n again.
+a = queue[first_bs], or a = q̄_b (the detached query) where first_bs = −1. The math is
+docs/design.md, "MoCHi": a queue row enters scaled by a power of two (RowScale_ptr, from the op:
+exact, and its largest entry then in [0.5, 1)), so that its squares neither overflow nor underflow
+at any norm; rows are then normalised on the fly, x̂ = x / max(‖x‖, ε) as F.normalize, and the negative is h = v/‖v‖ with
+v = w â + (1 − w) n̂ = c_a a + c_n n, c_a = w/‖a‖, c_n = (1 − w)/‖n‖,
+q·h = (c_a q·a + c_n q·n)/‖v‖ and ‖v‖² = c_a² a·a + c_n² n·n + 2 c_a c_n a·n: five dot products
+of two gathered rows and q, O(D) per negative, and no [B, S, D] tensor (1/τ is applied by the op).
+h is a constant (detached): ∂L/∂q_b = Σ_s g_bs (k_a a + k_n n) with k = c·scale/‖v‖ for the
+rows as stored, the coefficients the forward saves; the backward gathers a and n again.
 
 Work layout. Forward: program (b, block of BLOCK_S negatives); the rows are gathered as
 [BLOCK_S, BLOCK_D] tiles (one row per negative, int64 row offsets) and the five dots are row
@@ -81,8 +80,9 @@ def _mochi_mix_fwd_kernel(
     First_ptr,
     Second_ptr,
     W_ptr,
+    RowScale_ptr,  # [K] ACC: the queue rows' power-of-two scales
     Out_ptr,  # [B, S] ACC: q·h (times 1/τ outside)
-    Coef_ptr,  # [B, S, 2] ACC, contiguous: (k_a, k_n) of (4)
+    Coef_ptr,  # [B, S, 2] ACC, contiguous: (k_a, k_n) for the rows as stored
     S,
     D,
     Q_stride_b,
@@ -108,6 +108,9 @@ def _mochi_mix_fwd_kernel(
     i = tl.load(First_ptr + b * First_stride_b + cols * First_stride_s, mask=ok, other=0).to(tl.int64)
     j = tl.load(Second_ptr + b * Second_stride_b + cols * Second_stride_s, mask=ok, other=0).to(tl.int64)
     w = tl.load(W_ptr + b * W_stride_b + cols * W_stride_s, mask=ok, other=0.0).to(ACC)
+    # the rows' scales; the query (i = −1) is a unit row
+    s_a = tl.where(i < 0, 1.0, tl.load(RowScale_ptr + tl.where(i < 0, 0, i), mask=ok, other=0.0)).to(ACC)
+    s_n = tl.load(RowScale_ptr + j, mask=ok, other=0.0).to(ACC)
     qa = tl.zeros([BLOCK_S], ACC)
     qn = tl.zeros([BLOCK_S], ACC)
     aa = tl.zeros([BLOCK_S], ACC)
@@ -121,23 +124,25 @@ def _mochi_mix_fwd_kernel(
             QBar_ptr, Queue_ptr, b, i, j, ok, dd, ok_d, QBar_stride_b, QBar_stride_d, Queue_stride_k,
             Queue_stride_d, ACC,
         )  # fmt: skip
-        # (2), (3): the five dot products, as row sums of the gathered tiles
+        a = a * s_a[:, None]
+        n = n * s_n[:, None]
+        # the five dot products, as row sums of the gathered tiles
         qa += tl.sum(a * q[None, :], axis=1)
         qn += tl.sum(n * q[None, :], axis=1)
         aa += tl.sum(a * a, axis=1)
         nn += tl.sum(n * n, axis=1)
         an += tl.sum(a * n, axis=1)
-    c_a = w * _inv_norm(aa, EPS)  # (1)
+    c_a = w * _inv_norm(aa, EPS)
     c_n = (1.0 - w) * _inv_norm(nn, EPS)
-    r = _inv_norm(c_a * c_a * aa + c_n * c_n * nn + 2.0 * c_a * c_n * an, EPS)  # (3)
-    tl.store(Out_ptr + b * S + cols, (c_a * qa + c_n * qn) * r, mask=ok)  # (2)
-    tl.store(Coef_ptr + (b * S + cols) * 2, c_a * r, mask=ok)
-    tl.store(Coef_ptr + (b * S + cols) * 2 + 1, c_n * r, mask=ok)
+    r = _inv_norm(c_a * c_a * aa + c_n * c_n * nn + 2.0 * c_a * c_n * an, EPS)
+    tl.store(Out_ptr + b * S + cols, (c_a * qa + c_n * qn) * r, mask=ok)
+    tl.store(Coef_ptr + (b * S + cols) * 2, c_a * r * s_a, mask=ok)
+    tl.store(Coef_ptr + (b * S + cols) * 2 + 1, c_n * r * s_n, mask=ok)
 
 
 @triton.jit
 def _mochi_mix_bwd_kernel(
-    G_ptr,  # [B, S] ACC, contiguous: ∂L/∂logit times 1/τ
+    G_ptr,  # [B, S] ACC, contiguous: ∂L/∂(q·h)
     QBar_ptr,
     Queue_ptr,
     First_ptr,
@@ -177,7 +182,7 @@ def _mochi_mix_bwd_kernel(
             QBar_ptr, Queue_ptr, b, i, j, ok, dd, ok_d, QBar_stride_b, QBar_stride_d, Queue_stride_k,
             Queue_stride_d, ACC,
         )  # fmt: skip
-        # (4): g·h = g (k_a a + k_n n), summed over this block of negatives
+        # g·h = g (k_a a + k_n n), summed over this block of negatives
         acc += tl.sum((g * k_a)[:, None] * a + (g * k_n)[:, None] * n, axis=0)
     if s_start < s_end:
         tl.atomic_add(Grad_ptr + b * D + dd, acc, mask=ok_d, sem="relaxed")
@@ -199,40 +204,43 @@ def _check(fn: str, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor)
 
 
 def _parts(b: int, d_blocks: int, s: int, device: torch.device) -> int:
-    """How many programs share one query's S negatives in the backward (4)."""
+    """How many programs share one query's S negatives in the backward."""
     target = program_target(device)
     return max(1, min(triton.cdiv(s, _BLOCK_S), triton.cdiv(target, b * d_blocks)))
 
 
 @launcher
 def mochi_mix_fwd(
-    q: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, weight: Tensor, inv_tau: float
+    q: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, weight: Tensor, row_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """(1/τ)·q_b·norm(w â + (1 − w) n̂) [B, S] and the coefficients (k_a, k_n) [B, S, 2], fp32 (fp64 for fp64)."""
+    """q_b·norm(w â + (1 − w) n̂) [B, S] and the coefficients (k_a, k_n) [B, S, 2], fp32 (fp64 for fp64);
+    row_scale [K]: the queue rows' power-of-two scales (fastssl._rows.power_of_two_scales)."""
     _check("mochi_mix_fwd", q_bar, queue, first, second)
-    if q.shape != q_bar.shape or weight.shape != first.shape:
-        raise ValueError(f"mochi_mix_fwd: q {tuple(q.shape)} and weight {tuple(weight.shape)} do not match")
+    if q.shape != q_bar.shape or weight.shape != first.shape or row_scale.shape != (queue.shape[0],):
+        raise ValueError(
+            f"mochi_mix_fwd: q {tuple(q.shape)}, weight {tuple(weight.shape)} or row_scale {tuple(row_scale.shape)} "
+            "do not match"
+        )
     (b, d), s = q.shape, first.shape[1]
     out_dtype, acc = acc_dtype(q)
+    row_scale = row_scale.to(out_dtype).contiguous()
     out = torch.empty((b, s), dtype=out_dtype, device=q.device)
     coef = torch.empty((b, s, 2), dtype=out_dtype, device=q.device)
     if b * s == 0:
         return out, coef
     grid = (b, triton.cdiv(s, _BLOCK_S))
     _mochi_mix_fwd_kernel[grid](
-        q, q_bar, queue, first, second, weight, out, coef, s, d,
+        q, q_bar, queue, first, second, weight, row_scale, out, coef, s, d,
         q.stride(0), q.stride(1), q_bar.stride(0), q_bar.stride(1), queue.stride(0), queue.stride(1),
         first.stride(0), first.stride(1), second.stride(0), second.stride(1), weight.stride(0), weight.stride(1),
         ACC=acc, EPS=_EPS, BLOCK_S=_BLOCK_S, BLOCK_D=block_size(d, _MAX_BLOCK_D),
     )  # fmt: skip
-    return out.mul_(inv_tau), coef
+    return out, coef
 
 
 @launcher
-def mochi_mix_bwd(
-    grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor, inv_tau: float
-) -> Tensor:
-    """∂L/∂q_b = (1/τ) Σ_s grad_bs (k_a a + k_n n), in the dtype of q_bar."""
+def mochi_mix_bwd(grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor) -> Tensor:
+    """∂L/∂q_b = Σ_s grad_bs (k_a a + k_n n), in the dtype of q_bar."""
     _check("mochi_mix_bwd", q_bar, queue, first, second)
     if grad.shape != first.shape or coef.shape != (*first.shape, 2):
         raise ValueError(f"mochi_mix_bwd: grad {tuple(grad.shape)} or coef {tuple(coef.shape)} do not match first")
@@ -241,7 +249,7 @@ def mochi_mix_bwd(
     out = torch.zeros((b, d), dtype=out_dtype, device=q_bar.device)
     if b * s == 0:
         return out.to(q_bar.dtype)
-    g = (grad.to(out_dtype) * inv_tau).contiguous()
+    g = grad.to(out_dtype).contiguous()
     coef = coef.to(out_dtype).contiguous()
     block_d = block_size(d, _MAX_BLOCK_D)
     d_blocks = triton.cdiv(d, block_d)

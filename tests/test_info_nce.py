@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from _assertions import assert_lowprec_close, assert_verbose_allclose
 
 import fastssl
-from fastssl.ops.info_nce import info_nce_lse
+from fastssl.ops.info_nce import info_nce_lse, info_nce_lse_op
 
 
 def _inputs(m, d, k=0, dtype=torch.float32, device="cpu"):
@@ -130,8 +130,7 @@ def test_triton_many_tiles(monkeypatch):
     """Blocks shrunk to 16 rows: many row blocks and column runs, with the self-pair mask of gather."""
     from fastssl.kernels import info_nce as kernels
 
-    monkeypatch.setattr(kernels, "_FWD_BLOCK", 16)
-    monkeypatch.setattr(kernels, "_BWD_BLOCK", 16)
+    monkeypatch.setattr(kernels, "_CONFIGS", {key: ((16, 16, 4, 1), (16, 16, 4, 1)) for key in kernels._CONFIGS})
     q, key, neg = _inputs(50, 24, 21)
     _check_against_reference("triton", q, key, neg, symmetric=True, temperature=0.2, atol=1e-4, rtol=1e-4)
     z = F.normalize(torch.randn(70, 24, dtype=torch.float64), dim=1)
@@ -161,7 +160,9 @@ def test_matches_inf_cl_gpu():
     q, key, _ = _inputs(2048, 128, device="cuda")
     q, key = F.normalize(q, dim=1).requires_grad_(), F.normalize(key, dim=1).requires_grad_()
     scale = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
-    theirs = cal_inf_loss(q, key, scale=scale, head_dim=128)
+    # Inf-CL's own scale= goes through a gather whose backward calls dist.all_reduce, which needs a
+    # process group: the scale enters through the queries instead (its gradient is the same)
+    theirs = cal_inf_loss(scale * q, key, head_dim=128)
     their_grads = torch.autograd.grad(theirs, (q, key, scale))
     ours = fastssl.info_nce(q, key, temperature=1 / scale)
     our_grads = torch.autograd.grad(ours, (q, key, scale))
@@ -243,9 +244,9 @@ def test_opcheck(impl):
     q, key = F.normalize(torch.randn(9, 5), dim=1), F.normalize(torch.randn(12, 5), dim=1)
     for inv_tau in (2.0, 100.0):
         for with_cols, self_offset in ((False, -1), (True, -1), (True, 2)):
-            inv_tau_t = torch.tensor(inv_tau, requires_grad=True)
-            args = (q.clone().requires_grad_(), key.clone().requires_grad_(), inv_tau_t, with_cols, self_offset, impl)
-            torch.library.opcheck(info_nce_lse, args)
+            q_, k_ = q.clone().requires_grad_(), key.clone().requires_grad_()
+            for tau_args in ((torch.tensor(inv_tau, requires_grad=True), 0.0), (None, inv_tau)):
+                torch.library.opcheck(info_nce_lse_op, (q_, k_, *tau_args, with_cols, self_offset, impl))
 
 
 def test_torch_compile_fullgraph():
@@ -497,3 +498,66 @@ def test_gather_matches_single_process(world):
     (ranks with different row counts, and features on different scales)."""
     counts = [3, 5, 1, 4][:world]
     mp.spawn(_gather_worker, args=(world, _free_port(), counts), nprocs=world)
+
+
+# -- the temperature never makes the host wait (issue 12, item 7) -----------------------------------------------
+
+
+def _recording(monkeypatch, name):
+    """Records the 1/τ argument the Triton launcher `name` of kernels/info_nce.py receives."""
+    from fastssl.kernels import info_nce as kernels
+
+    seen, launch = [], getattr(kernels, name)
+
+    def record(*args):
+        seen.append(args[2] if name == "info_nce_lse_fwd" else args[6])
+        return launch(*args)
+
+    monkeypatch.setattr(kernels, name, record)
+    return seen
+
+
+def test_float_temperature_puts_nothing_on_the_device(monkeypatch):
+    """A float τ reaches the kernels as a Python float (no 1/τ tensor is made), forward and backward."""
+    seen = _recording(monkeypatch, "info_nce_lse_fwd")
+    seen_bwd = _recording(monkeypatch, "info_nce_lse_bwd")
+    q, key, neg = _inputs(9, 8, 5)
+    q.requires_grad_()
+    fastssl.info_nce(q, key, negatives=neg, temperature=0.3, symmetric=True, impl="triton").backward()
+    assert len(seen) == len(seen_bwd) == 1 and type(seen[0]) is float and type(seen_bwd[0]) is float
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.02])  # the kernels' fixed shift for a float τ, and the row shift
+def test_float_and_tensor_temperature_agree(monkeypatch, temperature):
+    """A tensor τ reaches the Triton kernels as a device tensor (read there, never with .item()) and
+    takes the row shift; a float τ takes the fixed shift where it is exact: the same loss and gradients."""
+    seen = _recording(monkeypatch, "info_nce_lse_fwd")
+    q, key, neg = _inputs(21, 8, 5, torch.float64)
+    results = []
+    for tau in (temperature, torch.tensor(temperature, dtype=torch.float64, requires_grad=True)):
+        leaves = [x.clone().requires_grad_() for x in (q, key)]
+        loss = fastssl.info_nce(*leaves, negatives=neg, temperature=tau, symmetric=True, impl="triton")
+        results.append((loss, *torch.autograd.grad(loss, leaves)))
+    assert [type(x) for x in seen] == [float, torch.Tensor]
+    for a, b in zip(*results, strict=True):
+        assert_verbose_allclose(a, b, rtol=1e-10, atol=1e-12, name="float vs tensor τ")
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_compiled_learnable_temperature_equals_eager(impl):
+    """torch.compile(fullgraph=True) of a training step with InfoNCELoss(learnable_temperature=True) and
+    of info_nce with a tensor τ: no graph break (nothing reads τ on the host), same loss and gradients."""
+    q, key, _ = _inputs(17, 8)
+    module = fastssl.InfoNCELoss(temperature=0.1, learnable_temperature=True, symmetric=True, impl=impl)
+    tau = torch.tensor(0.2, requires_grad=True)
+
+    def step(q):
+        return module(q, key) + fastssl.info_nce(q, key, temperature=tau, impl=impl)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaf = q.clone().requires_grad_()
+        loss = fn(leaf)
+        results.append((loss, *torch.autograd.grad(loss, (leaf, module.logit_scale, tau))))
+    for a, b in zip(*results, strict=True):
+        assert_verbose_allclose(a, b, rtol=1e-5, atol=1e-6, name="compiled vs eager")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from _assertions import assert_lowprec_close, assert_training_matches_reference, assert_verbose_allclose
 
 import fastssl
+from fastssl import _checks
+from fastssl._rows import power_of_two_scales
 from fastssl.ops import mochi as ops
 
 
@@ -218,7 +220,7 @@ def test_known_mixed_logit():
     q = torch.tensor([[1.0, 0.0, 0.0]])
     first, second, weight = torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[0.5]])
     for impl in ("cpp", "triton"):
-        logits, coef = ops.mochi_mix(q, q, queue, first, second, weight, 1.0, impl)
+        logits, coef = ops.mochi_mix(q, q, queue, first, second, weight, power_of_two_scales(queue), impl)
         assert logits.item() == pytest.approx(2**-0.5, rel=1e-6)
         # h = k_a a + k_n n with a, n the raw rows
         assert coef[0, 0].tolist() == pytest.approx([0.5 / 2 * 2**0.5, 0.5 / 5 * 2**0.5], rel=1e-6)
@@ -320,7 +322,7 @@ def test_gradcheck_mix_fp64(impl):
     """The op's gradient wrt q, with the detached query q̄ and the queue held fixed (they are constants)."""
     q, queue, first, second, weight = _mix_args() if impl == "cpp" else _mix_args(b=2, k=6, d=3, s=3)
     q_bar = q.clone()
-    fn = lambda x: ops.mochi_mix(x, q_bar, queue, first, second, weight, 3.0, impl)[0]
+    fn = lambda x: ops.mochi_mix(x, q_bar, queue, first, second, weight, power_of_two_scales(queue), impl)[0]
     assert torch.autograd.gradcheck(fn, (q.requires_grad_(),))
 
 
@@ -336,8 +338,10 @@ def test_gradcheck_loss_fp64():
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 def test_opcheck(impl):
     q, queue, first, second, weight = _mix_args(dtype=torch.float32)
-    torch.library.opcheck(ops.mochi_mix, (q, q, queue, first, second, weight, 2.0, impl))
-    torch.library.opcheck(ops.mochi_mix, (q.clone().requires_grad_(), q, queue, first, second, weight, 2.0, impl))
+    torch.library.opcheck(ops.mochi_mix, (q, q, queue, first, second, weight, power_of_two_scales(queue), impl))
+    torch.library.opcheck(
+        ops.mochi_mix, (q.clone().requires_grad_(), q, queue, first, second, weight, power_of_two_scales(queue), impl)
+    )
 
 
 def test_no_double_backward():
@@ -570,3 +574,36 @@ def test_one_hard_row_is_enough_without_pair_mixes():
 def test_generator_on_another_device():
     with pytest.raises(ValueError, match="generator"):
         fastssl.mochi_loss(Q.cuda(), K.cuda(), QUEUE.cuda(), generator=torch.Generator())
+
+
+# -- a tensor temperature (issue 13, item 3) and scale-safe rows (item 2) ----------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_tensor_temperature_gradient(impl):
+    """A tensor τ that requires grad gets the exact ∂L/∂τ (it was left None), as the reference's
+    autograd, given the same draws."""
+    q, key, queue = _inputs(3, 12, 4, torch.float64)
+    draw, drawn = _recording_draw(4, 2)
+    results = []
+    for which, how in ((impl, draw), ("reference", lambda hard: drawn[0])):
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        a = q.clone().requires_grad_()
+        inv_tau = _checks.inverse_temperature("temperature", tau, q.device)
+        loss = ops._loss_rows(a, key, queue, 5, how, inv_tau, which).sum()
+        results.append((loss, *torch.autograd.grad(loss, (a, tau))))
+    for got, want in zip(*results, strict=True):
+        assert_verbose_allclose(got, want, rtol=1e-10, atol=1e-12, name="loss and grads (q, τ)")
+    with pytest.raises(ValueError, match="temperature"):
+        fastssl.mochi_loss(q, key, queue, temperature=torch.tensor(-1.0, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "triton"])
+def test_rows_of_extreme_norm(impl):
+    """Rows (and queue rows) of norm 1e±20 in fp32 give the logits of their unit rows, given the same draws."""
+    q, key, queue = _inputs(4, 10, 6)
+    scale = torch.tensor([1e20, 1e-20, 1e30, 1e-30, 1.0, 2.0, 1e20, 1e-20, 5.0, 1e-25])[:, None]
+    draw, drawn = _recording_draw(5, 3)
+    want = ops._logits(q, key, queue, 6, draw, 5.0, impl)
+    got = ops._logits(q * scale[:4], key * scale[4:8], queue * scale, 6, lambda hard: drawn[0], 5.0, impl)
+    assert_verbose_allclose(got, want, rtol=1e-5, atol=1e-5, name="logits")

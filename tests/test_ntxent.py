@@ -308,3 +308,32 @@ Z = torch.randn(4, 3)
 def test_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastssl.nt_xent(*args, **kwargs)
+
+
+# -- a tensor temperature (issue 13, item 3) and scale-safe rows (item 2) ----------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("labels", [None, "z2"])
+def test_tensor_temperature_gradient(impl, labels):
+    """A tensor τ that requires grad gets the exact ∂L/∂τ (it was left None), with the reference's
+    loss and input gradients."""
+    z1, z2, y = _inputs(13, 6, torch.float64, labels=labels)
+    results = []
+    for which in (impl, "reference"):
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = fastssl.nt_xent(a, b, labels=y, temperature=tau, impl=which)
+        results.append((loss, *torch.autograd.grad(loss, (a, b, tau))))
+    for got, want in zip(*results, strict=True):
+        assert_verbose_allclose(got, want, rtol=1e-10, atol=1e-12, name="loss and grads (z1, z2, τ)")
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "triton"])
+def test_rows_of_extreme_norm(impl):
+    """Rows of norm 1e±20 in fp32 give the loss of their unit rows (‖z‖² over/underflows in fp32)."""
+    z1, z2, _ = _inputs(6, 5)
+    scale = torch.tensor([1e20, 1e-20, 1.0, 1e-30, 1e30, 3.0])[:, None]
+    want = fastssl.nt_xent(z1, z2, impl=impl)
+    got = fastssl.nt_xent(z1 * scale, z2 * scale.flip(0), impl=impl)
+    assert_verbose_allclose(got, want, rtol=1e-5, atol=1e-6, name="loss")

@@ -2,16 +2,19 @@
 //
 // Kalantidis et al. 2020, "Hard Negative Mixing for Contrastive Learning". Synthetic negative s of
 // query b mixes two rows: n = queue[second_bs] and a = queue[first_bs], or a = q_bar_b (the
-// detached query) where first_bs = -1. Rows are normalised on the fly (no normalised copy of the
-// queue): with x^ = x / max(|x|, eps) as F.normalize, the negative is h = v / |v| where
-//   v = w a^ + (1 - w) n^ = c_a a + c_n n,   c_a = w / |a|,  c_n = (1 - w) / |n|,          (1)
-//   logit_bs = inv_tau q.h = inv_tau (c_a q.a + c_n q.n) / |v|,                          (2)
-//   |v|^2 = c_a^2 a.a + c_n^2 n.n + 2 c_a c_n a.n,                                        (3)
-// so five dot products of the two rows and q (q.a, q.n, a.a, n.n, a.n) give it, O(D) per
-// negative. h is a constant (detached), so with g_bs = dL/dlogit_bs
-//   dL/dq_b = inv_tau sum_s g_bs h_bs = inv_tau sum_s g_bs (k_a a + k_n n),                (4)
-// k_a = c_a / |v|, k_n = c_n / |v|: the forward saves (k_a, k_n) and the backward forms h again
-// from the two rows.
+// detached query) where first_bs = -1. The math is docs/design.md, "MoCHi": rows are normalised on
+// the fly (no normalised copy of the queue). A queue row enters scaled by row_scale[k], a power of
+// two from the op (exact; the row's largest entry then in [0.5, 1)), so that the squares below
+// neither overflow nor underflow for rows of any norm; then, with
+// x^ = x / max(|x|, eps) as F.normalize, the negative is h = v / |v| where
+//   v = w a^ + (1 - w) n^ = c_a a + c_n n,   c_a = w / |a|,  c_n = (1 - w) / |n|,
+//   logit_bs = q.h = (c_a q.a + c_n q.n) / |v|,   |v|^2 = c_a^2 a.a + c_n^2 n.n + 2 c_a c_n a.n,
+// (a, n the scaled rows) so five dot products of the two rows and q (q.a, q.n, a.a, n.n, a.n) give
+// it, O(D) per negative; 1/tau is applied by the op. h is a constant (detached), so with
+// g_bs = dL/dlogit_bs
+//   dL/dq_b = sum_s g_bs h_bs = sum_s g_bs (k_a a_raw + k_n n_raw),
+// k_a = c_a scale_a / |v|, k_n = c_n scale_n / |v| (relative to the rows as stored): the
+// forward saves (k_a, k_n) and the backward forms h again from the two rows.
 //
 // Threads split the queries; each owns its output rows, so there are no races. Work memory is
 // three rows per thread (fp16/bf16 rows are widened to fp32 there), never a [B, S, D] tensor.
@@ -61,16 +64,17 @@ struct Dots {
   acc_t qa, qn, aa, nn, an;
 };
 
-// The five dot products of (2) and (3).
+// The five dot products of q, x = a sa and y = n sn (the rows times their scales).
 template <typename acc_t>
-Dots<acc_t> dots(const acc_t* q, const acc_t* a, const acc_t* n, int64_t d) {
+Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, const acc_t* n, acc_t sn, int64_t d) {
   acc_t qa[kLanes] = {}, qn[kLanes] = {}, aa[kLanes] = {}, nn[kLanes] = {}, an[kLanes] = {};
   const auto add = [&](int64_t i, int64_t l) {
-    qa[l] += q[i] * a[i];
-    qn[l] += q[i] * n[i];
-    aa[l] += a[i] * a[i];
-    nn[l] += n[i] * n[i];
-    an[l] += a[i] * n[i];
+    const acc_t x = a[i] * sa, y = n[i] * sn;
+    qa[l] += q[i] * x;
+    qn[l] += q[i] * y;
+    aa[l] += x * x;
+    nn[l] += y * y;
+    an[l] += x * y;
   };
   int64_t i0 = 0;
   for (; i0 + kLanes <= d; i0 += kLanes) {
@@ -121,7 +125,8 @@ struct Mix {
     }
   }
 
-  // Calls fn(col, a, n) for every negative of query `row`, a and n the rows of its mix.
+  // Calls fn(col, a, n, i, j) for every negative of query `row`: a and n the rows of its mix,
+  // i = first (-1: the query) and j = second their indices.
   template <typename scalar_t, typename Fn>
   void for_each(int64_t row, Fn fn) const {
     const int64_t* i = first.data_ptr<int64_t>() + row * s;
@@ -139,7 +144,7 @@ struct Mix {
           __builtin_prefetch(n_next + off);
         }
       }
-      fn(col, i[col] < 0 ? self : rows + i[col] * d, rows + j[col] * d);
+      fn(col, i[col] < 0 ? self : rows + i[col] * d, rows + j[col] * d, i[col], j[col]);
     }
   }
 };
@@ -217,7 +222,8 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in,
                                                      const at::Tensor& queue,
                                                      const at::Tensor& first,
                                                      const at::Tensor& second,
-                                                     const at::Tensor& weight_in, double inv_tau) {
+                                                     const at::Tensor& weight_in,
+                                                     const at::Tensor& row_scale_in) {
   const Mix mix(q_bar, queue, first, second, "mochi_mix_fwd_cpu");
   TORCH_CHECK(q_in.sizes() == mix.q_bar.sizes() && q_in.scalar_type() == mix.q_bar.scalar_type(),
               "mochi_mix_fwd_cpu: q and q_bar must match, got ", q_in.sizes(), " and ",
@@ -227,12 +233,16 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in,
   const at::Tensor q = q_in.contiguous();
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor weight = weight_in.to(acc_type).contiguous();
+  TORCH_CHECK(row_scale_in.dim() == 1 && row_scale_in.size(0) == mix.k,
+              "mochi_mix_fwd_cpu: row_scale must be [K] with K = ", mix.k, ", got ", row_scale_in.sizes());
+  const at::Tensor row_scale = row_scale_in.to(acc_type).contiguous();
   at::Tensor logits = at::empty({mix.b, mix.s}, q.options().dtype(acc_type));
   at::Tensor coef = at::empty({mix.b, mix.s, 2}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mochi_mix_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t d = mix.d, s = mix.s;
     const acc_t* w = weight.data_ptr<acc_t>();
+    const acc_t* scale = row_scale.data_ptr<acc_t>();
     const scalar_t* q_rows = q.data_ptr<scalar_t>();
     acc_t* out = logits.data_ptr<acc_t>();
     acc_t* out_coef = coef.data_ptr<acc_t>();
@@ -240,17 +250,19 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in,
       std::vector<acc_t> buf(3 * d);
       for (int64_t row = begin; row < end; ++row) {
         const acc_t* qr = widen(q_rows + row * d, d, buf.data());
-        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw) {
+        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw,
+                                        int64_t i, int64_t j) {
           const int64_t idx = row * s + col;
+          const acc_t sa = i < 0 ? acc_t(1) : scale[i], sn = scale[j];  // the query is a unit row
           const acc_t* a = widen(a_raw, d, buf.data() + d);
-          const Dots<acc_t> p = dots(qr, a, widen(n_raw, d, buf.data() + 2 * d), d);
-          const acc_t c_a = w[idx] * clamped_inverse_sqrt(p.aa);  // (1)
+          const Dots<acc_t> p = dots(qr, a, sa, widen(n_raw, d, buf.data() + 2 * d), sn, d);
+          const acc_t c_a = w[idx] * clamped_inverse_sqrt(p.aa);
           const acc_t c_n = (1 - w[idx]) * clamped_inverse_sqrt(p.nn);
-          const acc_t r =  // (3)
+          const acc_t r =
               clamped_inverse_sqrt(c_a * c_a * p.aa + c_n * c_n * p.nn + 2 * c_a * c_n * p.an);
-          out[idx] = acc_t(inv_tau) * (c_a * p.qa + c_n * p.qn) * r;  // (2)
-          out_coef[2 * idx] = c_a * r;
-          out_coef[2 * idx + 1] = c_n * r;
+          out[idx] = (c_a * p.qa + c_n * p.qn) * r;
+          out_coef[2 * idx] = c_a * r * sa;
+          out_coef[2 * idx + 1] = c_n * r * sn;
         });
       }
     });
@@ -260,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in,
 
 at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar,
                              const at::Tensor& queue, const at::Tensor& first,
-                             const at::Tensor& second, const at::Tensor& coef_in, double inv_tau) {
+                             const at::Tensor& second, const at::Tensor& coef_in) {
   const Mix mix(q_bar, queue, first, second, "mochi_mix_bwd_cpu");
   const auto acc_type = mix.q_bar.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor grad = grad_in.to(acc_type).contiguous();
@@ -283,9 +295,10 @@ at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar,
       for (int64_t row = begin; row < end; ++row) {
         acc_t* out = out_rows + row * d;
         std::fill(out, out + d, acc_t(0));
-        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw) {
+        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw,
+                                        int64_t, int64_t) {
           const int64_t idx = row * s + col;
-          const acc_t c = acc_t(inv_tau) * g[idx];  // (4)
+          const acc_t c = g[idx];
           const acc_t* a = widen(a_raw, d, buf.data());
           axpy2(out, c * k[2 * idx], a, c * k[2 * idx + 1], widen(n_raw, d, buf.data() + d), d);
         });

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fastssl import _checks, _ext
 from fastssl._reductions import check_reduction, reduce_rows
+from fastssl._rows import inverse_norms, power_of_two_scales, unit_rows
 from fastssl.reference import mochi as reference
 
 # draw(hard [B, n_hard]) -> (first, second, weight), each [B, S]; see draw_negatives
@@ -45,49 +46,52 @@ Draw = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 @torch.library.custom_op("fastssl::mochi_mix", mutates_args=())
 def mochi_mix(
-    q: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, weight: Tensor, inv_tau: float, impl: str
+    q: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, weight: Tensor, row_scale: Tensor, impl: str
 ) -> tuple[Tensor, Tensor]:
-    """inv_tau·q_b·norm(w â + (1 − w) n̂) for every column s of query b, by (4); x̂ = x/‖x‖ on the fly.
+    """q_b·norm(w â + (1 − w) n̂) for every column s of query b, by (4); x̂ = x/‖x‖ on the fly.
 
-    q, q_bar [B, D] (q_bar: the detached query), queue [K, D] (any row norms); first, second
-    [B, S] int64 and weight [B, S] name the mix of column s: n = queue[second], a = queue[first],
-    or a = q_bar[b] where first = −1. Returns (logits [B, S], coef [B, S, 2]) in fp32 (fp64 for
-    fp64 q): h = coef₀·a + coef₁·n is the mixed vector, for the backward.
+    q, q_bar [B, D] (q_bar: the detached query, a unit row), queue [K, D] (any row norms) and
+    row_scale [K] its rows' power-of-two scales (fastssl._rows.power_of_two_scales: the kernels
+    scale the rows by them, exactly, before squaring, so that no norm overflows or underflows);
+    first, second [B, S] int64 and weight [B, S] name the mix of column s: n = queue[second],
+    a = queue[first], or a = q_bar[b] where first = −1. Returns (logits [B, S], coef [B, S, 2])
+    in fp32 (fp64 for fp64 q): h = coef₀·a + coef₁·n is the mixed vector, for the backward. 1/τ
+    is applied by the caller.
     """
     kernel = _ext.kernel(impl, q.device, cpp="mochi_mix_fwd_cpu", triton="mochi.mochi_mix_fwd")
-    return kernel(q, q_bar, queue, first, second, weight, inv_tau)
+    return kernel(q, q_bar, queue, first, second, weight, row_scale)
 
 
 @mochi_mix.register_fake
-def _(q, q_bar, queue, first, second, weight, inv_tau, impl):
+def _(q, q_bar, queue, first, second, weight, row_scale, impl):
     acc = _checks.accumulate_dtype(q.dtype)
     return q.new_empty(first.shape, dtype=acc), q.new_empty((*first.shape, 2), dtype=acc)
 
 
 @torch.library.custom_op("fastssl::mochi_mix_backward", mutates_args=())
 def mochi_mix_backward(
-    grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor, inv_tau: float, impl: str
+    grad: Tensor, q_bar: Tensor, queue: Tensor, first: Tensor, second: Tensor, coef: Tensor, impl: str
 ) -> Tensor:
-    """∂L/∂q_b = inv_tau Σ_s grad_bs·h_bs with h = coef₀·a + coef₁·n (the mixed vector); dtype of q_bar."""
+    """∂L/∂q_b = Σ_s grad_bs·h_bs with h = coef₀·a + coef₁·n (the mixed vector); dtype of q_bar."""
     fn = _ext.kernel(impl, q_bar.device, cpp="mochi_mix_bwd_cpu", triton="mochi.mochi_mix_bwd")
-    return fn(grad, q_bar, queue, first, second, coef, inv_tau)
+    return fn(grad, q_bar, queue, first, second, coef)
 
 
 @mochi_mix_backward.register_fake
-def _(grad, q_bar, queue, first, second, coef, inv_tau, impl):
+def _(grad, q_bar, queue, first, second, coef, impl):
     return torch.empty_like(q_bar)
 
 
 def _setup_context(ctx, inputs, output):
-    _, q_bar, queue, first, second, _, inv_tau, impl = inputs
+    _, q_bar, queue, first, second, _, _, impl = inputs
     ctx.save_for_backward(q_bar, queue, first, second, output[1])
-    ctx.inv_tau, ctx.impl = inv_tau, impl
+    ctx.impl = impl
 
 
 def _backward(ctx, grad_logits, grad_coef):
     # the mixed vectors are constants (detached): the gradient reaches q alone
     q_bar, queue, first, second, coef = ctx.saved_tensors
-    grad_q = mochi_mix_backward(grad_logits.contiguous(), q_bar, queue, first, second, coef, ctx.inv_tau, ctx.impl)
+    grad_q = mochi_mix_backward(grad_logits.contiguous(), q_bar, queue, first, second, coef, ctx.impl)
     return grad_q, None, None, None, None, None, None, None
 
 
@@ -223,22 +227,25 @@ def mochi_logits(
 
     Args:
         q: [B, D] queries; k: [B, D] their keys (the positive, column 0).
-        queue: [K, D] negatives (a tensor, or a :class:`fastssl.MemoryQueue`: its filled rows),
-            treated as a constant: no gradient flows to it.
+        queue: [K, D] negatives, treated as a constant: no gradient flows to it (the public
+            :func:`fastssl.mochi_logits` also takes a :class:`fastssl.MemoryQueue`: its filled rows).
         n_hard: size of each query's hard set, its own top-n_hard queue rows by similarity; capped at K.
         n_mix: synthetic negatives per query mixing two distinct hard rows, α ~ U(0, 1).
         n_mix_query: synthetic negatives per query mixing the detached query with one hard row,
             β ~ U(0, 0.5) (the query's share).
-        temperature: τ > 0; every logit is divided by it.
+        temperature: τ > 0, a float or a one-element tensor; every logit is divided by it. When
+            it requires grad its gradient is exact; a tensor is never read on the host on CUDA
+            (there a non-positive or non-finite one gives NaN).
         generator: a torch.Generator on q's device for the draws (hard-set positions, α, β);
             the same seed gives the same logits (for one impl: the hard sets' order, which the
             positions index, differs between the C++ selection and torch.topk).
         impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL overrides "auto".
 
-    Rows of q, k and queue are L2-normalised inside. Synthetic negatives are detached and never
-    built in memory (no [B, S, D] tensor); gradients flow to q (through every logit) and to k
-    (through the positive). With n_mix = n_mix_query = 0 these are MoCo's logits. n_mix > 0 needs
-    at least 2 hard rows (n_hard ≥ 2 and K ≥ 2); a ValueError says so otherwise.
+    Rows of q, k and queue are L2-normalised inside, at any scale (a zero row stays zero).
+    Synthetic negatives are detached and never built in memory (no [B, S, D] tensor); gradients
+    flow to q (through every logit) and to k (through the positive). With n_mix = n_mix_query = 0
+    these are MoCo's logits. n_mix > 0 needs at least 2 hard rows (n_hard ≥ 2 and K ≥ 2); a
+    ValueError says so otherwise.
     """
     q, k, queue, n_hard, draw, inv_tau, impl = _prepare(
         q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, impl
@@ -280,7 +287,6 @@ def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, im
     _checks.features("q", q)
     _checks.features("k", k)
     _checks.like("k", k, "q", q)
-    queue = _queue_rows(queue)
     _checks.features("queue", queue)
     _checks.like("queue", queue, "q", q, dims=[1])
     n_hard = _checks.integer("n_hard", n_hard, minimum=1)
@@ -291,7 +297,7 @@ def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, im
             f"n_mix > 0 mixes two distinct hard negatives, so n_hard and the queue's length must be >= 2; "
             f"got n_hard={n_hard} and a queue of {queue.shape[0]} rows"
         )
-    inv_tau = 1.0 / _checks.positive("temperature", temperature)
+    inv_tau = _checks.inverse_temperature("temperature", temperature, q.device)
     generator = _checks.generator("generator", generator, q.device)
     impl = _ext.resolve_impl(impl, q.device)
     draw = functools.partial(draw_negatives, n_mix=n_mix, n_mix_query=n_mix_query, generator=generator)
@@ -299,39 +305,33 @@ def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, im
     return q, k, queue, n_hard, draw, inv_tau, impl
 
 
-def _queue_rows(queue):
-    """The rows of a queue given as a tensor, or as a fastssl.MemoryQueue (an nn.Module with get())."""
-    if isinstance(queue, torch.nn.Module) and callable(getattr(queue, "get", None)):
-        return queue.get()
-    return queue
-
-
-def _unit_rows(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q̂, k̂ and 1/‖n_k‖ [K] in fp32 (fp64 for fp64), as F.normalize.
+def _normalised(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q̂, k̂ and 1/‖n_k‖ [K] in fp32 (fp64 for fp64), scale-safe (fastssl/_rows.py).
 
     The query side stays in fp32 for bf16/fp16 inputs, so that the gradients of the three terms
     of (1) are summed in fp32; the matmul and the kernel read q̂ rounded to the queue's dtype.
     """
     acc = _checks.accumulate_dtype(q.dtype)
-    qn, kn = (F.normalize(x.to(acc), dim=1) for x in (q, k))
-    scale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
-    return qn, kn, scale
+    qn, kn = (unit_rows(x.to(acc)) for x in (q, k))
+    return qn, kn, inverse_norms(queue, acc)
 
 
 def _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl) -> tuple[Tensor, Tensor]:
-    """q̂·k̂/τ [B] and the synthetic logits [B, S] of (2)-(4), drawn from the hard sets."""
+    """q̂·k̂/τ [B] and the synthetic logits [B, S] of (2)-(4), drawn from the hard sets; 1/τ (a
+    tensor temperature's gradient included) enters outside the kernel."""
     first, second, weight = draw(hard)
     q_rows = qn.to(queue.dtype)
-    mixed, _ = mochi_mix(q_rows, q_rows.detach(), queue, first, second, weight, inv_tau, impl)
-    return (qn * kn).sum(1) * inv_tau, mixed
+    row_scale = power_of_two_scales(queue, _checks.accumulate_dtype(qn.dtype))
+    mixed, _ = mochi_mix(q_rows, q_rows.detach(), queue, first, second, weight, row_scale, impl)
+    return (qn * kn).sum(1) * inv_tau, mixed * inv_tau
 
 
-def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_tau: float, impl: str) -> Tensor:
+def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_tau: float | Tensor, impl: str) -> Tensor:
     """(1) for checked inputs, with the synthetic negatives that `draw` picks from the hard sets."""
     queue = queue.detach()
     if impl == "reference":
         return reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
-    qn, kn, scale = _unit_rows(q, k, queue)
+    qn, kn, scale = _normalised(q, k, queue)
     # q̂·n̂/τ [B, K], by the same chunks as _QueueLogSumExp (so the same hard sets as mochi_loss);
     # the queue is never normalised in memory
     step = _chunk_rows(queue.shape[0])
@@ -341,13 +341,15 @@ def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_ta
     return torch.cat([pos[:, None], neg, mixed], dim=1)
 
 
-def _loss_rows(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_tau: float, impl: str) -> Tensor:
+def _loss_rows(
+    q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_tau: float | Tensor, impl: str
+) -> Tensor:
     """−log softmax(1)₀ per query, as LSE(logits) − logit₀ without the [B, 1 + K + S] logits."""
     queue = queue.detach()
     if impl == "reference":
         logits = reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
         return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
-    qn, kn, scale = _unit_rows(q, k, queue)
+    qn, kn, scale = _normalised(q, k, queue)
     lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
     pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
     return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos

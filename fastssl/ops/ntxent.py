@@ -16,11 +16,11 @@ so it is plain PyTorch here and autograd differentiates it, and the row normalis
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastssl import _checks, _ext, distributed
 from fastssl._reductions import check_reduction, reduce_rows
+from fastssl._rows import unit_rows
 from fastssl.ops.info_nce import info_nce_lse
 from fastssl.reference import ntxent as reference
 
@@ -82,7 +82,9 @@ def nt_xent(
         labels: integer class of each sample, [B] shared by both views (with ``z2``) or [N]
             (without): every other row with the same label is a positive, and the loss averages
             the positives' log-probabilities (SupCon's L_out).
-        temperature: τ > 0.
+        temperature: τ > 0, a float or a one-element tensor; when it requires grad its gradient is
+            exact (a tensor τ runs the two-tower InfoNCE kernel, which carries ∂L/∂(1/τ), and is
+            never read on the host on CUDA: there a non-positive or non-finite one gives NaN).
         reduction: "mean" (over rows that have a positive), "sum", or "none" for the per-row
             losses [N] (0 for a row without a positive).
         gather: under ``torch.distributed``, every rank's rows meet every rank's rows (labels too):
@@ -93,13 +95,14 @@ def nt_xent(
         impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL
             overrides "auto".
 
-    Rows are L2-normalised inside the op (a zero row stays zero). Accumulation is fp32 and the
-    loss is fp32 for every input dtype. A row without a positive (a label seen once, without
-    ``z2``) is left out of the mean; a batch in which no row has one raises ValueError (under
-    ``torch.compile`` it gives NaN instead). Non-finite embeddings give a non-finite loss.
+    Rows are L2-normalised inside the op at any scale (a zero row stays zero). Accumulation is
+    fp32 and the loss is fp32 for every input dtype. A row without a positive (a label seen once,
+    without ``z2``) is left out of the mean; a batch in which no row has one raises ValueError on
+    CPU tensors (on CUDA tensors and under ``torch.compile``, where checking would wait on the
+    device, its mean is NaN and its sum 0). Non-finite embeddings give a non-finite loss.
     """
     z, y = _rows_and_labels(z1, z2, labels)
-    inv_tau = 1.0 / _checks.positive("temperature", temperature)
+    inv_tau = _checks.inverse_temperature("temperature", temperature, z.device)
     check_reduction(reduction)
     impl = _ext.resolve_impl(impl, z.device)
     n = z.shape[0]
@@ -120,17 +123,21 @@ def nt_xent(
         # fp32 rows for every input dtype: the two terms of the gradient (softmax and positives)
         # nearly cancel, so they must meet in fp32 and be rounded to the input dtype once, after.
         # (A bf16 tensor-core path for the Triton kernel would cast the tiles in registers.)
-        zn = F.normalize(z.to(_checks.accumulate_dtype(z.dtype)), dim=1)
-        if gather:  # this rank's rows against all, leaving out each row's own copy at first + i
-            zn_all = distributed.all_gather(zn, counts)
-            lse = info_nce_lse(zn, zn_all, torch.tensor(inv_tau, dtype=torch.float64), False, first, impl)[0]
-            pos = _positive_mean(zn, classes, n_pos, zn_all, classes_all)
+        zn = unit_rows(z.to(_checks.accumulate_dtype(z.dtype)))
+        zn_all = distributed.all_gather(zn, counts) if gather else zn
+        if gather or isinstance(inv_tau, Tensor):
+            # this rank's rows against all, leaving out each row's own copy at first + i; the
+            # two-tower op also carries ∂L/∂(1/τ) for a tensor temperature (without gather, the
+            # symmetric kernel's halved work is traded for that gradient)
+            lse = info_nce_lse(zn, zn_all, inv_tau, False, first, impl)[0]
         else:
             lse = ntxent_lse(zn, inv_tau, impl)
-            pos = _positive_mean(zn, classes, n_pos, zn, classes_all)
-        rows = lse - inv_tau * pos
-    if not torch.compiler.is_compiling() and not bool((n_pos_all > 0).any()):
-        raise ValueError("labels: no row has a positive (every label occurs once)")
+        rows = lse - inv_tau * _positive_mean(zn, classes, n_pos, zn_all, classes_all)
+    if labels is not None and z.device.type == "cpu" and not torch.compiler.is_compiling():
+        # reading the counts waits for them: done on CPU tensors only (on CUDA, and under
+        # torch.compile, such a batch gives a NaN mean instead, 0/0)
+        if not bool((n_pos_all > 0).any()):
+            raise ValueError("labels: no row has a positive (every label occurs once)")
     rows = torch.where(n_pos > 0, rows, 0.0)
     return reduce_rows(rows, reduction, (n_pos_all > 0).sum(), gather)
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastssl._rows import unit_rows
+
 
 def info_nce_rows(query: Tensor, key: Tensor, negatives: Tensor | None, inv_tau, symmetric: bool) -> Tensor:
     """Per-row loss [M] in the dtype of the inputs: cross-entropy of row i's logits against column i.
@@ -14,8 +16,8 @@ def info_nce_rows(query: Tensor, key: Tensor, negatives: Tensor | None, inv_tau,
     columns of the query→key direction; inv_tau: 1/τ, a float or a 0-dim tensor. With
     ``symmetric`` the row is the mean of the query→key and key→query cross-entropies (CLIP).
     """
-    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    columns = k if negatives is None else torch.cat([k, F.normalize(negatives, dim=1)])
+    q, k = unit_rows(query), unit_rows(key)
+    columns = k if negatives is None else torch.cat([k, unit_rows(negatives)])
     logits = (q @ columns.T) * inv_tau
     target = torch.arange(q.shape[0], device=q.device)
     rows = F.cross_entropy(logits, target, reduction="none")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastssl._rows import unit_rows
+
 
 def mochi_logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw, inv_tau: float) -> Tensor:
     """Logits [B, 1 + K + S], fp32 (fp64 for fp64 q): positive q̂·k̂, queue q̂·n̂, synthetic q̂·h, times inv_tau.
@@ -18,7 +20,7 @@ def mochi_logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw, inv_tau
     of query b is h = norm(w·a + (1 − w)·n) with w = weight[b, s], n = queue[second[b, s]] and
     a = queue[first[b, s]], or a = the detached query where first[b, s] = −1. h is detached.
     """
-    q, k, queue = F.normalize(q, dim=1), F.normalize(k, dim=1), F.normalize(queue.detach(), dim=1)
+    q, k, queue = unit_rows(q), unit_rows(k), unit_rows(queue.detach())
     pos = (q * k).sum(1, keepdim=True)
     neg = q @ queue.T
     hard = torch.topk(neg.detach(), min(n_hard, queue.shape[0]), dim=1, sorted=False).indices

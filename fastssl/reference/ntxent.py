@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from fastssl._rows import unit_rows
 
-def nt_xent_rows(z: Tensor, classes: Tensor, inv_tau: float) -> Tensor:
+
+def nt_xent_rows(z: Tensor, classes: Tensor, inv_tau) -> Tensor:
     """Per-row loss ℓ_i = LSE_{j≠i} s_ij − mean_{p∈P(i)} s_ip, in the dtype of z (0 where P(i) is empty).
 
-    z: [N, D] all rows (not yet normalised); classes: [N], rows of equal class are positives.
+    z: [N, D] all rows (not yet normalised); classes: [N], rows of equal class are positives;
+    inv_tau: 1/τ, a float or a 0-dim tensor.
     """
-    z = F.normalize(z, dim=1)
+    z = unit_rows(z)
     n = z.shape[0]
     s = (z @ z.T) * inv_tau
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
