@@ -541,7 +541,7 @@ def _nearest(x: Tensor, centroids: Tensor, spherical: bool) -> tuple[Tensor, Ten
     if faiss is not None and not (x.is_cuda and not _faiss_gpu(faiss)):
         metric = faiss.METRIC_INNER_PRODUCT if spherical else faiss.METRIC_L2
         if x.is_cuda:
-            import faiss.contrib.torch_utils  # noqa: F401  (faiss.knn_gpu on torch CUDA tensors)
+            import faiss.contrib.torch_utils  # faiss.knn_gpu on torch CUDA tensors
 
             with torch.cuda.device(_device_index(x.device)):
                 dist_, idx = faiss.knn_gpu(_gpu_resources(), x, centroids, 1, metric=metric)
@@ -569,7 +569,9 @@ def _lloyd(shards: _Shards, centroids: Tensor, niter: int, tol: float, spherical
     labels = None
     for _ in range(niter):
         score, new_labels = _nearest(x, centroids, spherical)
-        changed = shards.sum(torch.tensor(x.shape[0] if labels is None else int((labels != new_labels).sum()), device=x.device))
+        changed = shards.sum(
+            torch.tensor(x.shape[0] if labels is None else int((labels != new_labels).sum()), device=x.device)
+        )
         labels = new_labels.to(x.device)
         if int(changed) == 0:  # strict convergence: these labels are those of the centroids too
             return centroids, labels
@@ -606,22 +608,27 @@ def _relocate_empty(shards: _Shards, far: Tensor, labels: Tensor, sums: Tensor, 
     return sums, counts
 
 
-def _scaled_rows(feats: Tensor) -> tuple[Tensor, float]:
-    """fp32 rows x · 2^−e with max |x| in [1/2, 1), and 2^e (k-means does not depend on the scale).
+def _times_power_of_two(x: Tensor, e: int) -> Tensor:
+    """x · 2^e, exact, in two factors that are each a normal number of x's dtype."""
+    half = e // 2
+    return x * 2.0**half * 2.0 ** (e - half)
+
+
+def _scaled_rows(feats: Tensor) -> tuple[Tensor, int]:
+    """fp32 rows x · 2^−e with max |x| in [1/2, 1), and e (k-means does not depend on the scale).
 
     FAISS squares the rows in fp32: at |x| ≳ 1.8e19 the squared norms overflow and FAISS throws
     inside an OpenMP region, which aborts the process; at |x| ≲ 1e-19 they underflow. Scaling by a
-    power of two is exact (in two factors, each a normal number)."""
+    power of two is exact."""
     x = feats if feats.dtype == torch.float64 else feats.float()
     peak = float(x.abs().max())
     e = math.frexp(peak)[1] if peak > 0 else 0
-    half = e // 2
-    return (x * 2.0**-half * 2.0 ** (half - e)).float().contiguous(), 2.0**e
+    return _times_power_of_two(x, -e).float().contiguous(), e
 
 
 def _kmeans_inputs(feats, num_clusters, niter, tol, spherical, seed, init, gather):
     """Checks the inputs (every rank agrees before any raises, so that no rank waits for another in a
-    collective) and returns (shards of fp32 rows, scale, K, niter, tol, seed)."""
+    collective) and returns (shards of fp32 rows, e with feats = rows · 2^e, K, niter, tol, seed)."""
     if gather:
         require_process_group("kmeans(gather=True)")
     error = None
@@ -649,13 +656,13 @@ def _kmeans_inputs(feats, num_clusters, niter, tol, spherical, seed, init, gathe
     if error is not None:
         raise error
     if spherical:
-        x, scale = _unit_features("feats", feats), 1.0
+        x, exponent = _unit_features("feats", feats), 0
     else:
-        x, scale = _scaled_rows(feats.detach())
+        x, exponent = _scaled_rows(feats.detach())
     shards = _Shards(x, gather)
     if num_clusters > shards.total:
         raise ValueError(f"num_clusters={num_clusters} is more than the {shards.total} samples")
-    return shards, scale, num_clusters, niter, tol, int(seed)
+    return shards, exponent, num_clusters, niter, tol, int(seed)
 
 
 def _kmeans(shards: _Shards, num_clusters: int, niter: int, tol: float, spherical: bool, seed: int, init: str):
@@ -705,12 +712,12 @@ def kmeans(
     the row farthest from its centroid; the final assignment can still leave one empty when rows
     repeat (see :func:`cluster_pseudo_labels`).
     """
-    shards, scale, num_clusters, niter, tol, seed = _kmeans_inputs(
+    shards, exponent, num_clusters, niter, tol, seed = _kmeans_inputs(
         feats, num_clusters, niter, tol, spherical, seed, init, gather
     )
     centroids, labels = _kmeans(shards, num_clusters, niter, tol, bool(spherical), seed, init)
     dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-    return (centroids.to(dtype) * scale).to(feats.device), labels.to(feats.device)
+    return _times_power_of_two(centroids.to(dtype), exponent).to(feats.device), labels.to(feats.device)
 
 
 def _reseed_empty(shards: _Shards, labels: Tensor, num_clusters: int, seed: int) -> Tensor:

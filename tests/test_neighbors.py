@@ -291,7 +291,9 @@ def _vs_sklearn(x, k, seeds, spherical=False, niter=20):
         centroids, assign = fastssl.kmeans(x, k, niter=niter, seed=seed, spherical=spherical)
         ours += _objective(rows, centroids, assign, spherical)
         km = KMeans(k, n_init=1, max_iter=niter, random_state=seed).fit(rows.numpy())
-        theirs += _objective(rows, torch.from_numpy(km.cluster_centers_), torch.from_numpy(km.labels_).long(), spherical)
+        theirs += _objective(
+            rows, torch.from_numpy(km.cluster_centers_), torch.from_numpy(km.labels_).long(), spherical
+        )
     return ours / theirs
 
 
