@@ -22,12 +22,14 @@ the similarities itself):
 * CUDA tensors without a faiss GPU build, k above FAISS's GPU limit (2048), or no faiss
   installed: a matmul + topk on the tensors' device (``impl="torch"``).
 
-**k-means** is FAISS's Lloyd (``faiss.Clustering``, what ``faiss.Kmeans`` wraps) on all the rows
-(FAISS's default subsampling to 256 rows per centroid is off), assigning with a flat L2 index, or
-an inner-product one for spherical k-means, on the GPU with a faiss GPU build. **Cluster
-pseudo-labels** follow DeepCluster (Caron et al. 2018): k-means labels, an empty cluster re-seeded
-by splitting the largest one in two, and sample weights inverse to the cluster size,
-w_i = N / (K · n_{c(i)}), so that every cluster weighs N/K in total and the weights average 1.
+**k-means** is scikit-learn's algorithm with FAISS's flat search for the assignments (docs/design.md,
+"kNN and k-means"): rows rescaled by a power of two (k-means does not depend on scale; FAISS aborts
+the process on |x| ≳ 1.8e19), greedy k-means++ seeding (2 + ⌊ln K⌋ candidates per seed, the best
+kept), Lloyd's iterations with scikit-learn's relocation of empty clusters and its ``tol`` stop;
+with ``gather=True`` the rows are sharded over ranks and only sums, counts and a few rows cross
+them. **Cluster pseudo-labels** follow DeepCluster (Caron et al. 2018): k-means labels, an empty
+cluster re-seeded by splitting the largest one in two, and sample weights inverse to the cluster
+size, w_i = N / (K · n_{c(i)}), so that every cluster weighs N/K in total and the weights average 1.
 """
 
 from __future__ import annotations
@@ -492,10 +494,10 @@ class _Shards:
         return self.sum(out)
 
     def sample(self, weights: Tensor, u: Tensor) -> Tensor:
-        """Global indices [m] of the rows drawn with probability ∝ weights (this rank's [n], fp64) by
+        """Global indices [m] of the rows drawn with probability ∝ weights (this rank's [n]) by
         the uniform numbers u [m] in [0, Σ weights): the first row whose running sum reaches u, in
         rank order (numpy's searchsorted over the concatenated cumulative sum, as scikit-learn)."""
-        cum = weights.cumsum(0)
+        cum = weights.cumsum(0, dtype=torch.float64)
         totals = self.per_rank(cum[-1])
         ends = totals.cumsum(0)
         owner = torch.searchsorted(ends, u).clamp_(max=len(self.counts) - 1)
@@ -526,8 +528,9 @@ def _seed_kmeans_plusplus(shards: _Shards, x_sq: Tensor, k: int, gen: torch.Gene
     potential = shards.sum(d2.sum(dtype=torch.float64))
     for j in range(1, k):
         u = (torch.rand(trials, generator=gen, dtype=torch.float64) * potential.cpu()).to(x.device)
-        candidates = shards.rows(shards.sample(d2.double(), u))
-        d2_trials = torch.minimum(_sq_distances(x, x_sq, candidates), d2[:, None])
+        candidates = shards.rows(shards.sample(d2, u))
+        d2_trials = _sq_distances(x, x_sq, candidates)
+        torch.minimum(d2_trials, d2[:, None], out=d2_trials)
         potentials = shards.sum(d2_trials.sum(0, dtype=torch.float64))
         best = int(potentials.argmin())
         seeds[j], d2, potential = candidates[best], d2_trials[:, best].contiguous(), potentials[best]
