@@ -169,7 +169,13 @@ def _unit_features(name: str, x) -> Tensor:
     _checks.features(name, x)
     _checks.finite(name, x)
     x = x.detach()
-    return _rows.unit_rows(x if x.dtype == torch.float64 else x.float()).float().contiguous()
+    x = x if x.dtype == torch.float64 else x.float()
+    # Fast path (two passes over x): the plain norms are exact while no row's squared norm comes near
+    # fp32's overflow or underflow; otherwise the scale-safe normalisation (four passes).
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    if bool(((norms == 0) | ((norms > 1e-15) & (norms < 1e15))).all()):
+        return (x / torch.where(norms > 0, norms, 1)).float().contiguous()
+    return _rows.unit_rows(x).float().contiguous()
 
 
 def _same_rows(query: Tensor, train: Tensor) -> bool:
@@ -566,7 +572,7 @@ def _lloyd(shards: _Shards, centroids: Tensor, niter: int, tol: float, spherical
     Returns the centroids and the assignments to them."""
     x = shards.x
     k, d = centroids.shape
-    moments = shards.sum(torch.stack([x.sum(0, dtype=torch.float64), (x.double() ** 2).sum(0)]))
+    moments = shards.sum(torch.stack([x.sum(0, dtype=torch.float64), (x * x).sum(0, dtype=torch.float64)]))
     mean = moments[0] / shards.total
     tol_abs = tol * float((moments[1] / shards.total - mean**2).clamp(min=0).mean())
     labels = None
