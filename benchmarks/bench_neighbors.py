@@ -1,23 +1,36 @@
-"""kNN evaluation and k-means: fastssl (FAISS) against the chunked torch way and scikit-learn.
+"""kNN evaluation and k-means: fastssl (FAISS) against the chunked torch way, scikit-learn and FAISS.
 
-    python benchmarks/bench_neighbors.py [--quick] [--only knn kmeans] [--providers fastssl sklearn ...]
+    python benchmarks/bench_neighbors.py [--quick] [--N ...] [--neighbors ...] [--clusters ...] [--providers ...]
 
-kNN (mode "knn"): weighted kNN class scores of Q queries against N train rows (cosine, k, T = 0.07).
-Providers: ``fastssl`` (fastssl.knn_classify: FAISS flat search, or faiss GPU / matmul + topk on
-CUDA), ``torch-chunked`` (solo-learn's WeightedKNNClassifier: chunks of 5e6 / N queries, matmul,
-topk, one-hot voting) and ``sklearn`` (KNeighborsClassifier, brute force, predict_proba with the
-same weights; Euclidean distance on unit rows, which ranks as cosine and takes scikit-learn's
-fastest brute-force path). Times are ratios to ``torch-chunked``.
+kNN (mode "knn", providers ``fastssl``, ``torch-chunked``, ``sklearn``): weighted kNN class scores of
+Q = N / 5 queries against N train rows (cosine, k = ``--neighbors``, T = 0.07). ``fastssl`` is
+fastssl.knn_classify (FAISS flat search, or faiss GPU / matmul + topk on CUDA); ``torch-chunked``
+solo-learn's WeightedKNNClassifier (chunks of 5e6 / N queries, matmul, topk, one-hot voting);
+``sklearn`` KNeighborsClassifier, brute force, predict_proba with the same weights (Euclidean distance
+on unit rows, which ranks as cosine and takes scikit-learn's fastest brute-force path).
 
-k-means (mode "kmeans"): 20 Lloyd iterations of N rows into K clusters. Providers: ``fastssl``
-(fastssl.kmeans, FAISS, random seeding), ``fastssl-kmeans++`` (init="k-means++"), ``sklearn``
-(KMeans with its default greedy k-means++ seeding, n_init=1, max_iter=20, tol=0) and
-``sklearn-random`` (init="random"). Times are ratios to ``sklearn``.
+k-means (mode "kmeans", K = ``--clusters``, 20 iterations, Gaussian rows in D = 128, on which Lloyd's
+iterations do not converge within 20, so every provider runs all 20): ``fastssl-kmeans``
+(fastssl.kmeans, greedy k-means++ then Lloyd on FAISS's search, tol = 0 as the peers'),
+``fastssl-random`` (init="random"), ``sklearn-kmeans`` (KMeans, its default greedy k-means++,
+n_init=1, max_iter=20, tol=0), ``sklearn-random`` (init="random"), ``faiss-kmeans`` (faiss.Kmeans at
+its defaults: random seeding, at most 256 rows per centroid); the seedings alone: ``fastssl-seeding``
+and ``sklearn-seeding`` (sklearn.cluster.kmeans_plusplus). Each k-means run appends its objective
+Σ‖x − c‖² (scikit-learn's inertia_; FAISS's own last-iteration objective for faiss-kmeans) to
+benchmarks/results/neighbors_objective.csv.
+
+Targets (CPU): kNN ≤ 1 × torch-chunked and ≤ 0.5 × sklearn at N = 50000, k = 20 and 200; k-means
+≤ 0.2 × sklearn-kmeans at N = 100000, K = 1000. The scale run (time, peak memory and objective
+against scikit-learn and FAISS; slow)::
+
+    python benchmarks/bench_neighbors.py --N 200000 --clusters 4096 \
+        --providers fastssl-kmeans sklearn-kmeans faiss-kmeans
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
+import datetime as dt
 import sys
 from pathlib import Path
 
@@ -26,18 +39,24 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
-from benchmarks.harness import Case, run
+from benchmarks.harness import RESULTS, Case, sweep_main, verdict
+from fastssl import neighbors
+from fastssl.reference import neighbors as reference
 
 OP = "neighbors"
 TEMPERATURE = 0.07
 NUM_CLASSES = 100
 NITER = 20
+D = 128
 KNN_PROVIDERS = ("fastssl", "torch-chunked", "sklearn")
-KMEANS_PROVIDERS = ("fastssl", "fastssl-kmeans++", "sklearn", "sklearn-random")
-PROVIDERS = tuple(dict.fromkeys(KNN_PROVIDERS + KMEANS_PROVIDERS))
-# the issue's CPU targets: kNN time <= 1 x torch-chunked and <= 0.5 x sklearn; k-means <= 0.2 x sklearn
-KNN_TARGET_SHAPES = [{"N": 50_000, "Q": 10_000, "D": 128, "k": k} for k in (20, 200)]
-KMEANS_TARGET_SHAPE = {"N": 100_000, "D": 128, "K": 1000, "iters": NITER}
+KMEANS_PROVIDERS = (
+    "fastssl-kmeans", "fastssl-random", "fastssl-seeding", "sklearn-kmeans", "sklearn-random", "sklearn-seeding",
+    "faiss-kmeans",
+)  # fmt: skip
+PROVIDERS = KNN_PROVIDERS + KMEANS_PROVIDERS
+KNN_TARGETS = {("torch-chunked", 1.0), ("sklearn", 0.5)}  # (peer, wanted time ratio) at N = 50000, k = 20 and 200
+KMEANS_TARGET = ("sklearn-kmeans", 0.2)  # at N = 100000, K = 1000
+OBJECTIVES = RESULTS / "neighbors_objective.csv"
 
 
 def solo_learn_knn(train, train_labels, query, k, temperature, num_classes, max_distance_matrix_size=int(5e6)):
@@ -59,108 +78,142 @@ def _knn_fn(provider: str, train, labels, query, k: int):
         return lambda: fastssl.knn_classify(train, labels, query, k=k, temperature=TEMPERATURE)
     if provider == "torch-chunked":
         return lambda: solo_learn_knn(train, labels, query, k, TEMPERATURE, NUM_CLASSES)
-    if provider == "sklearn":
-        import numpy as np
-        from sklearn.neighbors import KNeighborsClassifier
+    import numpy as np
+    from sklearn.neighbors import KNeighborsClassifier
 
-        unit = lambda x: torch.nn.functional.normalize(x, dim=1).cpu().numpy()
-        # on unit rows ‖a − b‖² = 2 − 2s: the weight exp(s/T) from the Euclidean distance d
-        weights = lambda d: np.exp((1.0 - d**2 / 2) / TEMPERATURE)
-        clf = KNeighborsClassifier(k, weights=weights, algorithm="brute").fit(unit(train), labels.cpu().numpy())
-        query_np = unit(query)
-        return lambda: clf.predict_proba(query_np)
-    raise ValueError(f"unknown kNN provider {provider!r}")
+    unit = lambda x: torch.nn.functional.normalize(x, dim=1).cpu().numpy()
+    # on unit rows ‖a − b‖² = 2 − 2s: the weight exp(s/T) from the Euclidean distance d
+    weights = lambda d: np.exp((1.0 - d**2 / 2) / TEMPERATURE)
+    clf = KNeighborsClassifier(k, weights=weights, algorithm="brute").fit(unit(train), labels.cpu().numpy())
+    query_np = unit(query)
+    return lambda: clf.predict_proba(query_np)
 
 
-def _kmeans_fn(provider: str, x, num_clusters: int):
+def _record_objective(provider: str, shape: str, objective: float) -> None:
+    """Appends (provider, shape, objective) to OBJECTIVES (from the measuring child process)."""
+    new = not OBJECTIVES.exists()
+    with OBJECTIVES.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["timestamp", "provider", "shape", "objective"])
+        writer.writerow([dt.datetime.now().isoformat(timespec="seconds"), provider, shape, f"{objective:.8g}"])
+
+
+def _kmeans_fn(provider: str, x, num_clusters: int, shape: str):
+    """One k-means (or seeding) run; a k-means run records its objective the first time."""
+    x_np = x.cpu().numpy()
+    if provider == "fastssl-seeding":
+        scaled, _ = neighbors._scaled_rows(x)
+        shards = neighbors._Shards(scaled, False)
+        gen = torch.Generator()
+        return lambda: neighbors._seed_kmeans_plusplus(
+            shards, (scaled * scaled).sum(1), num_clusters, gen.manual_seed(0)
+        )
+    if provider == "sklearn-seeding":
+        from sklearn.cluster import kmeans_plusplus
+
+        return lambda: kmeans_plusplus(x_np, num_clusters, random_state=0)
     if provider.startswith("fastssl"):
-        init = "k-means++" if provider.endswith("++") else "random"
-        return lambda: fastssl.kmeans(x, num_clusters, niter=NITER, init=init)
-    if provider.startswith("sklearn"):
+        init = "random" if provider == "fastssl-random" else "k-means++"
+
+        def run():
+            centroids, assign = fastssl.kmeans(x, num_clusters, niter=NITER, tol=0.0, init=init)
+            return reference.kmeans_objective(x, centroids, assign)
+
+    elif provider.startswith("sklearn"):
         from sklearn.cluster import KMeans
 
-        init = "random" if provider.endswith("random") else "k-means++"
-        x_np = x.cpu().numpy()
+        init = "random" if provider == "sklearn-random" else "k-means++"
         km = KMeans(num_clusters, init=init, n_init=1, max_iter=NITER, tol=0.0, random_state=0)
-        return lambda: km.fit(x_np)
-    raise ValueError(f"unknown k-means provider {provider!r}")
+        run = lambda: km.fit(x_np).inertia_
+    else:
+        import faiss
+
+        def run():
+            km = faiss.Kmeans(x_np.shape[1], num_clusters, niter=NITER, seed=0)
+            km.train(x_np)
+            return km.obj[-1]
+
+    recorded = []
+
+    def once():
+        objective = run()
+        if not recorded:
+            _record_objective(provider, shape, float(objective))
+            recorded.append(objective)
+
+    return once
 
 
-def knn_case(provider: str, n: int, q: int, d: int, k: int, device: str, min_reps: int = 3) -> Case:
+def knn_case(provider: str, n: int, k: int, device: str) -> Case:
+    q = n // 5
+
     def build():
         gen = torch.Generator(device=device).manual_seed(0)
         # class-structured features: a random centre per class plus noise
-        centres = torch.randn(NUM_CLASSES, d, device=device, generator=gen)
+        centres = torch.randn(NUM_CLASSES, D, device=device, generator=gen)
         labels = torch.randint(0, NUM_CLASSES, (n + q,), device=device, generator=gen)
-        feats = centres[labels] + 2 * torch.randn(n + q, d, device=device, generator=gen)
+        feats = centres[labels] + 2 * torch.randn(n + q, D, device=device, generator=gen)
         return _knn_fn(provider, feats[:n], labels[:n], feats[n:], k)
 
-    return Case(provider, "knn", torch.float32, {"N": n, "Q": q, "D": d, "k": k}, build, min_reps=min_reps)
+    return Case(provider, "knn", torch.float32, {"N": n, "Q": q, "D": D, "k": k}, build)
 
 
-def kmeans_case(provider: str, n: int, d: int, num_clusters: int, device: str) -> Case:
+def kmeans_case(provider: str, n: int, num_clusters: int, device: str) -> Case:
+    shape = {"N": n, "D": D, "K": num_clusters, "iters": NITER}
+    shape_str = ",".join(f"{k}={v}" for k, v in shape.items())
+
     def build():
-        # Gaussian noise: Lloyd's iterations do not converge within 20 on it, so scikit-learn (which
-        # stops once no label changes) runs the same 20 iterations as FAISS
         gen = torch.Generator(device=device).manual_seed(0)
-        return _kmeans_fn(provider, torch.randn(n, d, device=device, generator=gen), num_clusters)
+        return _kmeans_fn(provider, torch.randn(n, D, device=device, generator=gen), num_clusters, shape_str)
 
-    shape = {"N": n, "D": d, "K": num_clusters, "iters": NITER}
     return Case(provider, "kmeans", torch.float32, shape, build, min_reps=1)  # seconds to minutes per run
 
 
-def knn_cases(quick: bool, device: str, providers=KNN_PROVIDERS) -> list[Case]:
-    shapes = [(10_000, 2_000, 128, k) for k in (20, 200)] if quick else [tuple(s.values()) for s in KNN_TARGET_SHAPES]
-    if device == "cuda" and not quick:
-        shapes += [(1_000_000, 50_000, 256, 20)]
-    return [knn_case(p, *s, device) for s in shapes for p in providers if p in KNN_PROVIDERS]
-
-
-def kmeans_cases(quick: bool, device: str, providers=KMEANS_PROVIDERS) -> list[Case]:
-    shape = (10_000, 128, 100) if quick else tuple(KMEANS_TARGET_SHAPE.values())[:3]
-    return [kmeans_case(p, *shape, device) for p in providers if p in KMEANS_PROVIDERS]
-
-
-def _shape(d: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in d.items())
+def cases(quick: bool, device: str, sizes, neighbors_k, clusters, providers, modes=None) -> list[Case]:
+    """kNN cases for the kNN providers chosen, k-means cases for the k-means ones."""
+    knn_p = [p for p in providers if p in KNN_PROVIDERS]
+    km_p = [p for p in providers if p in KMEANS_PROVIDERS]
+    out = []
+    for n in sizes or ([10_000] if quick else [50_000]):
+        out += [knn_case(p, n, k, device) for k in neighbors_k or (20, 200) for p in knn_p]
+    for n in sizes or ([10_000] if quick else [100_000]):
+        out += [kmeans_case(p, n, c, device) for c in clusters or ([100] if quick else [1000]) for p in km_p]
+    return out
 
 
 def check_targets(rows: list[dict]) -> None:
-    """Prints the issue's CPU targets against the rows just measured (at other sizes: indicative only)."""
-    ok = {(r["provider"], r["mode"], r["shape"]): float(r["median_ms"]) for r in rows if r.get("status") == "ok"}
-    targets = {_shape(s) for s in [*KNN_TARGET_SHAPES, KMEANS_TARGET_SHAPE]}
-    # (mode, peer, wanted time ratio or None for information: the same seeding and iterations as FAISS)
-    checks = [("knn", "torch-chunked", 1.0), ("knn", "sklearn", 0.5), ("kmeans", "sklearn", 0.2)]
-    checks += [("kmeans", "sklearn-random", None)]
-    for mode, peer, want in checks:
-        for shape in sorted({s for p, m, s in ok if m == mode}):
-            ours, theirs = ok.get(("fastssl", mode, shape)), ok.get((peer, mode, shape))
-            if ours is None or theirs is None:
-                continue
-            ratio = ours / theirs
-            if want is None:
-                print(f"info   {mode} {shape}: {ratio:.3f} x {peer} time")
-                continue
-            verdict = ("PASS" if ratio <= want else "MISS") if shape in targets else "(not the target size)"
-            print(f"target {mode} {shape}: {ratio:.3f} x {peer} time (want <= {want}) {verdict}")
+    """The CPU targets against the rows just measured (at other sizes: indicative only)."""
+    ok = {(r["provider"], r["shape"]): float(r["median_ms"]) for r in rows if r.get("status") == "ok"}
+    for (provider, shape), ours in sorted(ok.items()):
+        dims = dict(kv.split("=") for kv in shape.split(","))
+        if provider == "fastssl":
+            at_target = dims["N"] == "50000" and dims["k"] in ("20", "200")
+            targets = sorted(KNN_TARGETS)
+        elif provider == "fastssl-kmeans":
+            at_target = dims["N"] == "100000" and dims["K"] == "1000"
+            targets = [KMEANS_TARGET]
+        else:
+            continue
+        for peer, want in targets:
+            if (peer, shape) in ok:
+                note = "" if at_target else " (not the target size)"
+                print(
+                    f"target {provider} {shape}: " + verdict(f"time vs {peer}", ours / ok[(peer, shape)], want) + note
+                )
+    for provider in ("fastssl-seeding", "sklearn-seeding"):
+        for (p, shape), t in sorted(ok.items()):
+            if p == provider:
+                print(f"info   {provider} {shape}: {t / 1e3:.2f} s for the seeding alone")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=["knn", "kmeans"], default=["knn", "kmeans"])
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    if "knn" in args.only:
-        cases = knn_cases(args.quick, device, args.providers)
-        rows += run(OP, cases, reference="torch-chunked", plot="kmeans" not in args.only)
-    if "kmeans" in args.only:
-        rows += run(OP, kmeans_cases(args.quick, device, args.providers), reference="sklearn")
-    if device == "cpu":
-        check_targets(rows)
-    return rows
+    sweeps = {
+        "N": "train rows (kNN; Q = N/5 queries) and rows (k-means)",
+        "neighbors": "k (kNN)",
+        "clusters": "K (k-means)",
+    }
+    return sweep_main(OP, __doc__, sweeps, PROVIDERS, cases, check_targets, argv)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ the similarities itself):
 * CUDA tensors without a faiss GPU build, k above FAISS's GPU limit (2048), or no faiss
   installed: a matmul + topk on the tensors' device (``impl="torch"``).
 
-**k-means** is FAISS's Lloyd (``faiss.Clustering``, what ``faiss.Kmeans`` wraps) on all the rows
-(FAISS's default subsampling to 256 rows per centroid is off), assigning with a flat L2 index, or
-an inner-product one for spherical k-means, on the GPU with a faiss GPU build. **Cluster
-pseudo-labels** follow DeepCluster (Caron et al. 2018): k-means labels, an empty cluster re-seeded
-by splitting the largest one in two, and sample weights inverse to the cluster size,
-w_i = N / (K · n_{c(i)}), so that every cluster weighs N/K in total and the weights average 1.
+**k-means** is scikit-learn's algorithm with FAISS's flat search for the assignments (docs/design.md,
+"kNN and k-means"): rows rescaled by a power of two (k-means does not depend on scale; FAISS aborts
+the process on |x| ≳ 1.8e19), greedy k-means++ seeding (2 + ⌊ln K⌋ candidates per seed, the best
+kept), Lloyd's iterations with scikit-learn's relocation of empty clusters and its ``tol`` stop;
+with ``gather=True`` the rows are sharded over ranks and only sums, counts and a few rows cross
+them. **Cluster pseudo-labels** follow DeepCluster (Caron et al. 2018): k-means labels, an empty
+cluster re-seeded by splitting the largest one in two, and sample weights inverse to the cluster
+size, w_i = N / (K · n_{c(i)}), so that every cluster weighs N/K in total and the weights average 1.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _checks
+from fastssl import _checks, _rows
+from fastssl.distributed import all_gather, require_process_group, row_counts
 
 __all__ = [
     "KNNClassifier",
@@ -52,8 +56,9 @@ __all__ = [
     "knn_search",
 ]
 
-IMPLS = ("auto", "faiss", "torch")
-INITS = ("random", "k-means++")
+SEARCH_IMPLS = ("auto", "faiss", "torch")
+INITS = ("k-means++", "random")
+MAX_CLASSES = 1 << 24  # classes of the dense [Q, C] kNN score table (a larger label raises ValueError)
 FAISS_GPU_MAX_K = 2048  # faiss's GPU_MAX_SELECTION_K: bfKnn selects at most this many neighbours
 TORCH_CHUNK_ELEMENTS = 1 << 25  # default torch chunk: chunk · N ≤ 2^25 similarities (128 MiB in fp32)
 # Default FAISS chunk. FAISS tiles the similarities itself (FAISS_BLAS_BLOCKS at a time), so a chunk
@@ -96,9 +101,9 @@ def _device_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-def _resolve_impl(impl: str, device: torch.device, k: int) -> str:
+def _search_impl(impl: str, device: torch.device, k: int) -> str:
     """The search a call runs, "faiss" or "torch", for k neighbours on `device` (see the module docstring)."""
-    _checks.choice("impl", impl, IMPLS)
+    _checks.choice("impl", impl, SEARCH_IMPLS)
     if impl == "torch":
         return impl
     faiss = _import_faiss(required=impl == "faiss")
@@ -155,24 +160,44 @@ def _searcher(train: Tensor, k: int, impl: str):
 # -- kNN -----------------------------------------------------------------------------------------------------
 
 
-def _unit_rows(name: str, x) -> Tensor:
-    """Checked, detached, L2-normalised fp32 rows (a zero row stays zero)."""
+def _unit_features(name: str, x) -> Tensor:
+    """Checked, detached, L2-normalised fp32 rows at any scale (a zero row stays zero).
+
+    fp64 rows are normalised in fp64 and then rounded: a row of norm 1e300 or 1e-300 is a unit
+    row, not a zero row (docs/design.md, "Numerics and inputs").
+    """
     _checks.features(name, x)
     _checks.finite(name, x)
-    return F.normalize(x.detach().float(), dim=1).contiguous()
+    x = x.detach()
+    x = x if x.dtype == torch.float64 else x.float()
+    # Fast path (two passes over x): the plain norms are exact while no row's squared norm comes near
+    # fp32's overflow or underflow; otherwise the scale-safe normalisation (four passes).
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    if bool(((norms == 0) | ((norms > 1e-15) & (norms < 1e15))).all()):
+        return (x / torch.where(norms > 0, norms, 1)).float().contiguous()
+    return _rows.unit_rows(x).float().contiguous()
+
+
+def _same_rows(query: Tensor, train: Tensor) -> bool:
+    """Whether the queries are the train rows: the same tensor, a view of the same memory with the
+    same layout, or a copy with equal values (one comparison, cheap next to the search)."""
+    if query.shape != train.shape or query.dtype != train.dtype or query.device != train.device:
+        return False
+    same_view = query.data_ptr() == train.data_ptr() and query.stride() == train.stride()
+    return query is train or same_view or torch.equal(query, train)
 
 
 def _neighbor_chunks(train_feats, query_feats, k, chunk_size, leave_one_out, impl):
     """Checks the inputs, then returns an iterator of (start, similarities, indices) over query chunks."""
-    train = _unit_rows("train_feats", train_feats)
-    query = _unit_rows("query_feats", query_feats)
+    train = _unit_features("train_feats", train_feats)
+    query = _unit_features("query_feats", query_feats)
     _checks.like("query_feats", query, "train_feats", train, dims=[1])
     k = _checks.integer("k", k, minimum=1)
     n = train.shape[0]
-    if leave_one_out and query.shape[0] != n:
+    if leave_one_out and not _same_rows(query_feats, train_feats):
         raise ValueError(
             "leave_one_out=True needs the train set as query (row i of query_feats is sample i of train_feats): "
-            f"query_feats has {query.shape[0]} rows, train_feats {n}"
+            f"query_feats (shape {tuple(query_feats.shape)}) is not train_feats (shape {tuple(train_feats.shape)})"
         )
     if k > n - leave_one_out:
         raise ValueError(
@@ -182,7 +207,7 @@ def _neighbor_chunks(train_feats, query_feats, k, chunk_size, leave_one_out, imp
     if chunk_size is not None:
         _checks.integer("chunk_size", chunk_size, minimum=1)
     k_search = k + leave_one_out
-    impl = _resolve_impl(impl, train.device, k_search)
+    impl = _search_impl(impl, train.device, k_search)
     chunk = chunk_size or (FAISS_CHUNK if impl == "faiss" else max(1, TORCH_CHUNK_ELEMENTS // n))
     search = _searcher(train, k_search, impl)
 
@@ -211,17 +236,24 @@ def _drop_self(sims: Tensor, idx: Tensor, start: int) -> tuple[Tensor, Tensor]:
 
 
 def _class_labels(name: str, y, n: int, device: torch.device, num_classes) -> int:
-    """Checks labels in [0, num_classes) and returns num_classes (max label + 1 when None)."""
+    """Checks labels in [0, num_classes) and returns num_classes (max label + 1 when None).
+
+    The scores are a dense [Q, C] table: C above MAX_CLASSES raises ValueError (relabel classes to
+    0..C−1 with ``torch.unique(labels, return_inverse=True)``)."""
     _checks.labels(name, y, n, device)
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:
         raise ValueError(f"{name} must be >= 0, got a label {lo}")
-    if num_classes is None:
-        return hi + 1
-    num_classes = _checks.integer("num_classes", num_classes, minimum=1)
-    if hi >= num_classes:
-        raise ValueError(f"{name} has a label {hi}, which is not below num_classes={num_classes}")
-    return num_classes
+    if num_classes is not None:
+        num_classes = _checks.integer("num_classes", num_classes, minimum=1)
+        if num_classes > MAX_CLASSES:
+            raise ValueError(f"num_classes={num_classes} is above {MAX_CLASSES} (the scores are a dense [Q, C] table)")
+    if hi >= (num_classes or MAX_CLASSES):
+        bound = f"num_classes={num_classes}" if num_classes else f"{MAX_CLASSES} (the scores are a dense [Q, C] table)"
+        raise ValueError(
+            f"{name} has a label {hi}, which is not below {bound}; relabel with torch.unique(..., return_inverse=True)"
+        )
+    return num_classes or hi + 1
 
 
 def _vote(sims: Tensor, idx: Tensor, train_labels: Tensor, num_classes: int, inv_tau: float) -> Tensor:
@@ -331,9 +363,13 @@ def knn_pseudo_labels(
     whose confidence is below ``threshold`` (in [0, 1]) gets the label -1; the default 0 labels
     every sample.
     """
-    threshold = float(threshold)
-    if not 0.0 <= threshold <= 1.0:
+    if isinstance(threshold, Tensor) and threshold.numel() == 1:
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number in [0, 1], got {type(threshold).__name__}")
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    threshold = float(threshold)
     scores = knn_classify(
         labeled_feats,
         labels,
@@ -371,7 +407,7 @@ class KNNClassifier:
         self.k = _checks.integer("k", k, minimum=1)
         self.temperature = _checks.positive("temperature", temperature)
         self.chunk_size = chunk_size
-        self.impl = _checks.choice("impl", impl, IMPLS)
+        self.impl = _checks.choice("impl", impl, SEARCH_IMPLS)
         self.reset()
 
     def reset(self) -> None:
@@ -406,9 +442,10 @@ class KNNClassifier:
         train_feats, train_labels = (torch.cat(t) for t in zip(*self._store["train"], strict=True))
         test_feats, test_labels = (torch.cat(t) for t in zip(*self._store["test"], strict=True))
         _checks.like("test_feats", test_feats, "train_feats", train_feats, dims=[1])
-        if int(test_labels.min()) < 0:
-            raise ValueError(f"test_labels must be >= 0, got a label {int(test_labels.min())}")
-        num_classes = max(int(train_labels.max()), int(test_labels.max())) + 1
+        num_classes = max(
+            _class_labels("test_labels", test_labels, test_labels.shape[0], test_feats.device, None),
+            _class_labels("train_labels", train_labels, train_labels.shape[0], train_feats.device, None),
+        )
         chunks, _ = _score_chunks(
             train_feats, train_labels, test_feats, self.k, self.temperature, num_classes, self.chunk_size,
             False, self.impl,
@@ -429,51 +466,224 @@ class KNNClassifier:
 # -- k-means and clusters ------------------------------------------------------------------------------------
 
 
-def _kmeans(x: Tensor, num_clusters: int, niter: int, spherical: bool, seed: int, init: str):
-    """FAISS k-means of checked fp32 rows x (unit rows when spherical): (centroids, assignments)."""
-    faiss = _import_faiss()
-    n, d = x.shape
-    params = faiss.ClusteringParameters()
-    params.niter = niter
-    params.seed = seed
-    params.spherical = spherical
-    params.max_points_per_centroid = min(math.ceil(n / num_clusters), 2**31 - 1)  # no subsampling
-    params.min_points_per_centroid = 1  # no warning about few points per centroid
-    if init == "k-means++":
-        if not hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):
-            raise RuntimeError(f"init='k-means++' needs a newer faiss (this is {faiss.__version__}); use init='random'")
-        params.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
-    if x.is_cuda and _faiss_gpu(faiss):
-        config = faiss.GpuIndexFlatConfig()
-        config.device = _device_index(x.device)
-        index_type = faiss.GpuIndexFlatIP if spherical else faiss.GpuIndexFlatL2
-        index = index_type(_gpu_resources(), d, config)
+class _Shards:
+    """The rows x [n, D] of this process, and with ``gathered`` those of every rank of the default
+    process group (the data set is their concatenation in rank order): sums over ranks, rows by
+    their index in the whole data set, and the whole data set's row count. Nothing but sums of
+    [K, D]-sized tensors and a few rows ever crosses ranks (docs/design.md, "kNN and k-means")."""
+
+    def __init__(self, x: Tensor, gathered: bool):
+        self.x, self.gathered = x, gathered
+        counts = row_counts(x.shape[0], x.device, what="kmeans(gather=True)") if gathered else [x.shape[0]]
+        self.rank = dist.get_rank() if gathered else 0
+        self.counts, self.start, self.total = counts, sum(counts[: self.rank]), sum(counts)
+
+    def sum(self, t: Tensor) -> Tensor:
+        """t summed over ranks (t itself in one process)."""
+        if self.gathered:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def per_rank(self, value: Tensor) -> Tensor:
+        """[world] tensor of every rank's one-element ``value``, in rank order."""
+        out = value.new_zeros(len(self.counts))
+        out[self.rank] = value
+        return self.sum(out)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Rows of the whole data set by global index [m] -> [m, D], on every rank."""
+        local = index - self.start
+        mine = (local >= 0) & (local < self.x.shape[0])
+        out = self.x.new_zeros(index.shape[0], self.x.shape[1])
+        out[mine] = self.x[local[mine]]
+        return self.sum(out)
+
+    def sample(self, weights: Tensor, u: Tensor) -> Tensor:
+        """Global indices [m] of the rows drawn with probability ∝ weights (this rank's [n]) by
+        the uniform numbers u [m] in [0, Σ weights): the first row whose running sum reaches u, in
+        rank order (numpy's searchsorted over the concatenated cumulative sum, as scikit-learn)."""
+        cum = weights.cumsum(0, dtype=torch.float64)
+        totals = self.per_rank(cum[-1])
+        ends = totals.cumsum(0)
+        owner = torch.searchsorted(ends, u).clamp_(max=len(self.counts) - 1)
+        local = torch.searchsorted(cum, u - (ends[self.rank] - totals[self.rank])).clamp_(max=cum.shape[0] - 1)
+        picked = torch.where(owner == self.rank, local + self.start, 0)
+        return self.sum(picked)
+
+
+def _sq_distances(x: Tensor, x_sq: Tensor, c: Tensor) -> Tensor:
+    """‖x_i − c_j‖² [n, m] = ‖x_i‖² + ‖c_j‖² − 2 x_i·c_j (one GEMM), clamped at 0."""
+    return torch.addmm(x_sq[:, None], x, c.T, alpha=-2).add_((c * c).sum(1)).clamp_(min=0)
+
+
+def _seed_kmeans_plusplus(shards: _Shards, x_sq: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """Greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's ``kmeans_plusplus``): [k, D] seeds.
+
+    The first seed is a uniformly drawn row. Each next one: draw 2 + ⌊ln k⌋ candidate rows with
+    probability ∝ D²(x) (the squared distance to the nearest seed so far), keep the candidate that
+    leaves the smallest potential Σ_x min(D²(x), ‖x − c‖²). Per step one [n, L] GEMM and one sum over
+    ranks of the L potentials; the random numbers come from ``gen``, seeded alike on every rank.
+    """
+    x = shards.x
+    trials = 2 + int(math.log(k))
+    first = torch.randint(shards.total, (1,), generator=gen).to(x.device)
+    seeds = x.new_empty(k, x.shape[1])
+    seeds[0] = shards.rows(first)[0]
+    d2 = _sq_distances(x, x_sq, seeds[:1])[:, 0]
+    potential = shards.sum(d2.sum(dtype=torch.float64))
+    for j in range(1, k):
+        u = (torch.rand(trials, generator=gen, dtype=torch.float64) * potential.cpu()).to(x.device)
+        candidates = shards.rows(shards.sample(d2, u))
+        d2_trials = _sq_distances(x, x_sq, candidates)
+        torch.minimum(d2_trials, d2[:, None], out=d2_trials)
+        potentials = shards.sum(d2_trials.sum(0, dtype=torch.float64))
+        best = int(potentials.argmin())
+        seeds[j], d2, potential = candidates[best], d2_trials[:, best].contiguous(), potentials[best]
+    return seeds
+
+
+def _nearest(x: Tensor, centroids: Tensor, spherical: bool) -> tuple[Tensor, Tensor]:
+    """(squared distance, or similarity when spherical [n] fp32, index [n] int64) of each row's nearest
+    centroid: FAISS's flat search on the CPU and on CUDA with a faiss GPU build, else a GEMM + argmin."""
+    faiss = _import_faiss(required=False)
+    if faiss is not None and not (x.is_cuda and not _faiss_gpu(faiss)):
+        metric = faiss.METRIC_INNER_PRODUCT if spherical else faiss.METRIC_L2
+        if x.is_cuda:
+            import faiss.contrib.torch_utils  # faiss.knn_gpu on torch CUDA tensors
+
+            with torch.cuda.device(_device_index(x.device)):
+                dist_, idx = faiss.knn_gpu(_gpu_resources(), x, centroids, 1, metric=metric)
+            return dist_[:, 0], idx[:, 0]
+        dist_, idx = faiss.knn(x.numpy(), centroids.numpy(), 1, metric=metric)
+        return torch.from_numpy(dist_[:, 0]), torch.from_numpy(idx[:, 0])
+    out = []
+    for chunk in x.split(max(1, TORCH_CHUNK_ELEMENTS // centroids.shape[0])):
+        s = chunk @ centroids.T if spherical else _sq_distances(chunk, (chunk * chunk).sum(1), centroids)
+        out.append(s.max(1) if spherical else s.min(1))
+    return torch.cat([v for v, _ in out]), torch.cat([i for _, i in out])
+
+
+def _lloyd(shards: _Shards, centroids: Tensor, niter: int, tol: float, spherical: bool) -> tuple[Tensor, Tensor]:
+    """Lloyd's iterations as scikit-learn's ``KMeans`` runs them (docs/design.md, "kNN and k-means"):
+    each assigns the rows to the nearest centroid and moves every centroid to its cluster's mean
+    (its normalised sum when spherical); an empty cluster takes the row farthest from its centroid.
+    Stops after ``niter`` iterations, when no label changed, or when Σ‖Δc‖² ≤ tol · mean_d Var(x_d).
+    Returns the centroids and the assignments to them."""
+    x = shards.x
+    k, d = centroids.shape
+    moments = shards.sum(torch.stack([x.sum(0, dtype=torch.float64), (x * x).sum(0, dtype=torch.float64)]))
+    mean = moments[0] / shards.total
+    tol_abs = tol * float((moments[1] / shards.total - mean**2).clamp(min=0).mean())
+    labels = None
+    for _ in range(niter):
+        score, new_labels = _nearest(x, centroids, spherical)
+        changed = shards.sum(
+            torch.tensor(x.shape[0] if labels is None else int((labels != new_labels).sum()), device=x.device)
+        )
+        labels = new_labels.to(x.device)
+        if int(changed) == 0:  # strict convergence: these labels are those of the centroids too
+            return centroids, labels
+        sums = shards.sum(torch.zeros(k, d, device=x.device).index_add_(0, labels, x))
+        counts = shards.sum(torch.bincount(labels, minlength=k))
+        if bool((counts == 0).any()):
+            far = (1 - score if spherical else score).to(x.device)  # how far each row is from its centroid
+            sums, counts = _relocate_empty(shards, far, labels, sums, counts)
+        new = F.normalize(sums, dim=1) if spherical else sums / counts.clamp(min=1)[:, None].to(sums.dtype)
+        shift = float(((new - centroids) ** 2).sum())
+        centroids = new
+        if shift <= tol_abs:
+            break
+    return centroids, _nearest(x, centroids, spherical)[1].to(x.device)
+
+
+def _relocate_empty(shards: _Shards, far: Tensor, labels: Tensor, sums: Tensor, counts: Tensor):
+    """scikit-learn's relocation: the e-th empty cluster takes the e-th row farthest from its centroid,
+    which leaves its cluster (the rows of the whole data set: each rank offers its farthest)."""
+    empty = (counts == 0).nonzero().flatten()
+    e = min(empty.numel(), far.shape[0])
+    top = far.sort(descending=True, stable=True).indices[:e]  # ties by row order, as the merge below
+    cand = [far[top], shards.x[top], labels[top].double(), (top + shards.start).double()]
+    if shards.gathered:
+        cand = [all_gather(c, [min(e, n) for n in shards.counts]) for c in cand]
+    # farthest first, then by global index (ties broken alike on every rank)
+    order = sorted(range(cand[0].shape[0]), key=lambda i: (-float(cand[0][i]), float(cand[3][i])))
+    sums, counts = sums.clone(), counts.clone()
+    for cluster, i in zip(empty.tolist(), order, strict=False):
+        old = int(cand[2][i])
+        sums[old] -= cand[1][i]
+        counts[old] -= 1
+        sums[cluster], counts[cluster] = cand[1][i], 1
+    return sums, counts
+
+
+def _times_power_of_two(x: Tensor, e: int) -> Tensor:
+    """x · 2^e, exact, in two factors that are each a normal number of x's dtype."""
+    half = e // 2
+    return x * 2.0**half * 2.0 ** (e - half)
+
+
+def _scaled_rows(feats: Tensor) -> tuple[Tensor, int]:
+    """fp32 rows x · 2^−e with max |x| in [1/2, 1), and e (k-means does not depend on the scale).
+
+    FAISS squares the rows in fp32: at |x| ≳ 1.8e19 the squared norms overflow and FAISS throws
+    inside an OpenMP region, which aborts the process; at |x| ≲ 1e-19 they underflow. Scaling by a
+    power of two is exact."""
+    x = feats if feats.dtype == torch.float64 else feats.float()
+    peak = float(x.abs().max())
+    e = math.frexp(peak)[1] if peak > 0 else 0
+    return _times_power_of_two(x, -e).float().contiguous(), e
+
+
+def _kmeans_inputs(feats, num_clusters, niter, tol, spherical, seed, init, gather):
+    """Checks the inputs (every rank agrees before any raises, so that no rank waits for another in a
+    collective) and returns (shards of fp32 rows, e with feats = rows · 2^e, K, niter, tol, seed)."""
+    if gather:
+        require_process_group("kmeans(gather=True)")
+    error = None
+    try:
+        _checks.finite("feats", _checks.features("feats", feats))
+        num_clusters = _checks.integer("num_clusters", num_clusters, minimum=1)
+        niter = _checks.integer("niter", niter, minimum=1)
+        tol = _checks.nonnegative("tol", tol)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2^31), got {seed}")
+        _checks.choice("init", init, INITS)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    if gather:
+        device = feats.device if isinstance(feats, Tensor) else torch.device("cpu")
+        d = feats.shape[-1] if error is None else 0
+        flags = torch.tensor([error is not None, d, -d], dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if error is None and flags[0]:
+            error = ValueError("gather=True: another rank's feats or arguments were refused (see its error)")
+        elif error is None and int(flags[1]) != -int(flags[2]):
+            error = ValueError(f"gather=True: feats has {d} features here but not on every rank")
+    if error is not None:
+        raise error
+    if spherical:
+        x, exponent = _unit_features("feats", feats), 0
     else:
-        index = (faiss.IndexFlatIP if spherical else faiss.IndexFlatL2)(d)
-    x_np = x.cpu().numpy()  # faiss.Clustering reads host memory; a GPU index copies it over in tiles
-    clustering = faiss.Clustering(d, num_clusters, params)
-    clustering.train(x_np, index)
-    centroids = faiss.vector_float_to_array(clustering.centroids).reshape(num_clusters, d)
-    # the index still holds the centroids before the last update: assign to the final ones
-    index.reset()
-    index.add(centroids)
-    _, assign = index.search(x_np, 1)
-    return torch.from_numpy(centroids).to(x.device), torch.from_numpy(assign[:, 0]).to(x.device)
+        x, exponent = _scaled_rows(feats.detach())
+    shards = _Shards(x, gather)
+    if num_clusters > shards.total:
+        raise ValueError(f"num_clusters={num_clusters} is more than the {shards.total} samples")
+    return shards, exponent, num_clusters, niter, tol, int(seed)
 
 
-def _kmeans_inputs(feats, num_clusters, niter, spherical, seed, init) -> tuple[Tensor, int, int, int]:
-    x = _unit_rows("feats", feats) if spherical else _checks.finite("feats", _checks.features("feats", feats))
-    x = x.detach().float().contiguous()
-    num_clusters = _checks.integer("num_clusters", num_clusters, minimum=1)
-    if num_clusters > x.shape[0]:
-        raise ValueError(f"num_clusters={num_clusters} is more than the {x.shape[0]} samples")
-    niter = _checks.integer("niter", niter, minimum=1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2^31), got {seed}")
-    _checks.choice("init", init, INITS)
-    return x, num_clusters, niter, int(seed)
+def _kmeans(shards: _Shards, num_clusters: int, niter: int, tol: float, spherical: bool, seed: int, init: str):
+    """(centroids [K, D] fp32, this rank's assignments [n] int64) of the scaled (or unit) rows."""
+    gen = torch.Generator().manual_seed(seed)
+    if init == "random":  # K distinct rows drawn uniformly (FAISS's and DeepCluster's seeding)
+        seeds = shards.rows(torch.randperm(shards.total, generator=gen)[:num_clusters].to(shards.x.device))
+    else:
+        seeds = _seed_kmeans_plusplus(shards, (shards.x * shards.x).sum(1), num_clusters, gen)
+    if spherical:
+        seeds = F.normalize(seeds, dim=1)
+    return _lloyd(shards, seeds, niter, tol, spherical)
 
 
 def kmeans(
@@ -481,41 +691,54 @@ def kmeans(
     num_clusters: int,
     *,
     niter: int = 20,
+    tol: float = 1e-4,
     spherical: bool = False,
     seed: int = 0,
-    init: str = "random",
+    init: str = "k-means++",
+    gather: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """k-means through FAISS: (centroids [K, D] fp32, assignments [N] int64), on the features' device.
+    """k-means: (centroids [K, D], assignments [N] int64) on the features' device.
 
     Args:
-        feats: [N, D] features, any float dtype (clustered in fp32); non-finite values raise ValueError.
-        num_clusters: K, 1 ≤ K ≤ N.
-        niter: Lloyd iterations (no early stop).
+        feats: [N, D] features, any float dtype (clustered in fp32, at any scale); non-finite values
+            raise ValueError. With ``gather``, this rank's rows of the data set.
+        num_clusters: K, 1 ≤ K ≤ N (N of the whole data set with ``gather``).
+        niter: at most this many Lloyd iterations (scikit-learn's ``max_iter``).
+        tol: relative tolerance, as scikit-learn's: stop once the centroids move by Σ‖Δc‖² ≤
+            tol · (mean variance of the features); 0 stops only when no label changes.
         spherical: cosine k-means: rows and centroids L2-normalised, assignment by inner product;
             the centroids returned are unit vectors.
         seed: seeds the initialisation; equal inputs and seed give equal results.
-        init: "random" (K distinct rows, FAISS's default and DeepCluster's) or "k-means++"
-            (D²-weighted seeding, costs a few iterations more; needs a recent faiss,
-            with ``faiss.ClusteringInitMethod``).
+        init: "k-means++" (greedy k-means++, scikit-learn's default seeding: 2 + ⌊ln K⌋ candidates
+            per seed, the best kept) or "random" (K distinct rows, DeepCluster's and FAISS's default).
+        gather: the data set is the concatenation of every rank's ``feats`` (torch.distributed's
+            default group; CPU tensors with gloo, CUDA ones with NCCL): seeding and iterations reduce
+            sums and counts over ranks, every rank gets the same centroids and its own rows'
+            assignments, equal to one process's on the concatenated features. No rank holds the others' rows.
 
-    All N rows are used (FAISS's subsampling to 256 rows per centroid is turned off). On CUDA
-    tensors with a faiss GPU build the assignment steps run on that GPU (the rows are copied to
-    the host once, where ``faiss.Clustering`` reads them); otherwise on the CPU. FAISS re-seeds a
-    cluster that empties during the iterations; the final assignment can still leave one empty
-    when rows repeat (see :func:`cluster_pseudo_labels`).
+    The centroids are fp32 (fp64 for fp64 features). Assignments run on FAISS's flat search (on the
+    GPU with a faiss GPU build; a GEMM + argmin on CUDA tensors without one). An empty cluster takes
+    the row farthest from its centroid; the final assignment can still leave one empty when rows
+    repeat (see :func:`cluster_pseudo_labels`).
     """
-    x, num_clusters, niter, seed = _kmeans_inputs(feats, num_clusters, niter, spherical, seed, init)
-    return _kmeans(x, num_clusters, niter, bool(spherical), seed, init)
+    shards, exponent, num_clusters, niter, tol, seed = _kmeans_inputs(
+        feats, num_clusters, niter, tol, spherical, seed, init, gather
+    )
+    centroids, labels = _kmeans(shards, num_clusters, niter, tol, bool(spherical), seed, init)
+    dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    return _times_power_of_two(centroids.to(dtype), exponent).to(feats.device), labels.to(feats.device)
 
 
-def _reseed_empty(x: Tensor, labels: Tensor, num_clusters: int, seed: int) -> Tensor:
+def _reseed_empty(shards: _Shards, labels: Tensor, num_clusters: int, seed: int) -> Tensor:
     """Gives each empty cluster half of the then-largest one, split at the median of a random projection.
 
     DeepCluster re-seeds an empty cluster next to a non-empty one and splits that one's points
     between the two; splitting by rank, as here, stays exact when rows repeat (their centroids
     would tie). N ≥ K guarantees the largest cluster has two or more rows whenever one is empty.
+    With ``gather`` the projections of the split cluster's rows (one number per row) are gathered.
     """
-    counts = torch.bincount(labels, minlength=num_clusters)
+    x = shards.x
+    counts = shards.sum(torch.bincount(labels, minlength=num_clusters))
     empty = (counts == 0).nonzero().flatten().tolist()
     if not empty:
         return labels
@@ -525,10 +748,18 @@ def _reseed_empty(x: Tensor, labels: Tensor, num_clusters: int, seed: int) -> Te
         c = int(counts.argmax())
         members = (labels == c).nonzero().flatten()
         direction = torch.randn(x.shape[1], generator=gen).to(x.device)
-        moved = members[(x[members] @ direction).argsort()[members.numel() // 2 :]]
-        labels[moved] = e
-        counts[c] -= moved.numel()
-        counts[e] = moved.numel()
+        proj = x[members].double() @ direction.double()  # fp64: equal rows project equally
+        if shards.gathered:
+            member_counts = shards.per_rank(torch.tensor(members.numel(), device=x.device)).tolist()
+            start = sum(member_counts[: shards.rank])
+            proj = all_gather(proj, member_counts)
+        else:
+            start = 0
+        moved = torch.zeros(proj.shape[0], dtype=torch.bool, device=x.device)
+        moved[proj.argsort(stable=True)[proj.shape[0] // 2 :]] = True  # the upper half, ties by row order
+        labels[members[moved[start : start + members.numel()]]] = e
+        counts[c] -= int(moved.sum())
+        counts[e] = int(moved.sum())
     return labels
 
 
@@ -537,9 +768,11 @@ def cluster_pseudo_labels(
     num_clusters: int,
     *,
     niter: int = 20,
+    tol: float = 1e-4,
     spherical: bool = False,
     seed: int = 0,
-    init: str = "random",
+    init: str = "k-means++",
+    gather: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """DeepCluster pseudo-labels: (labels [N] int64, sample_weights [N] fp32) on the features' device.
 
@@ -547,13 +780,16 @@ def cluster_pseudo_labels(
     empty one is re-seeded with half of the largest cluster. The weights are inverse to the
     cluster size, w_i = N / (K · n_{c(i)}): each cluster weighs N/K in total (DeepCluster's
     balancing, as its uniform sampling over clusters) and the weights average 1, so a loss
-    ``(w * per_sample_loss).mean()`` keeps its scale.
+    ``(w * per_sample_loss).mean()`` keeps its scale. With ``gather``, N and the cluster sizes are
+    those of the whole data set, and each rank gets its own rows' labels and weights.
     """
-    x, num_clusters, niter, seed = _kmeans_inputs(feats, num_clusters, niter, spherical, seed, init)
-    _, labels = _kmeans(x, num_clusters, niter, bool(spherical), seed, init)
-    labels = _reseed_empty(x, labels, num_clusters, seed)
-    counts = torch.bincount(labels, minlength=num_clusters).float()
-    return labels, x.shape[0] / (num_clusters * counts[labels])
+    shards, _, num_clusters, niter, tol, seed = _kmeans_inputs(
+        feats, num_clusters, niter, tol, spherical, seed, init, gather
+    )
+    _, labels = _kmeans(shards, num_clusters, niter, tol, bool(spherical), seed, init)
+    labels = _reseed_empty(shards, labels, num_clusters, seed)
+    counts = shards.sum(torch.bincount(labels, minlength=num_clusters)).float()
+    return labels.to(feats.device), (shards.total / (num_clusters * counts[labels])).to(feats.device)
 
 
 def cluster_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:

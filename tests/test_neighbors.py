@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import socket
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _assertions import assert_verbose_allclose
 
@@ -146,7 +150,7 @@ def test_chunked_equals_unchunked(impl, chunk_size):
     labels = torch.randint(0, 9, (257,))
     whole = fastssl.knn_classify(train, labels, query, k=20, impl=impl, chunk_size=10_000)
     chunked = fastssl.knn_classify(train, labels, query, k=20, impl=impl, chunk_size=chunk_size)
-    assert_verbose_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+    assert_verbose_allclose(chunked, whole, rtol=1e-6, atol=1e-6)  # a 1-row matmul rounds unlike a GEMM
     loo_whole = fastssl.knn_search(train, train, k=5, leave_one_out=True, impl=impl, chunk_size=10_000)
     loo_chunked = fastssl.knn_search(train, train, k=5, leave_one_out=True, impl=impl, chunk_size=chunk_size)
     assert torch.equal(loo_whole[1], loo_chunked[1])
@@ -158,7 +162,11 @@ def test_dtypes_search_in_fp32(dtype):
     labels = torch.randint(0, 3, (200,))
     scores = fastssl.knn_classify(train, labels, query, k=5)
     assert scores.dtype == torch.float32
-    assert_verbose_allclose(scores, fastssl.knn_classify(train.float(), labels, query.float(), k=5), rtol=0, atol=0)
+    if dtype == torch.float64:  # normalised in fp64, then rounded (a row of norm 1e300 is still a unit row)
+        train, query = F.normalize(train, dim=1), F.normalize(query, dim=1)
+    tol = 1e-5 if dtype == torch.float64 else 0
+    want = fastssl.knn_classify(train.float(), labels, query.float(), k=5)
+    assert_verbose_allclose(scores, want, rtol=tol, atol=tol)
 
 
 def test_zero_rows_have_similarity_zero():
@@ -169,16 +177,18 @@ def test_zero_rows_have_similarity_zero():
 
 
 def test_auto_without_faiss_uses_torch(monkeypatch):
-    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     train, query = torch.randn(100, 8), torch.randn(10, 8)
+    with_faiss = fastssl.kmeans(train, 3, niter=5)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     sims, idx = fastssl.knn_search(train, query, k=4)
     ref_sims, ref_idx = reference.knn_search(train, query, 4)
     assert_verbose_allclose(sims, ref_sims, atol=1e-5, rtol=0)
     assert torch.equal(idx, ref_idx)
     with pytest.raises(ImportError, match="faiss-cpu"):
         fastssl.knn_search(train, query, k=4, impl="faiss")
-    with pytest.raises(ImportError, match="faiss"):
-        fastssl.kmeans(train, 3)
+    centroids, assign = fastssl.kmeans(train, 3, niter=5)  # assignments by a GEMM + argmin instead
+    assert torch.equal(assign, with_faiss[1])
+    assert_verbose_allclose(centroids, with_faiss[0], atol=1e-5, rtol=0)
 
 
 # -- pseudo-labels and the accumulating classifier ------------------------------------------------------------
@@ -246,56 +256,146 @@ def _separated_blobs(k=5, n_per=60, d=16):
     return _blobs(n_per, centers, 0.1, gen)
 
 
-@pytest.mark.skipif(
-    not hasattr(neighbors._import_faiss(required=False), "ClusteringInitMethod_KMEANS_PLUS_PLUS"),
-    reason="this faiss has no k-means++ initialisation",
-)
+def _many_blobs(k, n_per, d, std, radius, seed=0):
+    """k Gaussian blobs of std `std` around centres on a sphere of `radius`: separated for
+    std ≪ radius / √2 (the typical centre distance ~radius·√2), overlapping for std ≈ radius / 3."""
+    gen = torch.Generator().manual_seed(seed)
+    return _blobs(n_per, radius * F.normalize(torch.randn(k, d, generator=gen), dim=1), std, gen)[0]
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy(load_digits().data).float()
+
+
+def _encoder_features():
+    """The demo's encoder (examples/simclr_digits.py) at its seeded initialisation on the digits: a
+    fixed random conv net's features [1797, 128] (training it takes minutes; random conv features
+    are as clustered as real ones for this purpose: nothing here depends on what they mean)."""
+    from examples.simclr_digits import Encoder, features
+
+    x, _, x_test, _ = __import__("examples.simclr_digits", fromlist=["load_digits"]).load_digits()
+    torch.manual_seed(0)
+    return features(Encoder(), torch.cat([x, x_test])).float()
+
+
+def _objective(x, centroids, assign, spherical):
+    if spherical:  # Σ (1 − x·ĉ) with ĉ the cluster's normalised centroid (the cosine objective)
+        return float((1 - (x.double() * F.normalize(centroids.double(), dim=1)[assign]).sum(1)).sum())
+    return reference.kmeans_objective(x, centroids, assign)
+
+
+def _vs_sklearn(x, k, seeds, spherical=False, niter=20):
+    """Our objective over scikit-learn KMeans's (default k-means++, one init, max_iter = niter),
+    summed over seeds; spherical: ours with spherical=True, theirs on the normalised rows."""
+    from sklearn.cluster import KMeans
+
+    rows = F.normalize(x, dim=1) if spherical else x
+    ours = theirs = 0.0
+    for seed in seeds:
+        centroids, assign = fastssl.kmeans(x, k, niter=niter, seed=seed, spherical=spherical)
+        ours += _objective(rows, centroids, assign, spherical)
+        km = KMeans(k, n_init=1, max_iter=niter, random_state=seed).fit(rows.numpy())
+        theirs += _objective(
+            rows, torch.from_numpy(km.cluster_centers_), torch.from_numpy(km.labels_).long(), spherical
+        )
+    return ours / theirs
+
+
+# name -> (features, K, seeds): blobs vary little from seed to seed; the digits and the encoder's
+# features have many local minima (±5 % per seed for both libraries), hence more seeds
+QUALITY_DATA = {
+    "separated-40": lambda: (_many_blobs(40, 50, 32, 0.1, 10.0), 40, 3),
+    "overlapping-40": lambda: (_many_blobs(40, 50, 32, 1.0, 3.0), 40, 3),
+    "separated-200": lambda: (_many_blobs(200, 10, 32, 0.1, 10.0), 200, 3),
+    "overlapping-200": lambda: (_many_blobs(200, 10, 32, 1.0, 3.0), 200, 3),
+    "digits-10": lambda: (_digits(), 10, 8),
+    "digits-50": lambda: (_digits(), 50, 8),
+    "encoder-features-30": lambda: (_encoder_features(), 30, 8),
+}
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("data", list(QUALITY_DATA))
+def test_kmeans_objective_matches_sklearn(data, spherical):
+    """Greedy k-means++ and Lloyd: objective ≤ 1.02 × scikit-learn's default KMeans at 20 iterations
+    and one initialisation, summed over seeds (issue 18's bar; FAISS's random seeding was 2.8 × on blobs)."""
+    x, k, seeds = QUALITY_DATA[data]()
+    ratio = _vs_sklearn(x, k, seeds=range(seeds), spherical=spherical)
+    assert ratio <= 1.02, f"objective {ratio:.4f} x scikit-learn's"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [False, True])
+def test_kmeans_objective_matches_sklearn_1000_clusters(overlap):
+    x = _many_blobs(1000, 20, 64, 1.0 if overlap else 0.1, 3.0 if overlap else 10.0)
+    assert _vs_sklearn(x, 1000, seeds=range(2)) <= 1.02
+
+
+def test_lloyd_iterations_are_sklearns():
+    """From the same seeds, the same iterations, tol stop and result as scikit-learn's KMeans."""
+    from sklearn.cluster import KMeans
+
+    x = _many_blobs(30, 40, 16, 1.0, 3.0)
+    seeds = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:30]]
+    for tol, niter in [(0.0, 7), (1e-4, 100), (1e-2, 100)]:
+        km = KMeans(30, init=seeds.numpy(), n_init=1, max_iter=niter, tol=tol).fit(x.numpy())
+        centroids, assign = neighbors._lloyd(neighbors._Shards(x, False), seeds, niter, tol, False)
+        assert torch.equal(assign, torch.from_numpy(km.labels_).long()), f"tol={tol}"
+        assert_verbose_allclose(centroids, torch.from_numpy(km.cluster_centers_), atol=1e-4, rtol=0)
+
+
+def test_kmeans_tol_stops_early():
+    x = _many_blobs(10, 50, 8, 0.1, 10.0)
+    loose = fastssl.kmeans(x, 10, niter=50, tol=1e-1)
+    exact = fastssl.kmeans(x, 10, niter=50, tol=0.0)
+    assert torch.equal(loose[1], exact[1])  # separated blobs: converged before any tol matters
+
+
 @pytest.mark.parametrize("spherical", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kmeans_recovers_blobs(spherical, seed):
-    """With k-means++ seeding. (Random seeding, FAISS's default, puts two of five seeds in one blob
-    with probability 1 − 5!/5⁵ ≈ 0.96, and Lloyd's iterations cannot move them apart.)"""
+    """Default greedy k-means++. (Random seeding, FAISS's default, puts two of five seeds in one
+    blob with probability 1 − 5!/5⁵ ≈ 0.96, and Lloyd's iterations cannot move them apart.)"""
     x, y = _separated_blobs()
-    _, assign = fastssl.kmeans(x, 5, init="k-means++", spherical=spherical, seed=seed)
+    _, assign = fastssl.kmeans(x, 5, spherical=spherical, seed=seed)
     assert fastssl.cluster_metrics(assign, y) == {"nmi": 1.0, "ari": 1.0, "acc": 1.0}
-    labels, weights = fastssl.cluster_pseudo_labels(x, 5, init="k-means++", spherical=spherical, seed=seed)
+    labels, weights = fastssl.cluster_pseudo_labels(x, 5, spherical=spherical, seed=seed)
     assert fastssl.cluster_metrics(labels, y)["acc"] == 1.0
     assert_verbose_allclose(weights, torch.ones(300), atol=1e-6)  # equal clusters: weight 1
 
 
-def test_kmeans_objective_close_to_sklearn():
-    """Within 2 % of scikit-learn's KMeans (k-means++, one init) at 20 iterations, averaged over seeds."""
-    from sklearn.cluster import KMeans
-    from sklearn.datasets import load_digits
-
-    x = torch.from_numpy(load_digits().data).float()
-    ours, theirs = [], []
-    for seed in range(4):
-        centroids, assign = fastssl.kmeans(x, 10, niter=20, seed=seed)
-        ours.append(reference.kmeans_objective(x, centroids, assign))
-        theirs.append(KMeans(10, n_init=1, max_iter=20, tol=0, random_state=seed).fit(x.numpy()).inertia_)
-    ratio = sum(ours) / sum(theirs)
-    assert abs(ratio - 1) < 0.02, f"objective {sum(ours) / 4:.6g} vs scikit-learn {sum(theirs) / 4:.6g}"
-
-
-def test_kmeans_assignments_are_nearest_centroids_and_deterministic():
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_kmeans_assignments_are_nearest_centroids_and_deterministic(init):
     x = torch.randn(500, 12)
-    centroids, assign = fastssl.kmeans(x, 7, niter=10, seed=3)
+    centroids, assign = fastssl.kmeans(x, 7, niter=10, seed=3, init=init)
     assert centroids.shape == (7, 12) and assign.shape == (500,) and assign.dtype == torch.int64
     assert torch.equal(assign, torch.cdist(x, centroids).argmin(1))
-    again = fastssl.kmeans(x, 7, niter=10, seed=3)
+    again = fastssl.kmeans(x, 7, niter=10, seed=3, init=init)
     assert torch.equal(centroids, again[0]) and torch.equal(assign, again[1])
-    for c in range(7):  # Lloyd's update: each centroid is its cluster's mean (objective at a fixed point)
-        members = x[assign == c]
-        if len(members):
-            assert_verbose_allclose(centroids[c], members.mean(0), atol=0.5, rtol=0)
 
 
-def test_spherical_kmeans_centroids_unit_norm():
+def test_kmeans_does_not_depend_on_scale():
+    """k-means of c·x is that of x, centroids times c (power-of-two scaling inside; fp64 beyond fp32's range)."""
+    x = torch.randn(300, 8)
+    centroids, assign = fastssl.kmeans(x, 6)
+    for scale in (1e20, 1e30, 1e-20, 1e-30):
+        c, a = fastssl.kmeans(x * scale, 6)
+        assert torch.equal(a, assign), scale
+        assert_verbose_allclose(c / scale, centroids, rtol=1e-5, atol=1e-6)
+    c, a = fastssl.kmeans(x.double() * 1e300, 6)
+    assert c.dtype == torch.float64 and torch.equal(a, assign)
+    assert_verbose_allclose(c / 1e300, centroids.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_spherical_kmeans_centroids_unit_norm_at_any_scale():
     x = torch.randn(400, 10) * torch.rand(400, 1) * 5
     centroids, assign = fastssl.kmeans(x, 6, spherical=True)
     assert_verbose_allclose(centroids.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.equal(assign, (F.normalize(x, dim=1) @ centroids.T).argmax(1))
+    scaled = x * torch.where(torch.arange(400) % 2 == 0, 1e20, 1e-20)[:, None]  # rows of norm 1e±20
+    assert torch.equal(fastssl.kmeans(scaled, 6, spherical=True)[1], assign)
 
 
 def test_cluster_pseudo_labels_reseed_empty_clusters():
@@ -319,6 +419,62 @@ def test_cluster_pseudo_labels_balancing_weights():
     counts = torch.bincount(labels, minlength=2).float()
     assert_verbose_allclose(weights, 100 / (2 * counts[labels]), atol=1e-6)
     assert weights.mean().item() == pytest.approx(1.0)
+
+
+# -- k-means with gather=True across processes (gloo) ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kmeans_gather_worker(rank, world, port, counts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x = _many_blobs(12, 10, 8, 0.8, 3.0)  # 120 rows, overlapping
+        # 25 rows, 5 distinct, small integers: their distances are exact, so ties are ties on every rank
+        dup = torch.randint(-3, 4, (5, 6), generator=torch.Generator().manual_seed(2)).float().repeat(5, 1)
+        start = sum(counts[:rank])
+        mine = slice(start * len(x) // sum(counts), (start + counts[rank]) * len(x) // sum(counts))
+        for kwargs in [{}, {"spherical": True}, {"init": "random"}, {"tol": 0.0, "niter": 5}]:
+            whole = fastssl.kmeans(x, 12, seed=1, **kwargs)
+            ours = fastssl.kmeans(x[mine], 12, seed=1, gather=True, **kwargs)
+            assert_verbose_allclose(ours[0], whole[0], atol=1e-5, rtol=0, name=f"centroids {kwargs}")
+            assert torch.equal(ours[1], whole[1][mine]), kwargs
+            labels, weights = fastssl.cluster_pseudo_labels(x[mine], 12, seed=1, gather=True, **kwargs)
+            ref_labels, ref_weights = fastssl.cluster_pseudo_labels(x, 12, seed=1, **kwargs)
+            assert torch.equal(labels, ref_labels[mine]) and torch.allclose(weights, ref_weights[mine])
+        # empty clusters re-seeded over ranks (k-means leaves 2 of 7 empty on 5 distinct rows)
+        part = slice(start * 25 // sum(counts), (start + counts[rank]) * 25 // sum(counts))
+        labels, weights = fastssl.cluster_pseudo_labels(dup[part], 7, gather=True)
+        ref_labels, ref_weights = fastssl.cluster_pseudo_labels(dup, 7)
+        assert torch.equal(labels, ref_labels[part]) and torch.allclose(weights, ref_weights[part])
+        bad = x[mine].clone()
+        if rank == 0:
+            bad[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="non-finite" if rank == 0 else "another rank"):
+            fastssl.kmeans(bad, 3, gather=True)  # every rank raises, none waits in a collective
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_kmeans_gather_matches_single_process(world):
+    """Every rank gets the centroids of one process on the concatenated features and its own rows'
+    assignments, labels and weights (ranks of different sizes)."""
+    counts = [3, 5, 1, 4][:world]
+    mp.spawn(_kmeans_gather_worker, args=(world, _free_port(), counts), nprocs=world)
+
+
+def test_kmeans_gather_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastssl.kmeans(torch.randn(10, 3), 2, gather=True)
 
 
 # -- cluster metrics ------------------------------------------------------------------------------------------
