@@ -29,4 +29,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mochi_hard_set_cpu", &mochi_hard_set_cpu, nogil);
   m.def("info_nce_lse_fwd_cpu", &info_nce_lse_fwd_cpu, nogil);
   m.def("info_nce_lse_bwd_cpu", &info_nce_lse_bwd_cpu, nogil);
+  m.def("siglip_fwd_cpu", &siglip_fwd_cpu, nogil);
+  m.def("siglip_bwd_cpu", &siglip_bwd_cpu, nogil);
 }

@@ -50,3 +50,12 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& row_lse, const at::Tensor& col_lse, double inv_tau, int64_t self_offset);
+// siglip: row_i = -sum_j log sigmoid(z_ij (scale x_i . y_j + bias)) over unit rows x [M, D], y [N, D],
+// z_ij = +1 for j = i + offset and -1 elsewhere; scale and bias one-element tensors.
+at::Tensor siglip_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias,
+                          int64_t offset);
+// backward: (dL/dx, dL/dy, dL/dscale, dL/dbias), the last two 0-dim fp32 (fp64 for fp64 input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& grad_row,
+                                                                          const at::Tensor& x, const at::Tensor& y,
+                                                                          const at::Tensor& scale,
+                                                                          const at::Tensor& bias, int64_t offset);

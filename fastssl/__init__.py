@@ -21,6 +21,8 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
+from fastssl.pairwise import SigLIPLoss, alignment_loss, hypersphere_loss, negative_cosine_similarity, siglip_loss
+from fastssl.redundancy import barlow_twins_loss, vicreg_loss
 
 __version__ = "0.1.0"
 __all__ = [
@@ -28,11 +30,15 @@ __all__ = [
     "KNNClassifier",
     "MemoryQueue",
     "NTXentLoss",
+    "SigLIPLoss",
     "__version__",
+    "alignment_loss",
+    "barlow_twins_loss",
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
     "feature_attack",
+    "hypersphere_loss",
     "info_nce",
     "instance_attack",
     "kmeans",
@@ -42,6 +48,7 @@ __all__ = [
     "masked_mse_loss",
     "mochi_logits",
     "mochi_loss",
+    "negative_cosine_similarity",
     "noise_masking",
     "nt_xent",
     "patchify",
@@ -50,6 +57,8 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "siglip_loss",
     "unpatchify",
     "unshuffle",
+    "vicreg_loss",
 ]
