@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from fastssl.kernels._launch import block_size, launcher, program_target
-from fastssl.kernels._tiles import block_rows, check_matrix, dot_dtypes, load_rows, tile_dots
+from fastssl.kernels._tiles import add_weighted_rows, block_rows, check_matrix, dot_dtypes, tile_dots
 from torch import Tensor
 
 # Block caps: module constants so that tests can shrink them to exercise many tiles on small inputs.
@@ -151,11 +151,9 @@ def _siglip_bwd_kernel(
     rows_i, ok_i, j_start, j_end = _program_tiles(M, N, BLOCK_M, BLOCK_N)
     scale = tl.load(Scale_ptr).to(ACC)
     bias = tl.load(Bias_ptr).to(ACC)
-    cols = tl.arange(0, BLOCK_D)
     g_i = tl.load(G_ptr + rows_i, mask=ok_i, other=0.0).to(ACC)
     x_i = block_rows(X_ptr, rows_i, ok_i, D, X_stride_m, X_stride_d, Z_DOT, BLOCK_M, BLOCK_D, ONE_D_BLOCK)
-    if ONE_D_BLOCK:
-        dx_i = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    dx_i = tl.zeros([BLOCK_M, BLOCK_D], ACC)  # (A Y)_I in registers, used with ONE_D_BLOCK
     d_scale = tl.zeros([BLOCK_M], ACC)
     d_bias = tl.zeros([BLOCK_M], ACC)
     for J in range(j_start, j_end):
@@ -170,26 +168,15 @@ def _siglip_bwd_kernel(
         d_bias += tl.sum(a, axis=1)
         a = a.to(A_DTYPE).to(A_DOT)
         # (2) (A Y)_I += A Y_J, (Aᵀ X)_J += Aᵀ X_I
-        if ONE_D_BLOCK:
-            dx_i = tl.dot(a, y_j.to(A_DOT), dx_i, input_precision=A_PRECISION)
-            dy_j = tl.dot(tl.trans(a), x_i.to(A_DOT), input_precision=A_PRECISION, out_dtype=ACC)
-            ptrs = DY_ptr + rows_j[:, None] * D + cols[None, :]
-            tl.atomic_add(ptrs, dy_j, mask=ok_j[:, None] & (cols < D)[None, :], sem="relaxed")
-        else:
-            for d0 in range(0, D, BLOCK_D):
-                ok_d = (d0 + cols) < D
-                yj = load_rows(Y_ptr, rows_j, ok_j, d0, D, Y_stride_n, Y_stride_d, BLOCK_D, A_DOT)
-                part_i = tl.dot(a, yj, input_precision=A_PRECISION, out_dtype=ACC)
-                ptrs = DX_ptr + rows_i[:, None] * D + (d0 + cols)[None, :]
-                tl.atomic_add(ptrs, part_i, mask=ok_i[:, None] & ok_d[None, :], sem="relaxed")
-                xi = load_rows(X_ptr, rows_i, ok_i, d0, D, X_stride_m, X_stride_d, BLOCK_D, A_DOT)
-                part_j = tl.dot(tl.trans(a), xi, input_precision=A_PRECISION, out_dtype=ACC)
-                ptrs = DY_ptr + rows_j[:, None] * D + (d0 + cols)[None, :]
-                tl.atomic_add(ptrs, part_j, mask=ok_j[:, None] & ok_d[None, :], sem="relaxed")
+        dx_i = add_weighted_rows(
+            a, x_i, y_j, dx_i, X_ptr, Y_ptr, DX_ptr, DY_ptr, rows_i, ok_i, rows_j, ok_j, D,
+            X_stride_m, X_stride_d, Y_stride_n, Y_stride_d, ACC, A_DOT, A_PRECISION, BLOCK_D, ONE_D_BLOCK,
+        )  # fmt: skip
     if j_start < j_end:
         tl.atomic_add(DSB_ptr, tl.sum(d_scale, axis=0), sem="relaxed")
         tl.atomic_add(DSB_ptr + 1, tl.sum(d_bias, axis=0), sem="relaxed")
         if ONE_D_BLOCK:
+            cols = tl.arange(0, BLOCK_D)
             ptrs = DX_ptr + rows_i[:, None] * D + cols[None, :]
             tl.atomic_add(ptrs, dx_i, mask=ok_i[:, None] & (cols < D)[None, :], sem="relaxed")
 
