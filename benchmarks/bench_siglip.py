@@ -72,7 +72,7 @@ def make_case(provider: str, mode: str, m: int, d: int, dtype: torch.dtype, devi
         return lambda: torch.autograd.grad(loss_fn(x, y, s, b), (x, y, s, b))
 
     passes = 1 if mode == "forward" else 4
-    min_reps = 1 if m >= 32768 else 3
+    min_reps = 1 if m >= 16384 else 3  # minutes per iteration on the CPU: no warm-up
     return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=2.0 * passes * m * m * d, min_reps=min_reps)
 
 

@@ -52,6 +52,7 @@ def test_uniformity_stays_finite_at_large_t():
     """log mean exp(−t‖·‖²) as a log-sum-exp: finite where exp underflows (lightly's gives −inf)."""
     z1, z2 = _views(8, 4)
     assert torch.isfinite(fastssl.hypersphere_loss(z1, z2, t=2000.0))
+    assert peer("lightly.loss.hypersphere_loss").HypersphereLoss(t=2000.0)(z1, z2) == -float("inf")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
