@@ -24,9 +24,9 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel pybind11 ninja numpy triton faiss-cpu pytest pytest-benchmark matplotlib \
 		ruff scikit-learn scipy tqdm pytorch-metric-learning inf-cl pytest-timeout
-	# torchattacks and lightly without their dependencies: their torchvision pins would pull a CUDA
-	# torch (lightly's loss modules only need a stub torchvision: tests/_peers.py).
-	$(PIP) --no-deps torchattacks lightly
+	# torchattacks, open_clip and lightly without their dependencies: their torchvision pins would
+	# pull a CUDA torch (the tests load only their loss modules, tests/_peers.py).
+	$(PIP) --no-deps torchattacks open-clip-torch lightly
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(CSRC)
@@ -98,7 +98,8 @@ cuda-check: setup
 # Wheels that the offline GPU machines lack (Python 3.12 there), for scripts/gpu_session.sh.
 wheelhouse: setup
 	$(PY) -m pip download --quiet --dest .wheels --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux_2_28_x86_64 faiss-cpu pytorch-metric-learning inf-cl torchattacks lightly pytest-timeout
+		--platform manylinux_2_28_x86_64 faiss-cpu pytorch-metric-learning inf-cl torchattacks open-clip-torch lightly \
+		pytest-timeout
 
 info: build
 	$(PY) -m fastssl info

@@ -33,4 +33,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dino_sinkhorn_sums_cpu", &dino_sinkhorn_sums_cpu, nogil);
   m.def("dino_loss_fwd_cpu", &dino_loss_fwd_cpu, nogil);
   m.def("dino_loss_bwd_cpu", &dino_loss_bwd_cpu, nogil);
+  m.def("siglip_fwd_cpu", &siglip_fwd_cpu, nogil);
+  m.def("siglip_bwd_cpu", &siglip_bwd_cpu, nogil);
 }

@@ -67,3 +67,12 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_bwd_cpu(const at::Tensor& grad_lse,
                                                      const at::Tensor& teacher, const at::Tensor& teacher_weight,
                                                      const at::Tensor& a, const at::Tensor& beta,
                                                      const at::Tensor& lse, double inv_tau_s, double inv_tau_t);
+// siglip: row_i = -sum_j log sigmoid(z_ij (scale x_i . y_j + bias)) over unit rows x [M, D], y [N, D],
+// z_ij = +1 for j = i + offset and -1 elsewhere; scale and bias one-element tensors.
+at::Tensor siglip_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias,
+                          int64_t offset);
+// backward: (dL/dx, dL/dy, dL/dscale, dL/dbias), the last two 0-dim fp32 (fp64 for fp64 input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& grad_row,
+                                                                          const at::Tensor& x, const at::Tensor& y,
+                                                                          const at::Tensor& scale,
+                                                                          const at::Tensor& bias, int64_t offset);

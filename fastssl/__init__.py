@@ -30,6 +30,7 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
+from fastssl.pairwise import SigLIPLoss, alignment_loss, hypersphere_loss, negative_cosine_similarity, siglip_loss
 from fastssl.prototypes import (
     DINOLoss,
     IBOTLoss,
@@ -39,6 +40,7 @@ from fastssl.prototypes import (
     swav_loss,
     teacher_temperature_schedule,
 )
+from fastssl.redundancy import barlow_twins_loss, vicreg_loss
 from fastssl.semisup import (
     FlexMatchLoss,
     FreeMatchLoss,
@@ -59,10 +61,13 @@ __all__ = [
     "KNNClassifier",
     "MemoryQueue",
     "NTXentLoss",
+    "SigLIPLoss",
     "SoftMatchLoss",
     "__version__",
+    "alignment_loss",
     "apgd_attack",
     "autoattack",
+    "barlow_twins_loss",
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
@@ -70,6 +75,7 @@ __all__ = [
     "feature_attack",
     "fixmatch_loss",
     "freematch_fairness_loss",
+    "hypersphere_loss",
     "ibot_loss",
     "info_nce",
     "instance_attack",
@@ -81,6 +87,7 @@ __all__ = [
     "masked_mse_loss",
     "mochi_logits",
     "mochi_loss",
+    "negative_cosine_similarity",
     "noise_masking",
     "nt_xent",
     "patchify",
@@ -89,10 +96,12 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "siglip_loss",
     "swav_loss",
     "teacher_temperature_schedule",
     "tsa_threshold",
     "uda_loss",
     "unpatchify",
     "unshuffle",
+    "vicreg_loss",
 ]

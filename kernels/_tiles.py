@@ -104,6 +104,58 @@ def tile_dots(
     return dots, b_j
 
 
+@triton.jit
+def add_weighted_rows(
+    a,
+    x_i,
+    y_j,
+    dx_i,
+    X_ptr,
+    Y_ptr,
+    DX_ptr,
+    DY_ptr,
+    rows_i,
+    ok_i,
+    rows_j,
+    ok_j,
+    D,
+    X_stride_n,
+    X_stride_d,
+    Y_stride_n,
+    Y_stride_d,
+    ACC: tl.constexpr,
+    A_DOT: tl.constexpr,
+    A_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
+):
+    """A backward's products for one tile of weights a [BLOCK_M, BLOCK_N] (in A_DOT): dX_I += a·Y_J,
+    dY_J += aᵀ·X_I into contiguous [*, D] ACC buffers.
+
+    With ONE_D_BLOCK (x_i, y_j hold the rows) dX_I accumulates in the registers dx_i, returned,
+    and dY_J goes through atomics; else D goes in BLOCK_D chunks, both by atomics, and dx_i is
+    returned unchanged.
+    """
+    cols = tl.arange(0, BLOCK_D)
+    if ONE_D_BLOCK:
+        dx_i = tl.dot(a, y_j.to(A_DOT), dx_i, input_precision=A_PRECISION)
+        dy_j = tl.dot(tl.trans(a), x_i.to(A_DOT), input_precision=A_PRECISION, out_dtype=ACC)
+        ptrs = DY_ptr + rows_j[:, None] * D + cols[None, :]
+        tl.atomic_add(ptrs, dy_j, mask=ok_j[:, None] & (cols < D)[None, :], sem="relaxed")
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            ok_d = (d0 + cols) < D
+            yj = load_rows(Y_ptr, rows_j, ok_j, d0, D, Y_stride_n, Y_stride_d, BLOCK_D, A_DOT)
+            part_i = tl.dot(a, yj, input_precision=A_PRECISION, out_dtype=ACC)
+            ptrs = DX_ptr + rows_i[:, None] * D + (d0 + cols)[None, :]
+            tl.atomic_add(ptrs, part_i, mask=ok_i[:, None] & ok_d[None, :], sem="relaxed")
+            xi = load_rows(X_ptr, rows_i, ok_i, d0, D, X_stride_n, X_stride_d, BLOCK_D, A_DOT)
+            part_j = tl.dot(tl.trans(a), xi, input_precision=A_PRECISION, out_dtype=ACC)
+            ptrs = DY_ptr + rows_j[:, None] * D + (d0 + cols)[None, :]
+            tl.atomic_add(ptrs, part_j, mask=ok_j[:, None] & ok_d[None, :], sem="relaxed")
+    return dx_i
+
+
 # log₂e as an fp32 hi/lo pair, so that an lse in fp64 is carried to base 2 at full precision
 LOG2E_HI, LOG2E_LO = (tl.constexpr(x) for x in hi_lo(LOG2E))
 

@@ -1825,6 +1825,125 @@ row("teacher_temperature_schedule/final 0", lambda: fastssl.teacher_temperature_
 
 
 # ---------------------------------------------------------------------------------------------
+# pairwise and redundancy: siglip_loss, SigLIPLoss, alignment_loss, hypersphere_loss,
+# negative_cosine_similarity, barlow_twins_loss, vicreg_loss
+
+_A, _B = torch.randn(6, 4), torch.randn(6, 4)
+
+
+def _with(x, i, value):
+    x = x.clone()
+    x.view(-1)[i] = value
+    return x
+
+
+row("siglip_loss/empty image", lambda: fastssl.siglip_loss(_A[:0], _B[:0]), raises(ValueError, "image"))
+row("siglip_loss/1-D image", lambda: fastssl.siglip_loss(_A[0], _B[0]), raises(ValueError, "image"))
+row("siglip_loss/integer image", lambda: fastssl.siglip_loss(_A.long(), _B.long()), raises(TypeError, "image"))
+row("siglip_loss/text rows differ", lambda: fastssl.siglip_loss(_A, _B[:5]), raises(ValueError, "text"))
+row("siglip_loss/text dtype differs", lambda: fastssl.siglip_loss(_A, _B.double()), raises(TypeError, "text"))
+row("siglip_loss/scale nan", lambda: fastssl.siglip_loss(_A, _B, scale=float("nan")), raises(ValueError, "scale"))
+row("siglip_loss/scale string", lambda: fastssl.siglip_loss(_A, _B, scale="10"), raises(TypeError, "scale"))
+row(
+    "siglip_loss/scale two values",
+    lambda: fastssl.siglip_loss(_A, _B, scale=torch.ones(2)),
+    raises(ValueError, "scale"),
+)
+row(
+    "siglip_loss/scale integer tensor",
+    lambda: fastssl.siglip_loss(_A, _B, scale=torch.tensor(3)),
+    raises(TypeError, "scale"),
+)
+row("siglip_loss/bias inf", lambda: fastssl.siglip_loss(_A, _B, bias=float("inf")), raises(ValueError, "bias"))
+row("siglip_loss/reduction", lambda: fastssl.siglip_loss(_A, _B, reduction="avg"), raises(ValueError, "reduction"))
+row("siglip_loss/impl", lambda: fastssl.siglip_loss(_A, _B, impl="fast"), raises(ValueError, "impl"))
+row("siglip_loss/gather not bool", lambda: fastssl.siglip_loss(_A, _B, gather=1), raises(TypeError, "gather"))
+row(
+    "siglip_loss/gather without group",
+    lambda: fastssl.siglip_loss(_A, _B, gather=True),
+    raises(RuntimeError, "process group"),
+)
+row("siglip_loss/nan image", lambda: fastssl.siglip_loss(_with(_A, 3, float("nan")), _B), gives(nonfinite))
+row("siglip_loss/inf text", lambda: fastssl.siglip_loss(_A, _with(_B, 0, float("inf"))), gives(nonfinite))
+row(
+    "siglip_loss/nan image triton",
+    lambda: fastssl.siglip_loss(_with(_A, 3, float("nan")), _B, impl="triton"),
+    gives(nonfinite),
+)
+row(
+    "siglip_loss/nan scale tensor",
+    lambda: fastssl.siglip_loss(_A, _B, scale=torch.tensor(float("nan"))),
+    gives(nonfinite),
+)
+row("siglip_loss/zero row", lambda: fastssl.siglip_loss(_with(_A, slice(0, 4), 0.0), _B), gives(finite))
+row(
+    "siglip_loss/one pair",
+    lambda: fastssl.siglip_loss(_A[:1], _B[:1], scale=1.0, bias=0.0),
+    gives(close_to(lambda: torch.nn.functional.softplus(-torch.cosine_similarity(_A[:1], _B[:1])).sum())),
+)
+row("SigLIPLoss/scale_init zero", lambda: fastssl.SigLIPLoss(scale_init=0.0), raises(ValueError, "scale_init"))
+row("SigLIPLoss/bias_init nan", lambda: fastssl.SigLIPLoss(bias_init=float("nan")), raises(ValueError, "bias_init"))
+row("SigLIPLoss/learnable not bool", lambda: fastssl.SigLIPLoss(learnable="yes"), raises(TypeError, "learnable"))
+row("SigLIPLoss/forward", lambda: fastssl.SigLIPLoss()(_A, _B), gives(finite))
+row("alignment_loss/alpha zero", lambda: fastssl.alignment_loss(_A, _B, alpha=0), raises(ValueError, "alpha"))
+row("alignment_loss/y rows differ", lambda: fastssl.alignment_loss(_A, _B[:2]), raises(ValueError, "y"))
+row("alignment_loss/nan x", lambda: fastssl.alignment_loss(_with(_A, 0, float("nan")), _B), gives(nonfinite))
+row("alignment_loss/same rows", lambda: fastssl.alignment_loss(_A, 3 * _A), gives(close_to(0.0, atol=1e-6)))
+row("hypersphere_loss/one row", lambda: fastssl.hypersphere_loss(_A[:1], _B[:1]), raises(ValueError, "z1"))
+row("hypersphere_loss/t zero", lambda: fastssl.hypersphere_loss(_A, _B, t=0.0), raises(ValueError, "t"))
+row("hypersphere_loss/lam negative", lambda: fastssl.hypersphere_loss(_A, _B, lam=-1.0), raises(ValueError, "lam"))
+row("hypersphere_loss/z2 dtype differs", lambda: fastssl.hypersphere_loss(_A, _B.half()), raises(TypeError, "z2"))
+row("hypersphere_loss/nan z2", lambda: fastssl.hypersphere_loss(_A, _with(_B, 5, float("nan"))), gives(nonfinite))
+row("hypersphere_loss/coincident rows", lambda: fastssl.hypersphere_loss(_A[:1].repeat(4, 1), _B[:4]), gives(finite))
+row(
+    "negative_cosine_similarity/3-D p",
+    lambda: fastssl.negative_cosine_similarity(_A[None], _B[None]),
+    raises(ValueError, "p"),
+)
+row(
+    "negative_cosine_similarity/z rows differ",
+    lambda: fastssl.negative_cosine_similarity(_A, _B[:3]),
+    raises(ValueError, "z"),
+)
+row("negative_cosine_similarity/zero row", lambda: fastssl.negative_cosine_similarity(_A * 0, _B), gives(close_to(0.0)))
+row(
+    "negative_cosine_similarity/nan p",
+    lambda: fastssl.negative_cosine_similarity(_with(_A, 1, float("nan")), _B),
+    gives(nonfinite),
+)
+row("barlow_twins_loss/one row", lambda: fastssl.barlow_twins_loss(_A[:1], _B[:1]), raises(ValueError, "z1"))
+row("barlow_twins_loss/z2 rows differ", lambda: fastssl.barlow_twins_loss(_A, _B[:4]), raises(ValueError, "z2"))
+row(
+    "barlow_twins_loss/lambda_ negative",
+    lambda: fastssl.barlow_twins_loss(_A, _B, lambda_=-1.0),
+    raises(ValueError, "lambda_"),
+)
+row(
+    "barlow_twins_loss/gather without group",
+    lambda: fastssl.barlow_twins_loss(_A, _B, gather=True),
+    raises(RuntimeError, "process group"),
+)
+row("barlow_twins_loss/nan z1", lambda: fastssl.barlow_twins_loss(_with(_A, 2, float("nan")), _B), gives(nonfinite))
+row(
+    "barlow_twins_loss/constant column",
+    lambda: fastssl.barlow_twins_loss(_with(_A, slice(0, None, 4), 1.0), _B),
+    gives(finite),
+)
+row("vicreg_loss/one row", lambda: fastssl.vicreg_loss(_A[:1], _B[:1]), raises(ValueError, "z1"))
+row("vicreg_loss/eps zero", lambda: fastssl.vicreg_loss(_A, _B, eps=0.0), raises(ValueError, "eps"))
+row(
+    "vicreg_loss/invariance negative",
+    lambda: fastssl.vicreg_loss(_A, _B, invariance=-1.0),
+    raises(ValueError, "invariance"),
+)
+row("vicreg_loss/gather not bool", lambda: fastssl.vicreg_loss(_A, _B, gather="no"), raises(TypeError, "gather"))
+row("vicreg_loss/inf z2", lambda: fastssl.vicreg_loss(_A, _with(_B, 0, float("inf"))), gives(nonfinite))
+row(
+    "vicreg_loss/constant views", lambda: fastssl.vicreg_loss(_A * 0, _B * 0), gives(close_to(25.0 * (1 - 1e-2)))
+)  # only the variance hinge: 1 − √eps per column
+
+
+# ---------------------------------------------------------------------------------------------
 # the runner
 
 

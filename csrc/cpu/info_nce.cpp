@@ -23,10 +23,7 @@
 // Threads: see reduce_tiles. Work memory: a tile per thread and per-thread row partials of at
 // most 64 MiB in all (beyond that the rows are processed in blocks); never M x N.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
-#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -35,52 +32,10 @@
 
 namespace {
 
-constexpr int64_t kTile = 256;
-// Bound on the per-thread row partials of reduce_tiles.
-constexpr int64_t kPartialBytes = int64_t{64} << 20;
-
 using fastssl::Combine;
-using fastssl::combine_into;
 using fastssl::fixed_shift_is_exact;
-
-// Visits every tile (I, J) of the M x N matrix and accumulates
-// tile(i0, i1, j0, j1) -> {part for rows i0..i1, part for columns j0..j1} into rows (M x R) and,
-// when defined, cols (N x C).
-//
-// Threads take column tiles J from a shared counter (a thread that gets less CPU takes fewer) and
-// run each down all the rows of a row block: the columns of J are written by that thread alone,
-// the rows go to per-thread partials reduced at the end of the block. Rows are the short side
-// (queries, against keys + queue or every rank's keys), and blocks are as tall as the partials
-// allow within kPartialBytes: usually one block, so one parallel region per pass.
-template <class TileFn>
-void reduce_tiles(int64_t m, int64_t n, at::Tensor& rows, at::Tensor& cols, Combine op, double identity,
-                  TileFn tile) {
-  const int64_t num_threads = at::get_num_threads();
-  const int64_t col_tiles = (n + kTile - 1) / kTile;
-  const int64_t tile_bytes = num_threads * kTile * rows.size(1) * rows.element_size();
-  const int64_t block = std::max<int64_t>(1, kPartialBytes / tile_bytes) * kTile;
-  for (int64_t r0 = 0; r0 < m; r0 += block) {
-    const int64_t r1 = std::min(m, r0 + block);
-    at::Tensor partial = at::full({num_threads, r1 - r0, rows.size(1)}, identity, rows.options());
-    std::atomic<int64_t> next{0};
-    const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
-    at::parallel_for(0, num_threads, 1, [&](int64_t slot, int64_t) {
-      at::ThreadLocalStateGuard guard(caller);
-      at::Tensor mine = partial[slot];
-      for (int64_t J = next++; J < col_tiles; J = next++) {
-        const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
-        for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
-          const int64_t i1 = std::min(r1, i0 + kTile);
-          auto parts = tile(i0, i1, j0, j1);
-          combine_into(mine.narrow(0, i0 - r0, i1 - i0), parts.first, op);
-          if (cols.defined()) combine_into(cols.narrow(0, j0, j1 - j0), parts.second, op);
-        }
-      }
-    });
-    at::Tensor out = rows.narrow(0, r0, r1 - r0);
-    combine_into(out, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);
-  }
-}
+using fastssl::reduce_tiles;
+using fastssl::unit_rows;
 
 at::Tensor tile_scores(const at::Tensor& q, const at::Tensor& k, double inv_tau, int64_t i0, int64_t i1,
                        int64_t j0, int64_t j1) {
@@ -90,13 +45,6 @@ at::Tensor tile_scores(const at::Tensor& q, const at::Tensor& k, double inv_tau,
 // Sets the pairs (i, i + self_offset) of tile (i0.., j0..) to value: a diagonal of the tile.
 void drop_self(at::Tensor& tile, int64_t self_offset, int64_t i0, int64_t j0, double value) {
   if (self_offset >= 0) tile.diagonal(i0 + self_offset - j0).fill_(value);
-}
-
-// Unit rows [rows, D] as a contiguous fp32 tensor (fp64 for fp64 input: gradcheck).
-at::Tensor unit_rows(const at::Tensor& x, const char* fn, const char* name) {
-  TORCH_CHECK(x.dim() == 2, fn, ": ", name, " must be 2-D, got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
-  return x.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 at::Tensor column(const at::Tensor& v, int64_t a, int64_t b) { return v.slice(0, a, b).unsqueeze(1); }
