@@ -5,10 +5,12 @@ from fastssl.adversarial import (
     autoattack,
     feature_attack,
     instance_attack,
+    mart_loss,
     pgd_attack,
     pgd_step_,
     random_start,
     robust_accuracy,
+    trades_loss,
 )
 from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from fastssl.masking import (
@@ -64,6 +66,7 @@ __all__ = [
     "knn_classify",
     "knn_pseudo_labels",
     "knn_search",
+    "mart_loss",
     "masked_mse_loss",
     "mochi_logits",
     "mochi_loss",
@@ -75,6 +78,7 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "trades_loss",
     "tsa_threshold",
     "uda_loss",
     "unpatchify",

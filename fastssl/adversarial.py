@@ -16,6 +16,7 @@ one of its rows is misclassified (auto-attack keeps it to the end of every run).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
@@ -35,10 +36,12 @@ __all__ = [
     "autoattack",
     "feature_attack",
     "instance_attack",
+    "mart_loss",
     "pgd_attack",
     "pgd_step_",
     "random_start",
     "robust_accuracy",
+    "trades_loss",
 ]
 
 
@@ -630,3 +633,160 @@ def _check_logits(out, b: int) -> int:
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b:
         raise ValueError(f"model must return logits [B, C] with B = {b}, got {getattr(out, 'shape', type(out))}")
     return out.shape[1]
+
+
+# -- adversarial training losses: TRADES and MART ------------------------------------------------------
+
+
+def trades_loss(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 6.0,
+    eps: float | Tensor = 8 / 255,
+    step_size: float | Tensor = 2 / 255,
+    steps: int = 10,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    eval_attack: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """The TRADES loss (Zhang et al. 2019) as yaodongyu/TRADES' ``trades_loss``: CE(f(x), y) + β·KL.
+
+    KL = (1/B) Σ_i KL(p(x_i) ‖ p(x′_i)) with p = softmax(model(·)), x′ the inner maximiser of the
+    summed KL: from x + 0.001·N(0, 1) (drawn from ``generator``), ``steps`` L∞ sign steps of
+    ``step_size`` (the fused :func:`pgd_step_`) or, with norm="l2", TRADES's normalised-gradient
+    steps on δ (TRADES takes step_size = 2ε/steps there; docs/design.md, "TRADES"). Gradients flow
+    into the parameters through both f(x) and f(x′) (the KL's target p(x) is not detached, as in
+    TRADES); the attack takes gradients with respect to the input only.
+
+    Args:
+        model: maps x [B, ...] to logits [B, C].
+        beta: weight β ≥ 0 of the KL term.
+        eps, step_size: radius and step of the inner maximisation (numbers or [B] tensors).
+        steps: inner steps (0: x′ is the clamped noisy start).
+        eval_attack: run the inner maximisation with ``model.eval()`` and restore the mode after
+            it, as TRADES does (it calls eval() before and train() after). By default the model
+            runs in the mode the caller left it throughout (see docs/design.md, "TRADES").
+    """
+    x, y, beta, eps_b, step_b, steps, lo, hi, impl = _training_loss_inputs(
+        model, x, y, beta, eps, step_size, steps, norm, bounds, generator, impl
+    )
+    with _attack_mode(model, eval_attack):
+        with torch.no_grad():
+            p_clean = F.softmax(_logits(model, x), dim=1)
+
+        def inner(out: Tensor) -> Tensor:  # summed KL(p(x) ‖ p(x′)), as nn.KLDivLoss(size_average=False)
+            return F.kl_div(F.log_softmax(out, dim=1), p_clean, reduction="sum")
+
+        x_adv = _inner_max(model, x, inner, eps_b, step_b, steps, norm, lo, hi, generator, impl)
+    logits = _logits(model, x)
+    kl = F.kl_div(F.log_softmax(_logits(model, x_adv), dim=1), F.softmax(logits, dim=1), reduction="sum")
+    return F.cross_entropy(logits, y) + beta * kl / x.shape[0]
+
+
+def mart_loss(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 6.0,
+    eps: float | Tensor = 8 / 255,
+    step_size: float | Tensor = 2 / 255,
+    steps: int = 10,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    eval_attack: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """The MART loss (Wang et al. 2020) as YisenWang/MART's ``mart_loss``: BCE(f(x′), y) + β·KL·(1 − p_y(x)).
+
+    x′: L∞ PGD on the mean cross-entropy from x + 0.001·N(0, 1) (``steps`` sign steps of
+    ``step_size``, the fused :func:`pgd_step_`). With q = p(x′) and t_i = argmax_{c≠y_i} q_ic:
+    BCE = CE(f(x′), y) − mean_i log(1.0001 − q_{i,t_i} + 1e-12), and the robust term is
+    (1/B) Σ_i KL(p(x_i) ‖ q_i + 1e-12)·(1.0000001 − p_{y_i}(x_i)) (docs/design.md, "MART").
+    The arguments are those of :func:`trades_loss` (MART's attack is L∞ only).
+    """
+    x, y, beta, eps_b, step_b, steps, lo, hi, impl = _training_loss_inputs(
+        model, x, y, beta, eps, step_size, steps, "linf", bounds, generator, impl
+    )
+    with _attack_mode(model, eval_attack):
+        x_adv = _inner_max(model, x, lambda out: F.cross_entropy(out, y), eps_b, step_b, steps, "linf", lo, hi,
+                           generator, impl)  # fmt: skip
+    p = F.softmax(_logits(model, x), dim=1)
+    logits_adv = _logits(model, x_adv)
+    q = F.softmax(logits_adv, dim=1)
+    rows = torch.arange(len(y), device=y.device)
+    runner_up = q.masked_fill(F.one_hot(y, q.shape[1]).bool(), -1.0).argmax(1)  # the likeliest wrong class
+    bce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - q[rows, runner_up] + 1e-12).mean()
+    kl = (torch.xlogy(p, p) - p * torch.log(q + 1e-12)).sum(1)
+    return bce + beta * (kl * (1.0000001 - p[rows, y])).sum() / x.shape[0]
+
+
+def _training_loss_inputs(model, x, y, beta, eps, step_size, steps, norm, bounds, generator, impl):
+    _check_model(model)
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    beta = _checks.nonnegative("beta", beta)
+    eps_b = _checks.per_sample("eps", eps, x)
+    step_b = _checks.per_sample("step_size", step_size, x, strict=True)
+    steps = _checks.integer("steps", steps, minimum=0)
+    _checks.choice("norm", norm, NORMS)
+    lo, hi = _checks.interval("bounds", bounds)
+    _check_inside("x", x, lo, hi)
+    _checks.generator("generator", generator, x.device)
+    impl = _ext.resolve_impl(impl, x.device)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("the adversarial training losses need gradients: call them outside torch.inference_mode()")
+    return x.detach(), y, beta, eps_b, step_b, steps, lo, hi, impl
+
+
+def _logits(model, x: Tensor) -> Tensor:
+    out = model(x)
+    _check_logits(out, x.shape[0])
+    return out
+
+
+@contextlib.contextmanager
+def _attack_mode(model, eval_attack: bool):
+    """With eval_attack, an nn.Module in train mode runs in eval mode inside the block (TRADES's and
+    MART's model.eval() for the attack) and is back in train mode after it."""
+    switch = _checks.flag("eval_attack", eval_attack) and isinstance(model, torch.nn.Module) and model.training
+    if switch:
+        model.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            model.train()
+
+
+def _inner_max(model, x, objective, eps, step, steps, norm, lo, hi, generator, impl) -> Tensor:
+    """TRADES's and MART's inner maximisation of objective(model(x′)) from x + 0.001·N(0, 1) (not clamped
+    before the first step, as theirs); returns x′ clamped to the bounds (docs/design.md, "TRADES")."""
+    noise = 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    x_adv = x + noise
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(_logits(model, x_adv)), x_adv)
+            x_adv = x_adv.detach()
+            if norm == "linf":
+                pgd_step(x_adv, grad, x, eps, step, "linf", lo, hi, impl)
+                continue
+            # TRADES's L2: δ += α·g/‖g‖ (a random direction where g = 0), δ ← clamp(x + δ) − x,
+            # then δ scaled by ε/(‖δ‖ + 1e-7) where ‖δ‖ > ε (torch.renorm)
+            g_norm = torch.linalg.vector_norm(grad.reshape(len(x), -1), dim=1)
+            direction = grad / g_norm.view(shape)
+            zero = g_norm == 0
+            if bool(zero.any()):
+                direction[zero] = -torch.randn(direction[zero].shape, generator=generator, dtype=x.dtype,
+                                               device=x.device)  # fmt: skip
+            delta = torch.clamp(x_adv + step.view(shape) * direction, lo, hi) - x
+            d_norm = torch.linalg.vector_norm(delta.reshape(len(x), -1), dim=1)
+            scale = torch.where(d_norm > eps, eps / (d_norm + 1e-7), torch.ones_like(d_norm))
+            x_adv = (x + delta * scale.view(shape)).to(x.dtype)
+    return torch.clamp(x_adv, lo, hi)
