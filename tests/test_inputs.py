@@ -98,7 +98,8 @@ def close_to(expected, rtol: float = 1e-5, atol: float = 1e-6):
 
 
 # ---------------------------------------------------------------------------------------------
-# adversarial: pgd_step_, random_start, pgd_attack, instance_attack, feature_attack, robust_accuracy
+# adversarial: pgd_step_, random_start, pgd_attack, instance_attack, feature_attack, robust_accuracy,
+# apgd_attack, autoattack, trades_loss, mart_loss
 
 _AX = torch.rand(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
 _AY = torch.tensor([0, 1, 2, 1])
@@ -390,6 +391,35 @@ row(
 )
 row("robust_accuracy/float labels", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY.float()), raises(TypeError, "y"))
 row("robust_accuracy/labels length", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY[:2]), raises(ValueError, "y"))
+
+for _name, _loss in (("trades_loss", fastssl.trades_loss), ("mart_loss", fastssl.mart_loss)):
+    row(
+        f"{_name}/finite scalar",
+        lambda f=_loss: f(_AMODEL, _AX, _AY, steps=2),
+        gives(lambda r: finite(r) and r.dim() == 0),
+    )
+    row(f"{_name}/steps 0", lambda f=_loss: f(_AMODEL, _AX, _AY, steps=0), gives(finite))
+    row(f"{_name}/one sample", lambda f=_loss: f(_AMODEL, _AX[:1], _AY[:1], steps=1), gives(finite))
+    row(f"{_name}/beta negative", lambda f=_loss: f(_AMODEL, _AX, _AY, beta=-1.0), raises(ValueError, "beta"))
+    row(f"{_name}/eps negative", lambda f=_loss: f(_AMODEL, _AX, _AY, eps=-0.1), raises(ValueError, "eps"))
+    row(f"{_name}/step_size 0", lambda f=_loss: f(_AMODEL, _AX, _AY, step_size=0.0), raises(ValueError, "step_size"))
+    row(f"{_name}/steps float", lambda f=_loss: f(_AMODEL, _AX, _AY, steps=2.0), raises(TypeError, "steps"))
+    row(f"{_name}/float labels", lambda f=_loss: f(_AMODEL, _AX, _AY.float()), raises(TypeError, "y"))
+    row(f"{_name}/x outside bounds", lambda f=_loss: f(_AMODEL, _AX + 1, _AY), raises(ValueError, "bounds"))
+    row(f"{_name}/x NaN", lambda f=_loss: f(_AMODEL, _AX.masked_fill(_AX > 0.5, math.nan), _AY),
+        raises(ValueError, "non-finite"))  # fmt: skip
+    row(f"{_name}/model output 1-D", lambda f=_loss: f(lambda v: v.flatten(1).sum(1), _AX, _AY),
+        raises(ValueError, "model"))  # fmt: skip
+    row(f"{_name}/eval_attack 1", lambda f=_loss: f(_AMODEL, _AX, _AY, eval_attack=1), raises(TypeError, "eval_attack"))
+    row(f"{_name}/NaN weights give NaN", lambda f=_loss: f(lambda v: _AMODEL(v) * math.nan, _AX, _AY, steps=1),
+        gives(nonfinite))  # fmt: skip
+    row(f"{_name}/mode kept", lambda f=_loss: (f(_AMODEL.train(), _AX, _AY, steps=1, eval_attack=True),
+        _AMODEL.training), gives(lambda r: r[1] is True))  # fmt: skip
+row("trades_loss/norm", lambda: fastssl.trades_loss(_AMODEL, _AX, _AY, norm="l1"), raises(ValueError, "norm"))
+row("trades_loss/l2", lambda: fastssl.trades_loss(_AMODEL, _AX, _AY, norm="l2", eps=0.5, step_size=0.1, steps=2),
+    gives(finite))  # fmt: skip
+row("trades_loss/beta 0 is cross-entropy", lambda: fastssl.trades_loss(_AMODEL, _AX, _AY, beta=0.0, steps=1),
+    gives(close_to(lambda: torch.nn.functional.cross_entropy(_AMODEL(_AX), _AY))))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
