@@ -3,6 +3,7 @@
 from fastssl.adversarial import (
     apgd_attack,
     autoattack,
+    fab_attack,
     feature_attack,
     instance_attack,
     mart_loss,
@@ -10,6 +11,7 @@ from fastssl.adversarial import (
     pgd_step_,
     random_start,
     robust_accuracy,
+    square_attack,
     trades_loss,
 )
 from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
@@ -57,6 +59,7 @@ __all__ = [
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
+    "fab_attack",
     "feature_attack",
     "fixmatch_loss",
     "freematch_fairness_loss",
@@ -78,6 +81,7 @@ __all__ = [
     "random_masking",
     "random_start",
     "robust_accuracy",
+    "square_attack",
     "trades_loss",
     "tsa_threshold",
     "uda_loss",

@@ -34,6 +34,7 @@ from fastssl.ops.pgd import NORMS, pgd_step, pgd_step_, step_sizes
 __all__ = [
     "apgd_attack",
     "autoattack",
+    "fab_attack",
     "feature_attack",
     "instance_attack",
     "mart_loss",
@@ -41,6 +42,7 @@ __all__ = [
     "pgd_step_",
     "random_start",
     "robust_accuracy",
+    "square_attack",
     "trades_loss",
 ]
 
@@ -790,3 +792,252 @@ def _inner_max(model, x, objective, eps, step, steps, norm, lo, hi, generator, i
             scale = torch.where(d_norm > eps, eps / (d_norm + 1e-7), torch.ones_like(d_norm))
             x_adv = (x + delta * scale.view(shape)).to(x.dtype)
     return torch.clamp(x_adv, lo, hi)
+
+
+# -- FAB-T and Square ---------------------------------------------------------------------------------
+
+
+def fab_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int = 100,
+    n_target_classes: int = 9,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    early_stop: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """FAB-T (Croce & Hein 2020, targeted, L∞) as auto-attack's ``fab_base.py``/``fab_pt.py`` run it in
+    AutoAttack's standard version (one run per target, no random start); returns (x_adv, success).
+
+    For each target t (the 2nd … (n_target_classes+1)-th highest clean logit), ``steps`` FAB steps
+    toward the linearised boundary z_t = z_y inside the box [0, 1] (docs/design.md, "FAB"); a point
+    is broken when a run finds a misclassified point within ``eps`` (L∞) of x. As in
+    :func:`apgd_attack`, points misclassified clean count as successes, x_adv = x where the attack
+    failed, all targets of a point run as rows of one batch, and with ``early_stop`` a point leaves
+    the batch as soon as one run has broken it (x_adv: that run's best point so far); without it
+    every run goes on to the end, as auto-attack's, and x_adv is the first successful target's
+    smallest adversarial perturbation.
+    """
+    _check_model(model)
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    eps = _checks.nonnegative("eps", eps, strict=True)
+    steps = _checks.integer("steps", steps, minimum=1)
+    n_target_classes = _checks.integer("n_target_classes", n_target_classes, minimum=1)
+    alpha_max = _checks.nonnegative("alpha_max", alpha_max)
+    eta = _checks.positive("eta", eta)
+    beta = _checks.positive("beta", beta)
+    early_stop = _checks.flag("early_stop", early_stop)
+    _check_inside("x", x, 0.0, 1.0)
+    x, y = x.detach(), y.detach()
+    with torch.no_grad():
+        clean = model(x)
+    classes = _check_logits(clean, x.shape[0])
+    if n_target_classes > classes - 1:
+        raise ValueError(f"n_target_classes must be at most classes − 1 = {classes - 1}, got {n_target_classes}")
+    robust = clean.argmax(1) == y
+    x_adv = x.clone()
+    idx = robust.nonzero().view(-1)
+    p = len(idx)
+    if p == 0:
+        return x_adv, ~robust
+    runs = n_target_classes
+    order = clean[idx].sort(dim=1)[1]
+    target = torch.cat([order[:, -r] for r in range(2, runs + 2)])
+    x_rows = x[idx].repeat((runs,) + (1,) * (x.dim() - 1))
+    group = torch.arange(p, device=x.device).repeat(runs)
+    adv, fooled = _fab_rows(model, x_rows, y[idx].repeat(runs), target, group, eps, steps, alpha_max, eta, beta,
+                            early_stop)  # fmt: skip
+    fooled = fooled.view(runs, p)
+    won = fooled.any(0)
+    first = fooled.to(torch.int8).argmax(0)
+    x_adv[idx[won]] = adv.view(runs, p, *x.shape[1:])[first[won], won.nonzero().view(-1)]
+    robust[idx[won]] = False
+    return x_adv, ~robust
+
+
+def _fab_rows(model, x0, y, target, group, eps, steps, alpha_max, eta, beta, early_stop):
+    """FAB-T on independent rows (docs/design.md, "FAB"); returns (best adversarial point, fooled) per row."""
+    n, shape = len(x0), (-1,) + (1,) * (x0.dim() - 1)
+    out_adv = x0.clone()
+    fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    res = torch.full((n,), 1e10, dtype=x0.dtype, device=x0.device)  # best adversarial distance so far
+    st = {"ids": torch.arange(n, device=x0.device), "x0": x0, "x1": x0.clone(), "y": y, "target": target,
+          "group": group, "adv": x0.clone(), "res": res}  # fmt: skip
+    for _ in range(steps):
+        if len(st["ids"]) == 0:
+            break
+        x1, x0_, b_rows = st["x1"], st["x0"], len(st["ids"])
+        rows = torch.arange(b_rows, device=x0.device)
+        x1g = x1.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = model(x1g)
+            f = z[rows, st["target"]] - z[rows, st["y"]]  # < 0 on the correct side of the boundary z_t = z_y
+            (g,) = torch.autograd.grad(f.sum(), x1g)
+        w = g.reshape(b_rows, -1)
+        b = (w * x1.reshape(b_rows, -1)).sum(1) - f.detach()  # the linearised boundary {v : w·v = b}
+        d = _fab_projection_linf(torch.cat((x1.reshape(b_rows, -1), x0_.reshape(b_rows, -1))),
+                                 torch.cat((w, w)), torch.cat((b, b)))  # fmt: skip
+        d1, d2 = d[:b_rows].view(x1.shape), d[b_rows:].view(x1.shape)
+        size = d.abs().max(1)[0].clamp_min(1e-8)
+        a1, a2 = size[:b_rows], size[b_rows:]
+        alpha = (a1 / (a1 + a2)).clamp(0.0, alpha_max).view(shape)
+        # the step: a convex mix of the projections of x1 and of x0 (biased toward x0), overshot by η
+        x1 = ((x1 + eta * d1) * (1 - alpha) + (x0_ + d2 * eta) * alpha).clamp(0.0, 1.0)
+        with torch.no_grad():
+            is_adv = model(x1).argmax(1) != st["y"]
+        t = (x1 - x0_).reshape(b_rows, -1).abs().max(1)[0]
+        better = is_adv & (t < st["res"])
+        st["adv"] = torch.where(better.view(shape), x1, st["adv"])
+        st["res"] = torch.where(better, t, st["res"])
+        # an adversarial iterate steps back toward x0 by β
+        st["x1"] = torch.where(is_adv.view(shape), x0_ + (x1 - x0_) * beta, x1)
+        done_rows = st["res"] <= eps
+        if early_stop and bool(done_rows.any()):
+            ids = st["ids"][done_rows]
+            out_adv[ids], fooled[ids] = st["adv"][done_rows], True
+            done = torch.zeros(n, dtype=torch.bool, device=x0.device)
+            done[st["group"][done_rows]] = True
+            keep = ~done[st["group"]]
+            st = {k: v[keep] for k, v in st.items()}
+    won = st["res"] <= eps
+    out_adv[st["ids"][won]], fooled[st["ids"][won]] = st["adv"][won], True
+    return out_adv, fooled
+
+
+def _fab_projection_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Per row, the smallest-L∞ move d with w·(t + d) = b and t + d in [0, 1]^n (the move toward
+    the box corner where the hyperplane is out of reach); FAB's projection (docs/design.md, "FAB")."""
+    n = w.shape[1]
+    side = 2 * ((w * t).sum(1) - b >= 0).to(w.dtype) - 1  # flip so that w·t ≥ b: w·v must decrease
+    w, b = w * side.unsqueeze(1), b * side
+    up = (w < 0).to(w.dtype)  # each coordinate's corner: 1 where w < 0, else 0
+    nonzero = (w != 0).to(w.dtype)
+    d = (up - t) * nonzero  # the move to the corner
+    room = up - t * (2 * up - 1)  # |corner − t|: the radius at which coordinate j saturates
+    asc = torch.argsort(room, dim=1)
+    need = b - (w * t).sum(1)  # the change of w·v to reach the plane (≤ 0)
+    full = (w * d).sum(1)  # the change when every coordinate is at its corner
+    desc = asc.flip((1,))
+    w_desc = w.gather(1, desc)
+    # with the k+1 largest-room coordinates free (moving by λ) and the rest saturated, the change is
+    # sat[k] − free[k]·λ
+    free = torch.cumsum(w_desc.abs(), dim=1)
+    sat = torch.cumsum(-w_desc * d.gather(1, desc), dim=1) + full.unsqueeze(1)
+    none_saturated = need - (sat[:, -1] - free[:, -1] * room.gather(1, asc[:, :1]).squeeze(1)) > 0
+    some_saturated = (need - full > 0) & ~none_saturated
+    # binary search of the breakpoint k for the rows that saturate some coordinates
+    lo = torch.zeros(int(some_saturated.sum()), dtype=torch.float32, device=w.device)
+    hi = torch.full_like(lo, n - 1)
+    asc_, sat_, free_, room_, need_ = (v[some_saturated] for v in (asc, sat, free, room, need))
+    for _ in range(math.ceil(math.log2(n))):
+        mid = torch.floor((lo + hi) / 2)
+        k = mid.long().unsqueeze(1)
+        j = asc_.gather(1, asc_.size(1) - 1 - k)
+        ok = need_ - (sat_.gather(1, k) - free_.gather(1, k) * room_.gather(1, j)).squeeze(1) > 0
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    k = lo.long()
+    if bool(none_saturated.any()):
+        lam = torch.clamp_min((need[none_saturated] - sat[none_saturated, -1]) / (-free[none_saturated, -1]), 0)
+        d[none_saturated] = (2 * up[none_saturated] - 1) * lam.unsqueeze(-1)
+    rows = some_saturated
+    lam = torch.clamp_min((need[rows] - sat[rows, k]) / (-free[rows, k]), 0).unsqueeze(-1)
+    d[rows] = torch.min(lam, d[rows]) * up[rows] + torch.max(-lam, d[rows]) * (1 - up[rows])
+    return d * nonzero
+
+
+def square_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    queries: int = 5000,
+    p_init: float = 0.8,
+    rescale_schedule: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Square Attack (Andriushchenko et al. 2020, L∞, margin loss) as auto-attack's ``square.py`` runs it
+    in AutoAttack's standard version; returns (x_adv, success).
+
+    x: images [B, C, H, W] in [0, 1]. From vertical stripes x ± ε, each of ``queries`` iterations
+    adds one random square of side ≈ √(p·H·W) (p from ``p_init`` by auto-attack's schedule;
+    ``rescale_schedule`` stretches it to ``queries`` as torchattacks' default does) with a random
+    ±2ε per channel, and keeps it for a point when the margin z_y − max_{i≠y} z_i decreases
+    (docs/design.md, "Square"). Only points not yet broken are queried; the draws come from
+    ``generator`` in auto-attack's order (so a generator seeded s gives auto-attack's and
+    torchattacks' draws after torch.manual_seed(s) on the same points).
+    """
+    _check_model(model)
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be images [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    eps = _checks.nonnegative("eps", eps, strict=True)
+    queries = _checks.integer("queries", queries, minimum=1)
+    p_init = _checks.fraction("p_init", p_init)
+    rescale_schedule = _checks.flag("rescale_schedule", rescale_schedule)
+    _check_inside("x", x, 0.0, 1.0)
+    _checks.generator("generator", generator, x.device)
+    x, y = x.detach(), y.detach()
+    with torch.no_grad():
+        clean = model(x)
+        _check_logits(clean, x.shape[0])
+        robust = clean.argmax(1) == y
+        x_adv = x.clone()
+        idx = robust.nonzero().view(-1)
+        if len(idx) == 0:
+            return x_adv, ~robust
+        best = _square_rows(model, x[idx], y[idx], eps, queries, p_init, rescale_schedule, generator)
+        won = model(best).argmax(1) != y[idx]
+    x_adv[idx[won]] = best[won]
+    robust[idx[won]] = False
+    return x_adv, ~robust
+
+
+def _square_p(i: int, queries: int, p_init: float, rescale: bool) -> float:
+    """auto-attack's schedule of the square's area fraction p: halved at iterations 10, 50, 200, 500,
+    1000, 2000, 4000, 6000, 8000 (of 10000 when rescaled)."""
+    if rescale:
+        i = int(i / queries * 10000)
+    halvings = sum(i > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+    return p_init / 2**halvings
+
+
+def _margin(model, x: Tensor, y: Tensor) -> Tensor:
+    z = model(x)
+    rows = torch.arange(len(y), device=y.device)
+    return z[rows, y] - z.scatter(1, y.unsqueeze(1), -math.inf).max(1)[0]
+
+
+def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tensor:
+    """Square's iterations on points classified right (docs/design.md, "Square"); returns the best points."""
+    b, c, h, w = x.shape
+
+    def rand(*shape):  # float32 draws, as auto-attack's torch.rand(shape)
+        return torch.rand(shape, generator=generator, device=x.device)
+
+    best = torch.clamp(x + eps * torch.sign(2 * rand(b, c, 1, w) - 1), 0.0, 1.0)
+    margin = _margin(model, best, y)
+    if bool((margin < 0).all()):
+        return best
+    for i in range(queries):
+        active = (margin > 0).nonzero().view(-1)
+        p = _square_p(i, queries, p_init, rescale)
+        s = min(max(round(math.sqrt(p * (c * h * w) / c)), 1), h, w)  # auto-attack's p·n_features/c
+        vh, vw = int((h - s) * rand(1)), int((w - s) * rand(1))
+        square = torch.zeros(c, h, w, device=x.device)
+        square[:, vh : vh + s, vw : vw + s] = 2.0 * eps * torch.sign(2 * rand(c, 1, 1) - 1)
+        x_a = x[active]
+        x_new = torch.clamp(torch.min(torch.max(best[active] + square, x_a - eps), x_a + eps), 0.0, 1.0)
+        m = _margin(model, x_new, y[active])
+        better = m < margin[active]  # the margin is the loss (and m ≤ 0 implies better)
+        margin[active] = torch.where(better, m, margin[active])
+        best[active] = torch.where(better.view(-1, 1, 1, 1), x_new, best[active])
+        if bool((margin <= 0).all()):
+            break
+    return best
