@@ -327,9 +327,13 @@ def robust_accuracy(
 # -- robust evaluation: APGD and AutoAttack ------------------------------------------------------------
 
 LOSSES = ("ce", "dlr")
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t")
-VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
-NOT_YET = ("fab-t", "square")  # issue 17 (d): not implemented yet
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+VERSIONS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "rand": ("apgd-ce", "apgd-dlr"),  # with EOT over 20 passes, for randomised models
+    "apgd": ("apgd-ce", "apgd-t"),
+}
+LINF_ONLY = ("fab-t", "square")  # fastssl has their L∞ forms only
 
 
 def apgd_attack(
@@ -349,6 +353,7 @@ def apgd_attack(
     generator: torch.Generator | None = None,
     bounds: tuple[float, float] = (0.0, 1.0),
     early_stop: bool = True,
+    eot_iter: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """APGD-CE / APGD-DLR, or APGD-T (``targeted=True``: the targeted DLR loss against the 2nd …
     (n_target_classes+1)-th highest clean logits); returns (x_adv, success) with success[b] True
@@ -370,6 +375,9 @@ def apgd_attack(
         early_stop: a point leaves the batch when one of its runs misclassifies it (then x_adv is
             that first misclassified iterate); False runs every point to the end as auto-attack
             does (x_adv is the last misclassified iterate of the first successful run, its result).
+        eot_iter: expectation over transformation for randomised models (auto-attack's "rand"
+            version: 20): each gradient is the mean over eot_iter forward passes, run as eot_iter
+            copies of the rows in one batch; logits and losses are those of the last copy.
 
     All runs of all points robust so far go through the model together: (targets·restarts)·B rows.
     """
@@ -383,6 +391,7 @@ def apgd_attack(
     _checks.choice("loss", loss, LOSSES)
     n_target_classes = _checks.integer("n_target_classes", n_target_classes, minimum=1)
     rho = _checks.nonnegative("rho", rho)
+    eot_iter = _checks.integer("eot_iter", eot_iter, minimum=1)
     lo, hi = _checks.interval("bounds", bounds)
     _check_inside("x", x, lo, hi)
     _checks.generator("generator", generator, x.device)
@@ -423,7 +432,7 @@ def apgd_attack(
     start = x_init[idx].repeat(rep) if x_init is not None else _apgd_start(x_rows, eps, norm, generator)
     x_best_adv, fooled = _apgd_rows(
         model, x_rows, y_rows, target, group, start, eps, norm, steps, "dlr-t" if targeted else loss, rho, lo, hi,
-        early_stop,
+        early_stop, eot=eot_iter,
     )  # fmt: skip
     fooled = fooled.view(runs, p)
     won = fooled.any(0)
@@ -465,7 +474,7 @@ def _row_losses(logits: Tensor, y: Tensor, target: Tensor | None, loss: str) -> 
     return -(logits[rows, y] - logits[rows, target]) / (z[:, -1] - 0.5 * (z[:, -3] + z[:, -4]) + 1e-12)
 
 
-def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho, lo, hi, early_stop, trace=None):
+def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho, lo, hi, early_stop, trace=None, eot=1):
     """APGD on independent rows (docs/design.md, "APGD"); returns (x_best_adv, fooled) per row.
 
     With early_stop, a group (a point's rows) leaves the active set when one of its rows is
@@ -480,10 +489,15 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
     def loss_grad(x_adv, y, target):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = model(x_adv)
+            rows = x_adv if eot == 1 else x_adv.repeat((eot,) + (1,) * (x_adv.dim() - 1))
+            logits = model(rows)
+            if eot > 1:
+                y, target = y.repeat(eot), None if target is None else target.repeat(eot)
             per = _row_losses(logits, y, target, loss)
-            (g,) = torch.autograd.grad(per.sum(), x_adv)
-        return logits.detach().argmax(1) != y, per.detach(), g
+            (g,) = torch.autograd.grad(per.sum(), x_adv)  # the copies' gradients summed
+        n_rows = len(x_adv)
+        logits, per = logits[-n_rows:].detach(), per[-n_rows:].detach()
+        return logits.argmax(1) != y[-n_rows:], per, g / eot if eot > 1 else g
 
     def project(x1, x, e):
         if norm == "linf":
@@ -573,29 +587,40 @@ def autoattack(
     batch_size: int | None = None,
     steps: int = 100,
     n_target_classes: int = 9,
+    queries: int = 5000,
+    eot_iter: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     bounds: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[Tensor, Tensor]:
-    """The AutoAttack sequence: each attack on the points still robust; returns (x_adv, robust).
+    """The AutoAttack sequence (Croce & Hein 2020): each attack on the points still robust; returns
+    (x_adv, robust).
 
-    ``version``: "standard" (APGD-CE → APGD-T → FAB-T → Square, auto-attack's) or "apgd"
-    (APGD-CE → APGD-T); or ``attacks``, a list of "apgd-ce", "apgd-dlr", "apgd-t". FAB-T and
-    Square are not implemented yet: "standard" raises NotImplementedError. With ``progress``, one
-    line per attack on stderr: robust accuracy after it and the time so far (as auto-attack logs).
-    ``batch_size`` caps the points per call of an attack (APGD-T runs n_target_classes rows per point).
+    ``version``: "standard" (APGD-CE → APGD-T → FAB-T → Square, auto-attack's: ``steps`` = 100
+    iterations, ``n_target_classes`` = 9 targets for APGD-T and FAB-T, ``queries`` = 5000 for
+    Square), "rand" (APGD-CE → APGD-DLR with EOT over ``eot_iter`` = 20 passes, for randomised
+    models) or "apgd" (APGD-CE → APGD-T); or ``attacks``, a list of "apgd-ce", "apgd-dlr", "apgd-t",
+    "fab-t", "square". FAB-T and Square are L∞ only here and need bounds (0, 1). With ``progress``,
+    a tqdm bar over the attacks (when tqdm is installed) and one line per attack on stderr: robust
+    accuracy after it and the time so far, as auto-attack logs. ``batch_size`` caps the points per
+    call of an attack (APGD-T and FAB-T run n_target_classes rows per point). ``generator`` draws
+    the random starts of APGD and Square's squares.
     """
-    if attacks is None:
-        _checks.choice("version", version, tuple(VERSIONS))
-        attacks = VERSIONS[version]
-    attacks = list(attacks)
+    rand = attacks is None and _checks.choice("version", version, tuple(VERSIONS)) == "rand"
+    attacks = list(VERSIONS[version] if attacks is None else attacks)
     for a in attacks:
-        if a in NOT_YET:
-            raise NotImplementedError(f"{a} is not implemented yet: use version='apgd' or attacks={list(ATTACKS)}")
         _checks.choice("attacks", a, ATTACKS)
+    eot_iter = (20 if rand else 1) if eot_iter is None else _checks.integer("eot_iter", eot_iter, minimum=1)
     _check_model(model)
     _checks.batch("x", x)
     y = _checks.labels("y", y, x.shape[0], x.device)
+    _checks.choice("norm", norm, NORMS)
+    lo, hi = _checks.interval("bounds", bounds)
+    needs_box = [a for a in attacks if a in LINF_ONLY]
+    if needs_box and norm != "linf":
+        raise NotImplementedError(f"{needs_box} are implemented for norm='linf' only; use attacks={list(ATTACKS[:3])}")
+    if needs_box and (lo, hi) != (0.0, 1.0):
+        raise ValueError(f"{needs_box} need bounds (0, 1) (images in [0, 1]), got {bounds!r}")
     bs = x.shape[0] if batch_size is None else _checks.integer("batch_size", batch_size, minimum=1)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -604,26 +629,56 @@ def autoattack(
     robust = clean.argmax(1) == y
     x_adv = x.detach().clone()
     n = x.shape[0]
-    if progress:
-        print(f"initial accuracy: {robust.double().mean().item():.2%}", file=sys.stderr)
-    kw = dict(eps=eps, norm=norm, steps=steps, generator=generator, bounds=bounds)
+    bar = _progress_bar(attacks, progress)
+    _log(progress, bar, f"initial accuracy: {robust.double().mean().item():.2%}")
+    apgd = dict(eps=eps, norm=norm, steps=steps, generator=generator, bounds=bounds, eot_iter=eot_iter)
     for name in attacks:
+        if bar is not None:
+            bar.set_description(name.upper())
         idx = robust.nonzero().view(-1)
         for c in range(0, len(idx), bs):
             rows = idx[c : c + bs]
+            xr, yr = x[rows], y[rows]
             if name == "apgd-t":
-                adv, won = apgd_attack(model, x[rows], y[rows], targeted=True, n_target_classes=n_target_classes, **kw)
+                adv, won = apgd_attack(model, xr, yr, targeted=True, n_target_classes=n_target_classes, **apgd)
+            elif name == "fab-t":
+                adv, won = fab_attack(model, xr, yr, eps=eps, steps=steps, n_target_classes=n_target_classes)
+            elif name == "square":
+                adv, won = square_attack(model, xr, yr, eps=eps, queries=queries, generator=generator)
             else:
-                adv, won = apgd_attack(model, x[rows], y[rows], loss=name.removeprefix("apgd-"), **kw)
+                adv, won = apgd_attack(model, xr, yr, loss=name.removeprefix("apgd-"), **apgd)
             x_adv[rows[won]] = adv[won]
             robust[rows[won]] = False
-        if progress:
-            print(
-                f"robust accuracy after {name.upper()}: {robust.double().sum().item() / n:.2%} "
-                f"(total time {time.perf_counter() - t0:.1f} s)",
-                file=sys.stderr,
-            )
+        if bar is not None:
+            bar.update(1)
+        _log(
+            progress,
+            bar,
+            f"robust accuracy after {name.upper()}: {robust.double().sum().item() / n:.2%} "
+            f"(total time {time.perf_counter() - t0:.1f} s)",
+        )
+    if bar is not None:
+        bar.close()
     return x_adv, robust
+
+
+def _progress_bar(attacks, progress: bool):
+    if not _checks.flag("progress", progress):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: the per-attack lines are printed without a bar
+        return None
+    return tqdm(total=len(attacks), unit="attack", file=sys.stderr, leave=False)
+
+
+def _log(progress: bool, bar, line: str) -> None:
+    if not progress:
+        return
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _check_model(model) -> None:
@@ -979,7 +1034,7 @@ def square_attack(
     y = _checks.labels("y", y, x.shape[0], x.device)
     eps = _checks.nonnegative("eps", eps, strict=True)
     queries = _checks.integer("queries", queries, minimum=1)
-    p_init = _checks.fraction("p_init", p_init)
+    p_init = _checks.probability("p_init", p_init)  # p = 0 still gives 1-pixel squares
     rescale_schedule = _checks.flag("rescale_schedule", rescale_schedule)
     _check_inside("x", x, 0.0, 1.0)
     _checks.generator("generator", generator, x.device)
@@ -1015,7 +1070,12 @@ def _margin(model, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tensor:
-    """Square's iterations on points classified right (docs/design.md, "Square"); returns the best points."""
+    """Square's iterations on points classified right (docs/design.md, "Square"); returns the best points.
+
+    The points still unbroken are kept as compact rows (written back when some break), and a
+    query changes only the square's window of the current best point: clamp(best + δ, x − ε, x + ε)
+    then [0, 1] equals clamp(best + δ, max(x − ε, 0), min(x + ε, 1)), and best is unchanged outside.
+    """
     b, c, h, w = x.shape
 
     def rand(*shape):  # float32 draws, as auto-attack's torch.rand(shape)
@@ -1025,19 +1085,28 @@ def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tenso
     margin = _margin(model, best, y)
     if bool((margin < 0).all()):
         return best
+    keep = margin > 0
+    ids = keep.nonzero().view(-1)
+    best_a, margin_a, y_a = best[keep], margin[keep], y[keep]
+    lo_a, hi_a = (x[keep] - eps).clamp_min(0.0), (x[keep] + eps).clamp_max(1.0)
     for i in range(queries):
-        active = (margin > 0).nonzero().view(-1)
         p = _square_p(i, queries, p_init, rescale)
         s = min(max(round(math.sqrt(p * (c * h * w) / c)), 1), h, w)  # auto-attack's p·n_features/c
         vh, vw = int((h - s) * rand(1)), int((w - s) * rand(1))
-        square = torch.zeros(c, h, w, device=x.device)
-        square[:, vh : vh + s, vw : vw + s] = 2.0 * eps * torch.sign(2 * rand(c, 1, 1) - 1)
-        x_a = x[active]
-        x_new = torch.clamp(torch.min(torch.max(best[active] + square, x_a - eps), x_a + eps), 0.0, 1.0)
-        m = _margin(model, x_new, y[active])
-        better = m < margin[active]  # the margin is the loss (and m ≤ 0 implies better)
-        margin[active] = torch.where(better, m, margin[active])
-        best[active] = torch.where(better.view(-1, 1, 1, 1), x_new, best[active])
-        if bool((margin <= 0).all()):
-            break
+        delta = 2.0 * eps * torch.sign(2 * rand(c, 1, 1) - 1)
+        win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+        x_new = best_a.clone()
+        x_new[win] = torch.clamp(best_a[win] + delta, lo_a[win], hi_a[win])
+        m = _margin(model, x_new, y_a)
+        better = m < margin_a  # the margin is the loss (and m ≤ 0 implies better)
+        margin_a = torch.where(better, m, margin_a)
+        best_a = torch.where(better.view(-1, 1, 1, 1), x_new, best_a)
+        broken = margin_a <= 0
+        if bool(broken.any()):
+            best[ids] = best_a
+            keep = ~broken
+            ids, best_a, margin_a, y_a, lo_a, hi_a = (v[keep] for v in (ids, best_a, margin_a, y_a, lo_a, hi_a))
+            if len(ids) == 0:
+                break
+    best[ids] = best_a
     return best
