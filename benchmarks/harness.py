@@ -148,7 +148,9 @@ def _measure(case: Case, device: str, budget_s: float) -> dict:
             base = _rss_kb("VmRSS") * 1024
         times = _time(fn, device, budget_s, min_reps=case.min_reps, max_reps=50)
         peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
+        extra = getattr(fn, "note", "")  # what the timed function measured (e.g. an attack's accuracy)
         return {
+            **({"note": ",".join(filter(None, (case.note, extra)))} if extra else {}),
             "status": "ok",
             "median_ms": statistics.median(times) * 1e3,
             "q20_ms": _quantile(times, 0.2) * 1e3,

@@ -3,12 +3,16 @@
 from fastssl.adversarial import (
     apgd_attack,
     autoattack,
+    fab_attack,
     feature_attack,
     instance_attack,
+    mart_loss,
     pgd_attack,
     pgd_step_,
     random_start,
     robust_accuracy,
+    square_attack,
+    trades_loss,
 )
 from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from fastssl.masking import (
@@ -72,6 +76,7 @@ __all__ = [
     "cluster_metrics",
     "cluster_pseudo_labels",
     "dino_loss",
+    "fab_attack",
     "feature_attack",
     "fixmatch_loss",
     "freematch_fairness_loss",
@@ -84,6 +89,7 @@ __all__ = [
     "knn_pseudo_labels",
     "knn_search",
     "koleo_loss",
+    "mart_loss",
     "masked_mse_loss",
     "mochi_logits",
     "mochi_loss",
@@ -97,8 +103,10 @@ __all__ = [
     "random_start",
     "robust_accuracy",
     "siglip_loss",
+    "square_attack",
     "swav_loss",
     "teacher_temperature_schedule",
+    "trades_loss",
     "tsa_threshold",
     "uda_loss",
     "unpatchify",

@@ -16,6 +16,7 @@ one of its rows is misclassified (auto-attack keeps it to the end of every run).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
@@ -33,12 +34,16 @@ from fastssl.ops.pgd import NORMS, pgd_step, pgd_step_, step_sizes
 __all__ = [
     "apgd_attack",
     "autoattack",
+    "fab_attack",
     "feature_attack",
     "instance_attack",
+    "mart_loss",
     "pgd_attack",
     "pgd_step_",
     "random_start",
     "robust_accuracy",
+    "square_attack",
+    "trades_loss",
 ]
 
 
@@ -322,9 +327,13 @@ def robust_accuracy(
 # -- robust evaluation: APGD and AutoAttack ------------------------------------------------------------
 
 LOSSES = ("ce", "dlr")
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t")
-VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
-NOT_YET = ("fab-t", "square")  # issue 17 (d): not implemented yet
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+VERSIONS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "rand": ("apgd-ce", "apgd-dlr"),  # with EOT over 20 passes, for randomised models
+    "apgd": ("apgd-ce", "apgd-t"),
+}
+LINF_ONLY = ("fab-t", "square")  # fastssl has their L∞ forms only
 
 
 def apgd_attack(
@@ -344,6 +353,7 @@ def apgd_attack(
     generator: torch.Generator | None = None,
     bounds: tuple[float, float] = (0.0, 1.0),
     early_stop: bool = True,
+    eot_iter: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """APGD-CE / APGD-DLR, or APGD-T (``targeted=True``: the targeted DLR loss against the 2nd …
     (n_target_classes+1)-th highest clean logits); returns (x_adv, success) with success[b] True
@@ -365,6 +375,9 @@ def apgd_attack(
         early_stop: a point leaves the batch when one of its runs misclassifies it (then x_adv is
             that first misclassified iterate); False runs every point to the end as auto-attack
             does (x_adv is the last misclassified iterate of the first successful run, its result).
+        eot_iter: expectation over transformation for randomised models (auto-attack's "rand"
+            version: 20): each gradient is the mean over eot_iter forward passes, run as eot_iter
+            copies of the rows in one batch; logits and losses are those of the last copy.
 
     All runs of all points robust so far go through the model together: (targets·restarts)·B rows.
     """
@@ -378,6 +391,7 @@ def apgd_attack(
     _checks.choice("loss", loss, LOSSES)
     n_target_classes = _checks.integer("n_target_classes", n_target_classes, minimum=1)
     rho = _checks.nonnegative("rho", rho)
+    eot_iter = _checks.integer("eot_iter", eot_iter, minimum=1)
     lo, hi = _checks.interval("bounds", bounds)
     _check_inside("x", x, lo, hi)
     _checks.generator("generator", generator, x.device)
@@ -418,7 +432,7 @@ def apgd_attack(
     start = x_init[idx].repeat(rep) if x_init is not None else _apgd_start(x_rows, eps, norm, generator)
     x_best_adv, fooled = _apgd_rows(
         model, x_rows, y_rows, target, group, start, eps, norm, steps, "dlr-t" if targeted else loss, rho, lo, hi,
-        early_stop,
+        early_stop, eot=eot_iter,
     )  # fmt: skip
     fooled = fooled.view(runs, p)
     won = fooled.any(0)
@@ -460,7 +474,7 @@ def _row_losses(logits: Tensor, y: Tensor, target: Tensor | None, loss: str) -> 
     return -(logits[rows, y] - logits[rows, target]) / (z[:, -1] - 0.5 * (z[:, -3] + z[:, -4]) + 1e-12)
 
 
-def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho, lo, hi, early_stop, trace=None):
+def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho, lo, hi, early_stop, trace=None, eot=1):
     """APGD on independent rows (docs/design.md, "APGD"); returns (x_best_adv, fooled) per row.
 
     With early_stop, a group (a point's rows) leaves the active set when one of its rows is
@@ -475,10 +489,15 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
     def loss_grad(x_adv, y, target):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = model(x_adv)
+            rows = x_adv if eot == 1 else x_adv.repeat((eot,) + (1,) * (x_adv.dim() - 1))
+            logits = model(rows)
+            if eot > 1:
+                y, target = y.repeat(eot), None if target is None else target.repeat(eot)
             per = _row_losses(logits, y, target, loss)
-            (g,) = torch.autograd.grad(per.sum(), x_adv)
-        return logits.detach().argmax(1) != y, per.detach(), g
+            (g,) = torch.autograd.grad(per.sum(), x_adv)  # the copies' gradients summed
+        n_rows = len(x_adv)
+        logits, per = logits[-n_rows:].detach(), per[-n_rows:].detach()
+        return logits.argmax(1) != y[-n_rows:], per, g / eot if eot > 1 else g
 
     def project(x1, x, e):
         if norm == "linf":
@@ -568,29 +587,40 @@ def autoattack(
     batch_size: int | None = None,
     steps: int = 100,
     n_target_classes: int = 9,
+    queries: int = 5000,
+    eot_iter: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     bounds: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[Tensor, Tensor]:
-    """The AutoAttack sequence: each attack on the points still robust; returns (x_adv, robust).
+    """The AutoAttack sequence (Croce & Hein 2020): each attack on the points still robust; returns
+    (x_adv, robust).
 
-    ``version``: "standard" (APGD-CE → APGD-T → FAB-T → Square, auto-attack's) or "apgd"
-    (APGD-CE → APGD-T); or ``attacks``, a list of "apgd-ce", "apgd-dlr", "apgd-t". FAB-T and
-    Square are not implemented yet: "standard" raises NotImplementedError. With ``progress``, one
-    line per attack on stderr: robust accuracy after it and the time so far (as auto-attack logs).
-    ``batch_size`` caps the points per call of an attack (APGD-T runs n_target_classes rows per point).
+    ``version``: "standard" (APGD-CE → APGD-T → FAB-T → Square, auto-attack's: ``steps`` = 100
+    iterations, ``n_target_classes`` = 9 targets for APGD-T and FAB-T, ``queries`` = 5000 for
+    Square), "rand" (APGD-CE → APGD-DLR with EOT over ``eot_iter`` = 20 passes, for randomised
+    models) or "apgd" (APGD-CE → APGD-T); or ``attacks``, a list of "apgd-ce", "apgd-dlr", "apgd-t",
+    "fab-t", "square". FAB-T and Square are L∞ only here and need bounds (0, 1). With ``progress``,
+    a tqdm bar over the attacks (when tqdm is installed) and one line per attack on stderr: robust
+    accuracy after it and the time so far, as auto-attack logs. ``batch_size`` caps the points per
+    call of an attack (APGD-T and FAB-T run n_target_classes rows per point). ``generator`` draws
+    the random starts of APGD and Square's squares.
     """
-    if attacks is None:
-        _checks.choice("version", version, tuple(VERSIONS))
-        attacks = VERSIONS[version]
-    attacks = list(attacks)
+    rand = attacks is None and _checks.choice("version", version, tuple(VERSIONS)) == "rand"
+    attacks = list(VERSIONS[version] if attacks is None else attacks)
     for a in attacks:
-        if a in NOT_YET:
-            raise NotImplementedError(f"{a} is not implemented yet: use version='apgd' or attacks={list(ATTACKS)}")
         _checks.choice("attacks", a, ATTACKS)
+    eot_iter = (20 if rand else 1) if eot_iter is None else _checks.integer("eot_iter", eot_iter, minimum=1)
     _check_model(model)
     _checks.batch("x", x)
     y = _checks.labels("y", y, x.shape[0], x.device)
+    _checks.choice("norm", norm, NORMS)
+    lo, hi = _checks.interval("bounds", bounds)
+    needs_box = [a for a in attacks if a in LINF_ONLY]
+    if needs_box and norm != "linf":
+        raise NotImplementedError(f"{needs_box} are implemented for norm='linf' only; use attacks={list(ATTACKS[:3])}")
+    if needs_box and (lo, hi) != (0.0, 1.0):
+        raise ValueError(f"{needs_box} need bounds (0, 1) (images in [0, 1]), got {bounds!r}")
     bs = x.shape[0] if batch_size is None else _checks.integer("batch_size", batch_size, minimum=1)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -599,26 +629,56 @@ def autoattack(
     robust = clean.argmax(1) == y
     x_adv = x.detach().clone()
     n = x.shape[0]
-    if progress:
-        print(f"initial accuracy: {robust.double().mean().item():.2%}", file=sys.stderr)
-    kw = dict(eps=eps, norm=norm, steps=steps, generator=generator, bounds=bounds)
+    bar = _progress_bar(attacks, progress)
+    _log(progress, bar, f"initial accuracy: {robust.double().mean().item():.2%}")
+    apgd = dict(eps=eps, norm=norm, steps=steps, generator=generator, bounds=bounds, eot_iter=eot_iter)
     for name in attacks:
+        if bar is not None:
+            bar.set_description(name.upper())
         idx = robust.nonzero().view(-1)
         for c in range(0, len(idx), bs):
             rows = idx[c : c + bs]
+            xr, yr = x[rows], y[rows]
             if name == "apgd-t":
-                adv, won = apgd_attack(model, x[rows], y[rows], targeted=True, n_target_classes=n_target_classes, **kw)
+                adv, won = apgd_attack(model, xr, yr, targeted=True, n_target_classes=n_target_classes, **apgd)
+            elif name == "fab-t":
+                adv, won = fab_attack(model, xr, yr, eps=eps, steps=steps, n_target_classes=n_target_classes)
+            elif name == "square":
+                adv, won = square_attack(model, xr, yr, eps=eps, queries=queries, generator=generator)
             else:
-                adv, won = apgd_attack(model, x[rows], y[rows], loss=name.removeprefix("apgd-"), **kw)
+                adv, won = apgd_attack(model, xr, yr, loss=name.removeprefix("apgd-"), **apgd)
             x_adv[rows[won]] = adv[won]
             robust[rows[won]] = False
-        if progress:
-            print(
-                f"robust accuracy after {name.upper()}: {robust.double().sum().item() / n:.2%} "
-                f"(total time {time.perf_counter() - t0:.1f} s)",
-                file=sys.stderr,
-            )
+        if bar is not None:
+            bar.update(1)
+        _log(
+            progress,
+            bar,
+            f"robust accuracy after {name.upper()}: {robust.double().sum().item() / n:.2%} "
+            f"(total time {time.perf_counter() - t0:.1f} s)",
+        )
+    if bar is not None:
+        bar.close()
     return x_adv, robust
+
+
+def _progress_bar(attacks, progress: bool):
+    if not _checks.flag("progress", progress):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: the per-attack lines are printed without a bar
+        return None
+    return tqdm(total=len(attacks), unit="attack", file=sys.stderr, leave=False)
+
+
+def _log(progress: bool, bar, line: str) -> None:
+    if not progress:
+        return
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _check_model(model) -> None:
@@ -630,3 +690,423 @@ def _check_logits(out, b: int) -> int:
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b:
         raise ValueError(f"model must return logits [B, C] with B = {b}, got {getattr(out, 'shape', type(out))}")
     return out.shape[1]
+
+
+# -- adversarial training losses: TRADES and MART ------------------------------------------------------
+
+
+def trades_loss(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 6.0,
+    eps: float | Tensor = 8 / 255,
+    step_size: float | Tensor = 2 / 255,
+    steps: int = 10,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    eval_attack: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """The TRADES loss (Zhang et al. 2019) as yaodongyu/TRADES' ``trades_loss``: CE(f(x), y) + β·KL.
+
+    KL = (1/B) Σ_i KL(p(x_i) ‖ p(x′_i)) with p = softmax(model(·)), x′ the inner maximiser of the
+    summed KL: from x + 0.001·N(0, 1) (drawn from ``generator``), ``steps`` L∞ sign steps of
+    ``step_size`` (the fused :func:`pgd_step_`) or, with norm="l2", TRADES's normalised-gradient
+    steps on δ (TRADES takes step_size = 2ε/steps there; docs/design.md, "TRADES"). Gradients flow
+    into the parameters through both f(x) and f(x′) (the KL's target p(x) is not detached, as in
+    TRADES); the attack takes gradients with respect to the input only.
+
+    Args:
+        model: maps x [B, ...] to logits [B, C].
+        beta: weight β ≥ 0 of the KL term.
+        eps, step_size: radius and step of the inner maximisation (numbers or [B] tensors).
+        steps: inner steps (0: x′ is the clamped noisy start).
+        eval_attack: run the inner maximisation with ``model.eval()`` and restore the mode after
+            it, as TRADES does (it calls eval() before and train() after). By default the model
+            runs in the mode the caller left it throughout (see docs/design.md, "TRADES").
+    """
+    x, y, beta, eps_b, step_b, steps, lo, hi, impl = _training_loss_inputs(
+        model, x, y, beta, eps, step_size, steps, norm, bounds, generator, impl
+    )
+    with _attack_mode(model, eval_attack):
+        with torch.no_grad():
+            p_clean = F.softmax(_logits(model, x), dim=1)
+
+        def inner(out: Tensor) -> Tensor:  # summed KL(p(x) ‖ p(x′)), as nn.KLDivLoss(size_average=False)
+            return F.kl_div(F.log_softmax(out, dim=1), p_clean, reduction="sum")
+
+        x_adv = _inner_max(model, x, inner, eps_b, step_b, steps, norm, lo, hi, generator, impl)
+    logits = _logits(model, x)
+    kl = F.kl_div(F.log_softmax(_logits(model, x_adv), dim=1), F.softmax(logits, dim=1), reduction="sum")
+    return F.cross_entropy(logits, y) + beta * kl / x.shape[0]
+
+
+def mart_loss(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 6.0,
+    eps: float | Tensor = 8 / 255,
+    step_size: float | Tensor = 2 / 255,
+    steps: int = 10,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    eval_attack: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """The MART loss (Wang et al. 2020) as YisenWang/MART's ``mart_loss``: BCE(f(x′), y) + β·KL·(1 − p_y(x)).
+
+    x′: L∞ PGD on the mean cross-entropy from x + 0.001·N(0, 1) (``steps`` sign steps of
+    ``step_size``, the fused :func:`pgd_step_`). With q = p(x′) and t_i = argmax_{c≠y_i} q_ic:
+    BCE = CE(f(x′), y) − mean_i log(1.0001 − q_{i,t_i} + 1e-12), and the robust term is
+    (1/B) Σ_i KL(p(x_i) ‖ q_i + 1e-12)·(1.0000001 − p_{y_i}(x_i)) (docs/design.md, "MART").
+    The arguments are those of :func:`trades_loss` (MART's attack is L∞ only).
+    """
+    x, y, beta, eps_b, step_b, steps, lo, hi, impl = _training_loss_inputs(
+        model, x, y, beta, eps, step_size, steps, "linf", bounds, generator, impl
+    )
+    with _attack_mode(model, eval_attack):
+        x_adv = _inner_max(model, x, lambda out: F.cross_entropy(out, y), eps_b, step_b, steps, "linf", lo, hi,
+                           generator, impl)  # fmt: skip
+    p = F.softmax(_logits(model, x), dim=1)
+    logits_adv = _logits(model, x_adv)
+    q = F.softmax(logits_adv, dim=1)
+    rows = torch.arange(len(y), device=y.device)
+    runner_up = q.masked_fill(F.one_hot(y, q.shape[1]).bool(), -1.0).argmax(1)  # the likeliest wrong class
+    bce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - q[rows, runner_up] + 1e-12).mean()
+    kl = (torch.xlogy(p, p) - p * torch.log(q + 1e-12)).sum(1)
+    return bce + beta * (kl * (1.0000001 - p[rows, y])).sum() / x.shape[0]
+
+
+def _training_loss_inputs(model, x, y, beta, eps, step_size, steps, norm, bounds, generator, impl):
+    _check_model(model)
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    beta = _checks.nonnegative("beta", beta)
+    eps_b = _checks.per_sample("eps", eps, x)
+    step_b = _checks.per_sample("step_size", step_size, x, strict=True)
+    steps = _checks.integer("steps", steps, minimum=0)
+    _checks.choice("norm", norm, NORMS)
+    lo, hi = _checks.interval("bounds", bounds)
+    _check_inside("x", x, lo, hi)
+    _checks.generator("generator", generator, x.device)
+    impl = _ext.resolve_impl(impl, x.device)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("the adversarial training losses need gradients: call them outside torch.inference_mode()")
+    return x.detach(), y, beta, eps_b, step_b, steps, lo, hi, impl
+
+
+def _logits(model, x: Tensor) -> Tensor:
+    out = model(x)
+    _check_logits(out, x.shape[0])
+    return out
+
+
+@contextlib.contextmanager
+def _attack_mode(model, eval_attack: bool):
+    """With eval_attack, an nn.Module in train mode runs in eval mode inside the block (TRADES's and
+    MART's model.eval() for the attack) and is back in train mode after it."""
+    switch = _checks.flag("eval_attack", eval_attack) and isinstance(model, torch.nn.Module) and model.training
+    if switch:
+        model.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            model.train()
+
+
+def _inner_max(model, x, objective, eps, step, steps, norm, lo, hi, generator, impl) -> Tensor:
+    """TRADES's and MART's inner maximisation of objective(model(x′)) from x + 0.001·N(0, 1) (not clamped
+    before the first step, as theirs); returns x′ clamped to the bounds (docs/design.md, "TRADES")."""
+    noise = 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    x_adv = x + noise
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(_logits(model, x_adv)), x_adv)
+            x_adv = x_adv.detach()
+            if norm == "linf":
+                pgd_step(x_adv, grad, x, eps, step, "linf", lo, hi, impl)
+                continue
+            # TRADES's L2: δ += α·g/‖g‖ (a random direction where g = 0), δ ← clamp(x + δ) − x,
+            # then δ scaled by ε/(‖δ‖ + 1e-7) where ‖δ‖ > ε (torch.renorm)
+            g_norm = torch.linalg.vector_norm(grad.reshape(len(x), -1), dim=1)
+            direction = grad / g_norm.view(shape)
+            zero = g_norm == 0
+            if bool(zero.any()):
+                direction[zero] = -torch.randn(direction[zero].shape, generator=generator, dtype=x.dtype,
+                                               device=x.device)  # fmt: skip
+            delta = torch.clamp(x_adv + step.view(shape) * direction, lo, hi) - x
+            d_norm = torch.linalg.vector_norm(delta.reshape(len(x), -1), dim=1)
+            scale = torch.where(d_norm > eps, eps / (d_norm + 1e-7), torch.ones_like(d_norm))
+            x_adv = (x + delta * scale.view(shape)).to(x.dtype)
+    return torch.clamp(x_adv, lo, hi)
+
+
+# -- FAB-T and Square ---------------------------------------------------------------------------------
+
+
+def fab_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int = 100,
+    n_target_classes: int = 9,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    early_stop: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """FAB-T (Croce & Hein 2020, targeted, L∞) as auto-attack's ``fab_base.py``/``fab_pt.py`` run it in
+    AutoAttack's standard version (one run per target, no random start); returns (x_adv, success).
+
+    For each target t (the 2nd … (n_target_classes+1)-th highest clean logit), ``steps`` FAB steps
+    toward the linearised boundary z_t = z_y inside the box [0, 1] (docs/design.md, "FAB"); a point
+    is broken when a run finds a misclassified point within ``eps`` (L∞) of x. As in
+    :func:`apgd_attack`, points misclassified clean count as successes, x_adv = x where the attack
+    failed, all targets of a point run as rows of one batch, and with ``early_stop`` a point leaves
+    the batch as soon as one run has broken it (x_adv: that run's best point so far); without it
+    every run goes on to the end, as auto-attack's, and x_adv is the first successful target's
+    smallest adversarial perturbation.
+    """
+    _check_model(model)
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    eps = _checks.nonnegative("eps", eps, strict=True)
+    steps = _checks.integer("steps", steps, minimum=1)
+    n_target_classes = _checks.integer("n_target_classes", n_target_classes, minimum=1)
+    alpha_max = _checks.nonnegative("alpha_max", alpha_max)
+    eta = _checks.positive("eta", eta)
+    beta = _checks.positive("beta", beta)
+    early_stop = _checks.flag("early_stop", early_stop)
+    _check_inside("x", x, 0.0, 1.0)
+    x, y = x.detach(), y.detach()
+    with torch.no_grad():
+        clean = model(x)
+    classes = _check_logits(clean, x.shape[0])
+    if n_target_classes > classes - 1:
+        raise ValueError(f"n_target_classes must be at most classes − 1 = {classes - 1}, got {n_target_classes}")
+    robust = clean.argmax(1) == y
+    x_adv = x.clone()
+    idx = robust.nonzero().view(-1)
+    p = len(idx)
+    if p == 0:
+        return x_adv, ~robust
+    runs = n_target_classes
+    order = clean[idx].sort(dim=1)[1]
+    target = torch.cat([order[:, -r] for r in range(2, runs + 2)])
+    x_rows = x[idx].repeat((runs,) + (1,) * (x.dim() - 1))
+    group = torch.arange(p, device=x.device).repeat(runs)
+    adv, fooled = _fab_rows(model, x_rows, y[idx].repeat(runs), target, group, eps, steps, alpha_max, eta, beta,
+                            early_stop)  # fmt: skip
+    fooled = fooled.view(runs, p)
+    won = fooled.any(0)
+    first = fooled.to(torch.int8).argmax(0)
+    x_adv[idx[won]] = adv.view(runs, p, *x.shape[1:])[first[won], won.nonzero().view(-1)]
+    robust[idx[won]] = False
+    return x_adv, ~robust
+
+
+def _fab_rows(model, x0, y, target, group, eps, steps, alpha_max, eta, beta, early_stop):
+    """FAB-T on independent rows (docs/design.md, "FAB"); returns (best adversarial point, fooled) per row."""
+    n, shape = len(x0), (-1,) + (1,) * (x0.dim() - 1)
+    out_adv = x0.clone()
+    fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    res = torch.full((n,), 1e10, dtype=x0.dtype, device=x0.device)  # best adversarial distance so far
+    st = {"ids": torch.arange(n, device=x0.device), "x0": x0, "x1": x0.clone(), "y": y, "target": target,
+          "group": group, "adv": x0.clone(), "res": res}  # fmt: skip
+    for _ in range(steps):
+        if len(st["ids"]) == 0:
+            break
+        x1, x0_, b_rows = st["x1"], st["x0"], len(st["ids"])
+        rows = torch.arange(b_rows, device=x0.device)
+        x1g = x1.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = model(x1g)
+            f = z[rows, st["target"]] - z[rows, st["y"]]  # < 0 on the correct side of the boundary z_t = z_y
+            (g,) = torch.autograd.grad(f.sum(), x1g)
+        w = g.reshape(b_rows, -1)
+        b = (w * x1.reshape(b_rows, -1)).sum(1) - f.detach()  # the linearised boundary {v : w·v = b}
+        d = _fab_projection_linf(torch.cat((x1.reshape(b_rows, -1), x0_.reshape(b_rows, -1))),
+                                 torch.cat((w, w)), torch.cat((b, b)))  # fmt: skip
+        d1, d2 = d[:b_rows].view(x1.shape), d[b_rows:].view(x1.shape)
+        size = d.abs().max(1)[0].clamp_min(1e-8)
+        a1, a2 = size[:b_rows], size[b_rows:]
+        alpha = (a1 / (a1 + a2)).clamp(0.0, alpha_max).view(shape)
+        # the step: a convex mix of the projections of x1 and of x0 (biased toward x0), overshot by η
+        x1 = ((x1 + eta * d1) * (1 - alpha) + (x0_ + d2 * eta) * alpha).clamp(0.0, 1.0)
+        with torch.no_grad():
+            is_adv = model(x1).argmax(1) != st["y"]
+        t = (x1 - x0_).reshape(b_rows, -1).abs().max(1)[0]
+        better = is_adv & (t < st["res"])
+        st["adv"] = torch.where(better.view(shape), x1, st["adv"])
+        st["res"] = torch.where(better, t, st["res"])
+        # an adversarial iterate steps back toward x0 by β
+        st["x1"] = torch.where(is_adv.view(shape), x0_ + (x1 - x0_) * beta, x1)
+        done_rows = st["res"] <= eps
+        if early_stop and bool(done_rows.any()):
+            ids = st["ids"][done_rows]
+            out_adv[ids], fooled[ids] = st["adv"][done_rows], True
+            done = torch.zeros(n, dtype=torch.bool, device=x0.device)
+            done[st["group"][done_rows]] = True
+            keep = ~done[st["group"]]
+            st = {k: v[keep] for k, v in st.items()}
+    won = st["res"] <= eps
+    out_adv[st["ids"][won]], fooled[st["ids"][won]] = st["adv"][won], True
+    return out_adv, fooled
+
+
+def _fab_projection_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Per row, the smallest-L∞ move d with w·(t + d) = b and t + d in [0, 1]^n (the move toward
+    the box corner where the hyperplane is out of reach); FAB's projection (docs/design.md, "FAB")."""
+    n = w.shape[1]
+    side = 2 * ((w * t).sum(1) - b >= 0).to(w.dtype) - 1  # flip so that w·t ≥ b: w·v must decrease
+    w, b = w * side.unsqueeze(1), b * side
+    up = (w < 0).to(w.dtype)  # each coordinate's corner: 1 where w < 0, else 0
+    nonzero = (w != 0).to(w.dtype)
+    d = (up - t) * nonzero  # the move to the corner
+    room = up - t * (2 * up - 1)  # |corner − t|: the radius at which coordinate j saturates
+    asc = torch.argsort(room, dim=1)
+    need = b - (w * t).sum(1)  # the change of w·v to reach the plane (≤ 0)
+    full = (w * d).sum(1)  # the change when every coordinate is at its corner
+    desc = asc.flip((1,))
+    w_desc = w.gather(1, desc)
+    # with the k+1 largest-room coordinates free (moving by λ) and the rest saturated, the change is
+    # sat[k] − free[k]·λ
+    free = torch.cumsum(w_desc.abs(), dim=1)
+    sat = torch.cumsum(-w_desc * d.gather(1, desc), dim=1) + full.unsqueeze(1)
+    none_saturated = need - (sat[:, -1] - free[:, -1] * room.gather(1, asc[:, :1]).squeeze(1)) > 0
+    some_saturated = (need - full > 0) & ~none_saturated
+    # binary search of the breakpoint k for the rows that saturate some coordinates
+    lo = torch.zeros(int(some_saturated.sum()), dtype=torch.float32, device=w.device)
+    hi = torch.full_like(lo, n - 1)
+    asc_, sat_, free_, room_, need_ = (v[some_saturated] for v in (asc, sat, free, room, need))
+    for _ in range(math.ceil(math.log2(n))):
+        mid = torch.floor((lo + hi) / 2)
+        k = mid.long().unsqueeze(1)
+        j = asc_.gather(1, asc_.size(1) - 1 - k)
+        ok = need_ - (sat_.gather(1, k) - free_.gather(1, k) * room_.gather(1, j)).squeeze(1) > 0
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    k = lo.long()
+    if bool(none_saturated.any()):
+        lam = torch.clamp_min((need[none_saturated] - sat[none_saturated, -1]) / (-free[none_saturated, -1]), 0)
+        d[none_saturated] = (2 * up[none_saturated] - 1) * lam.unsqueeze(-1)
+    rows = some_saturated
+    lam = torch.clamp_min((need[rows] - sat[rows, k]) / (-free[rows, k]), 0).unsqueeze(-1)
+    d[rows] = torch.min(lam, d[rows]) * up[rows] + torch.max(-lam, d[rows]) * (1 - up[rows])
+    return d * nonzero
+
+
+def square_attack(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    queries: int = 5000,
+    p_init: float = 0.8,
+    rescale_schedule: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Square Attack (Andriushchenko et al. 2020, L∞, margin loss) as auto-attack's ``square.py`` runs it
+    in AutoAttack's standard version; returns (x_adv, success).
+
+    x: images [B, C, H, W] in [0, 1]. From vertical stripes x ± ε, each of ``queries`` iterations
+    adds one random square of side ≈ √(p·H·W) (p from ``p_init`` by auto-attack's schedule;
+    ``rescale_schedule`` stretches it to ``queries`` as torchattacks' default does) with a random
+    ±2ε per channel, and keeps it for a point when the margin z_y − max_{i≠y} z_i decreases
+    (docs/design.md, "Square"). Only points not yet broken are queried; the draws come from
+    ``generator`` in auto-attack's order (so a generator seeded s gives auto-attack's and
+    torchattacks' draws after torch.manual_seed(s) on the same points).
+    """
+    _check_model(model)
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be images [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+    _checks.batch("x", x)
+    y = _checks.labels("y", y, x.shape[0], x.device)
+    eps = _checks.nonnegative("eps", eps, strict=True)
+    queries = _checks.integer("queries", queries, minimum=1)
+    p_init = _checks.probability("p_init", p_init)  # p = 0 still gives 1-pixel squares
+    rescale_schedule = _checks.flag("rescale_schedule", rescale_schedule)
+    _check_inside("x", x, 0.0, 1.0)
+    _checks.generator("generator", generator, x.device)
+    x, y = x.detach(), y.detach()
+    with torch.no_grad():
+        clean = model(x)
+        _check_logits(clean, x.shape[0])
+        robust = clean.argmax(1) == y
+        x_adv = x.clone()
+        idx = robust.nonzero().view(-1)
+        if len(idx) == 0:
+            return x_adv, ~robust
+        best = _square_rows(model, x[idx], y[idx], eps, queries, p_init, rescale_schedule, generator)
+        won = model(best).argmax(1) != y[idx]
+    x_adv[idx[won]] = best[won]
+    robust[idx[won]] = False
+    return x_adv, ~robust
+
+
+def _square_p(i: int, queries: int, p_init: float, rescale: bool) -> float:
+    """auto-attack's schedule of the square's area fraction p: halved at iterations 10, 50, 200, 500,
+    1000, 2000, 4000, 6000, 8000 (of 10000 when rescaled)."""
+    if rescale:
+        i = int(i / queries * 10000)
+    halvings = sum(i > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+    return p_init / 2**halvings
+
+
+def _margin(model, x: Tensor, y: Tensor) -> Tensor:
+    z = model(x)
+    rows = torch.arange(len(y), device=y.device)
+    return z[rows, y] - z.scatter(1, y.unsqueeze(1), -math.inf).max(1)[0]
+
+
+def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tensor:
+    """Square's iterations on points classified right (docs/design.md, "Square"); returns the best points.
+
+    The points still unbroken are kept as compact rows (written back when some break), and a
+    query changes only the square's window of the current best point: clamp(best + δ, x − ε, x + ε)
+    then [0, 1] equals clamp(best + δ, max(x − ε, 0), min(x + ε, 1)), and best is unchanged outside.
+    """
+    b, c, h, w = x.shape
+
+    def rand(*shape):  # float32 draws, as auto-attack's torch.rand(shape)
+        return torch.rand(shape, generator=generator, device=x.device)
+
+    best = torch.clamp(x + eps * torch.sign(2 * rand(b, c, 1, w) - 1), 0.0, 1.0)
+    margin = _margin(model, best, y)
+    if bool((margin < 0).all()):
+        return best
+    keep = margin > 0
+    ids = keep.nonzero().view(-1)
+    best_a, margin_a, y_a = best[keep], margin[keep], y[keep]
+    lo_a, hi_a = (x[keep] - eps).clamp_min(0.0), (x[keep] + eps).clamp_max(1.0)
+    for i in range(queries):
+        p = _square_p(i, queries, p_init, rescale)
+        s = min(max(round(math.sqrt(p * (c * h * w) / c)), 1), h, w)  # auto-attack's p·n_features/c
+        vh, vw = int((h - s) * rand(1)), int((w - s) * rand(1))
+        delta = 2.0 * eps * torch.sign(2 * rand(c, 1, 1) - 1)
+        win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+        x_new = best_a.clone()
+        x_new[win] = torch.clamp(best_a[win] + delta, lo_a[win], hi_a[win])
+        m = _margin(model, x_new, y_a)
+        better = m < margin_a  # the margin is the loss (and m ≤ 0 implies better)
+        margin_a = torch.where(better, m, margin_a)
+        best_a = torch.where(better.view(-1, 1, 1, 1), x_new, best_a)
+        broken = margin_a <= 0
+        if bool(broken.any()):
+            best[ids] = best_a
+            keep = ~broken
+            ids, best_a, margin_a, y_a, lo_a, hi_a = (v[keep] for v in (ids, best_a, margin_a, y_a, lo_a, hi_a))
+            if len(ids) == 0:
+                break
+    best[ids] = best_a
+    return best

@@ -17,12 +17,15 @@ the same arithmetic in the same order):
     sample's T partials itself, in the same order, so all blocks of a sample agree on f: no
     atomics, no third launch, deterministic. When a sample fits in one block (T = 1, e.g.
     3×32×32 images) the step kernel takes the sums from its own tile: one pass, one launch.
-    Sums and arithmetic are fp32 (fp64 for fp64).
+    Arithmetic is fp32 (fp64 for fp64); the sums are fp64, see (6).
  4. NaN is never turned into a number: sign(NaN) = NaN (torch.sign gives 0), and the clamps
     propagate NaN as torch.clamp does.
  5. The bounds reach the kernel as a [2] tensor in ACC: a Python float argument is typed fp32 by
     compiled Triton (fp64 clamps would be off by ~1e-8), and the hi/lo pairs of kernels/_tiles.py
     cannot carry ±inf (inf − inf is NaN). No kernel argument is a Python float.
+ 6. The three sums of (2) are taken in fp64, their products included: in fp32, g² overflows for
+    |g| > 1.8e19 and a gradient of 1e30 would give ‖g‖ = inf and a zero step. ‖g‖ and ‖δ‖ are
+    rounded to ACC afterwards, as the C++ kernels do (fp64 gradients beyond ~1e154 still overflow).
 
 Non-contiguous tensors are made contiguous by the caller (fastssl/ops/pgd.py).
 """
@@ -50,15 +53,6 @@ def _clamp(v, lo, hi):
 
 
 @triton.jit
-def _sqrt(x, ACC: tl.constexpr):
-    """IEEE-rounded square root (tl.sqrt is approximate for fp32, exact for fp64)."""
-    if ACC == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
-
-
-@triton.jit
 def _div(x, y, ACC: tl.constexpr):
     """IEEE-rounded division."""
     if ACC == tl.float64:
@@ -77,8 +71,8 @@ def _pgd_l2_sums_kernel(X_ptr, X0_ptr, G_ptr, Partials_ptr, n, blocks, ACC: tl.c
     ptr_off = b * n + offs
     x = tl.load(X_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
     x0 = tl.load(X0_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
-    g = tl.load(G_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
-    d = x - x0
+    g = tl.load(G_ptr + ptr_off, mask=mask, other=0.0).to(tl.float64)
+    d = (x - x0).to(tl.float64)  # (6): the sums in fp64
     tl.store(Partials_ptr + pid * 3, tl.sum(d * d, axis=0))
     tl.store(Partials_ptr + pid * 3 + 1, tl.sum(d * g, axis=0))
     tl.store(Partials_ptr + pid * 3 + 2, tl.sum(g * g, axis=0))
@@ -91,7 +85,7 @@ def _pgd_step_kernel(
     G_ptr,  # [B, n] the gradient
     Eps_ptr,  # [B] ACC
     Alpha_ptr,  # [B] ACC
-    Partials_ptr,  # [B, blocks, 3] ACC from _pgd_l2_sums_kernel (L2 only)
+    Partials_ptr,  # [B, blocks, 3] fp64 from _pgd_l2_sums_kernel (L2 only)
     Bounds_ptr,  # [2] ACC: (lo, hi), see (5)
     n,
     blocks,
@@ -116,15 +110,16 @@ def _pgd_step_kernel(
     if L2:
         if ONE_BLOCK:
             # (3) the whole sample is this tile (CIFAR-sized inputs): one pass, no partials
-            d = x - x0
+            d = (x - x0).to(tl.float64)
+            g64 = g.to(tl.float64)
             sum_dd = tl.sum(d * d, axis=0)
-            sum_dg = tl.sum(d * g, axis=0)
-            sum_gg = tl.sum(g * g, axis=0)
+            sum_dg = tl.sum(d * g64, axis=0)
+            sum_gg = tl.sum(g64 * g64, axis=0)
         else:
             # (3) this sample's sums, from its blocks' partials
-            dd = tl.zeros([SUM_BLOCK], ACC)
-            dg = tl.zeros([SUM_BLOCK], ACC)
-            gg = tl.zeros([SUM_BLOCK], ACC)
+            dd = tl.zeros([SUM_BLOCK], tl.float64)
+            dg = tl.zeros([SUM_BLOCK], tl.float64)
+            gg = tl.zeros([SUM_BLOCK], tl.float64)
             for j0 in range(0, blocks, SUM_BLOCK):
                 j = j0 + tl.arange(0, SUM_BLOCK)
                 p = Partials_ptr + (b * blocks + j) * 3
@@ -136,8 +131,10 @@ def _pgd_step_kernel(
             sum_dg = tl.sum(dg, axis=0)
             sum_gg = tl.sum(gg, axis=0)
         # (2) c = α/(‖g‖ + 1e-10), f = min(1, ε/‖δ‖) (1 when ε = ‖δ‖ = 0)
-        c = _div(alpha, _sqrt(sum_gg, ACC) + 1e-10, ACC)
-        norm = _sqrt(tl.maximum(sum_dd + 2.0 * c * sum_dg + c * c * sum_gg, 0.0), ACC)
+        # (6) ‖g‖ and ‖δ‖ from the fp64 sums, rounded to ACC as the C++ kernel does
+        c = _div(alpha, tl.sqrt(sum_gg).to(ACC) + 1e-10, ACC)
+        c64 = c.to(tl.float64)
+        norm = tl.sqrt(tl.maximum(sum_dd + 2.0 * c64 * sum_dg + c64 * c64 * sum_gg, 0.0)).to(ACC)
         f = tl.where(norm > eps, _div(eps, norm, ACC), 1.0)
         delta = (x + c * g - x0) * f
     else:
@@ -178,7 +175,7 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
     grid = (batch * blocks,)
     meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, num_warps=_NUM_WARPS)
     one_block = blocks == 1
-    partials = x_adv.new_empty(1 if one_block or not l2 else batch * blocks * 3, dtype=acc)
+    partials = x_adv.new_empty(1 if one_block or not l2 else batch * blocks * 3, dtype=torch.float64)
     bounds = x_adv.new_full((2,), lo, dtype=acc)  # (5): fills on the device, no host-to-device copy (no sync)
     bounds[1] = hi
     if l2 and not one_block:

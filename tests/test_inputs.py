@@ -820,7 +820,8 @@ for _c in ("red", "blue", "green", "purple"):
 
 
 # ---------------------------------------------------------------------------------------------
-# adversarial: pgd_step_, random_start, pgd_attack, instance_attack, feature_attack, robust_accuracy
+# adversarial: pgd_step_, random_start, pgd_attack, instance_attack, feature_attack, robust_accuracy,
+# apgd_attack, autoattack, fab_attack, square_attack, trades_loss, mart_loss
 
 _AX = torch.rand(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
 _AY = torch.tensor([0, 1, 2, 1])
@@ -1080,9 +1081,33 @@ row(
     raises(ValueError, "model"),
 )
 row(
-    "autoattack/standard not yet",
-    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1),
-    raises(NotImplementedError, "fab-t"),
+    "autoattack/standard l2",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, norm="l2"),
+    raises(NotImplementedError, "linf"),
+)
+row(
+    "autoattack/standard bounds",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, bounds=(-1.0, 1.0)),
+    raises(ValueError, "bounds"),
+)
+row(
+    "autoattack/standard",
+    lambda: fastssl.autoattack(_IMODEL, _IMG, _IY, eps=0.1, steps=3, n_target_classes=3, queries=20, progress=False),
+    gives(
+        lambda r: (
+            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) == _IY)) and bool(((r[0] - _IMG).abs() <= 0.1 + 1e-6).all())
+        )
+    ),
+)
+row(
+    "autoattack/rand eot_iter 0",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, version="rand", eot_iter=0),
+    raises(ValueError, "eot_iter"),
+)
+row(
+    "autoattack/progress 1",
+    lambda: fastssl.autoattack(_AMODEL, _AX, _AY, eps=0.1, version="apgd", progress=1),
+    raises(TypeError, "progress"),
 )
 row(
     "autoattack/version",
@@ -1112,6 +1137,135 @@ row(
 )
 row("robust_accuracy/float labels", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY.float()), raises(TypeError, "y"))
 row("robust_accuracy/labels length", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY[:2]), raises(ValueError, "y"))
+
+_IMG = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+_IMODEL = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(25, 5))
+_IY = _IMODEL(_IMG).argmax(1).detach()
+row(
+    "fab_attack/success is misclassified and in the ball",
+    lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.2, steps=5, n_target_classes=4),
+    gives(
+        lambda r: (
+            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) != _IY)) and bool(((r[0] - _IMG).abs() <= 0.2 + 1e-6).all())
+        )
+    ),
+)
+row(
+    "fab_attack/one sample",
+    lambda: fastssl.fab_attack(_IMODEL, _IMG[:1], _IY[:1], eps=0.1, steps=2, n_target_classes=4),
+    gives(lambda r: r[0].shape == (1, 1, 5, 5)),
+)
+row("fab_attack/eps 0", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.0), raises(ValueError, "eps"))
+row("fab_attack/steps 0", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, steps=0), raises(ValueError, "steps"))
+row("fab_attack/eta 0", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, eta=0), raises(ValueError, "eta"))
+row("fab_attack/float labels", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY.float(), eps=0.1), raises(TypeError, "y"))
+row(
+    "fab_attack/x NaN",
+    lambda: fastssl.fab_attack(_IMODEL, _IMG * math.nan, _IY, eps=0.1),
+    raises(ValueError, "non-finite"),
+)
+row(
+    "fab_attack/x outside [0, 1]",
+    lambda: fastssl.fab_attack(_IMODEL, _IMG + 1, _IY, eps=0.1),
+    raises(ValueError, "bounds"),
+)
+row(
+    "fab_attack/targets",
+    lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, n_target_classes=5),
+    raises(ValueError, "n_target_classes"),
+)
+row(
+    "fab_attack/model output 1-D",
+    lambda: fastssl.fab_attack(lambda v: v.flatten(1).sum(1), _IMG, _IY, eps=0.1),
+    raises(ValueError, "model"),
+)
+row(
+    "fab_attack/early_stop 1",
+    lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, early_stop=1),
+    raises(TypeError, "early_stop"),
+)
+row(
+    "square_attack/success is misclassified and in the ball",
+    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.2, queries=30, generator=torch.Generator().manual_seed(0)),
+    gives(
+        lambda r: (
+            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) != _IY)) and bool(((r[0] - _IMG).abs() <= 0.2 + 1e-6).all())
+        )
+    ),
+)
+row(
+    "square_attack/one query",
+    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, queries=1),
+    gives(lambda r: r[0].shape == _IMG.shape),
+)
+row(
+    "square_attack/1x1 images",
+    lambda: fastssl.square_attack(
+        lambda v: torch.cat([v.flatten(1), -v.flatten(1)], 1),
+        _IMG[:, :, :1, :1],
+        torch.ones(4, dtype=torch.long),
+        eps=0.1,
+        queries=3,
+    ),
+    gives(lambda r: r[0].shape == (4, 1, 1, 1)),
+)
+row(
+    "square_attack/flat x",
+    lambda: fastssl.square_attack(_IMODEL, _IMG.flatten(1), _IY, eps=0.1),
+    raises(ValueError, "images"),
+)
+row(
+    "square_attack/eps negative", lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=-0.1), raises(ValueError, "eps")
+)
+row(
+    "square_attack/queries 0",
+    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, queries=0),
+    raises(ValueError, "queries"),
+)
+row(
+    "square_attack/p_init NaN",
+    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, p_init=math.nan),
+    raises(ValueError, "p_init"),
+)
+row(
+    "square_attack/generator type",
+    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, generator=1),
+    raises(TypeError, "generator"),
+)
+row(
+    "square_attack/x outside [0, 1]",
+    lambda: fastssl.square_attack(_IMODEL, _IMG - 1, _IY, eps=0.1),
+    raises(ValueError, "bounds"),
+)
+
+for _name, _loss in (("trades_loss", fastssl.trades_loss), ("mart_loss", fastssl.mart_loss)):
+    row(
+        f"{_name}/finite scalar",
+        lambda f=_loss: f(_AMODEL, _AX, _AY, steps=2),
+        gives(lambda r: finite(r) and r.dim() == 0),
+    )
+    row(f"{_name}/steps 0", lambda f=_loss: f(_AMODEL, _AX, _AY, steps=0), gives(finite))
+    row(f"{_name}/one sample", lambda f=_loss: f(_AMODEL, _AX[:1], _AY[:1], steps=1), gives(finite))
+    row(f"{_name}/beta negative", lambda f=_loss: f(_AMODEL, _AX, _AY, beta=-1.0), raises(ValueError, "beta"))
+    row(f"{_name}/eps negative", lambda f=_loss: f(_AMODEL, _AX, _AY, eps=-0.1), raises(ValueError, "eps"))
+    row(f"{_name}/step_size 0", lambda f=_loss: f(_AMODEL, _AX, _AY, step_size=0.0), raises(ValueError, "step_size"))
+    row(f"{_name}/steps float", lambda f=_loss: f(_AMODEL, _AX, _AY, steps=2.0), raises(TypeError, "steps"))
+    row(f"{_name}/float labels", lambda f=_loss: f(_AMODEL, _AX, _AY.float()), raises(TypeError, "y"))
+    row(f"{_name}/x outside bounds", lambda f=_loss: f(_AMODEL, _AX + 1, _AY), raises(ValueError, "bounds"))
+    row(f"{_name}/x NaN", lambda f=_loss: f(_AMODEL, _AX.masked_fill(_AX > 0.5, math.nan), _AY),
+        raises(ValueError, "non-finite"))  # fmt: skip
+    row(f"{_name}/model output 1-D", lambda f=_loss: f(lambda v: v.flatten(1).sum(1), _AX, _AY),
+        raises(ValueError, "model"))  # fmt: skip
+    row(f"{_name}/eval_attack 1", lambda f=_loss: f(_AMODEL, _AX, _AY, eval_attack=1), raises(TypeError, "eval_attack"))
+    row(f"{_name}/NaN weights give NaN", lambda f=_loss: f(lambda v: _AMODEL(v) * math.nan, _AX, _AY, steps=1),
+        gives(nonfinite))  # fmt: skip
+    row(f"{_name}/mode kept", lambda f=_loss: (f(_AMODEL.train(), _AX, _AY, steps=1, eval_attack=True),
+        _AMODEL.training), gives(lambda r: r[1] is True))  # fmt: skip
+row("trades_loss/norm", lambda: fastssl.trades_loss(_AMODEL, _AX, _AY, norm="l1"), raises(ValueError, "norm"))
+row("trades_loss/l2", lambda: fastssl.trades_loss(_AMODEL, _AX, _AY, norm="l2", eps=0.5, step_size=0.1, steps=2),
+    gives(finite))  # fmt: skip
+row("trades_loss/beta 0 is cross-entropy", lambda: fastssl.trades_loss(_AMODEL, _AX, _AY, beta=0.0, steps=1),
+    gives(close_to(lambda: torch.nn.functional.cross_entropy(_AMODEL(_AX), _AY))))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

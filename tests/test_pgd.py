@@ -143,6 +143,18 @@ def test_step_nan_gradient_gives_nan(impl):
 
 
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("shape", [(3, 10), (3, 300)])  # one block, and many blocks with small_triton_blocks
+def test_step_l2_scale_safe(impl, shape, small_triton_blocks):
+    """L2 in fp32 with g ≈ 1e30, whose ‖g‖² overflows fp32: the step equals the step along the
+    unscaled gradient, not 0 (the sums are fp64)."""
+    x0, x, g, _, alpha = _step_inputs(shape)
+    want = fastssl.pgd_step_(x.clone(), g, x0, eps=10.0, alpha=alpha, norm="l2", impl="reference")
+    got = fastssl.pgd_step_(x.clone(), g * 1e30, x0, eps=10.0, alpha=alpha, norm="l2", impl=impl)
+    assert not torch.equal(want, x)
+    assert_verbose_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_opcheck(impl, norm):
     x0, x, g, eps, alpha = _step_inputs((3, 2, 5))

@@ -15,9 +15,10 @@
 //   ||delta||^2 = ||d||^2 + 2 c d.g + c^2 ||g||^2                                              (3)
 //
 // follows from three sums of a single pass; a step is then two passes, and since a thread takes
-// whole samples, the second finds the sample still in its cache. The sums are accumulated in
-// double, so the cancellation in (3) when delta is much shorter than d and c g costs nothing
-// measurable (and f = 1 there unless eps is far below alpha).
+// whole samples, the second finds the sample still in its cache. The sums (products included) are
+// accumulated in double, so the cancellation in (3) when delta is much shorter than d and c g costs
+// nothing measurable (and f = 1 there unless eps is far below alpha), and no fp32/bf16/fp16
+// gradient overflows ||g||^2 (fp64 gradients beyond ~1e154 still do).
 //
 // NaN is never turned into a number: sign(NaN) = NaN here (torch.sign gives 0), and clamp
 // propagates NaN as torch.clamp does. A NaN gradient element gives a NaN element (L-inf) or a
@@ -61,21 +62,23 @@ template <class T>
 Sums sample_sums(const T* x, const T* x0, const T* g, int64_t n) {
   using A = at::opmath_type<T>;
   Sums s;
-  constexpr int64_t kBlock = 1024;  // values per lane stay few before they reach the double sums
+  // The products and their lanes are double: in fp32, g^2 overflows for |g| > 1.8e19 (a gradient
+  // of 1e30 would give ||g|| = inf and a zero step); in double every fp32 value squares exactly.
+  constexpr int64_t kBlock = 1024;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
-    A dd[kLanes] = {}, dg[kLanes] = {}, gg[kLanes] = {};
+    double dd[kLanes] = {}, dg[kLanes] = {}, gg[kLanes] = {};
     int64_t i = start;
     for (; i + kLanes <= end; i += kLanes) {
       for (int64_t k = 0; k < kLanes; ++k) {
-        const A d = A(x[i + k]) - A(x0[i + k]), gk = A(g[i + k]);
+        const double d = double(A(x[i + k]) - A(x0[i + k])), gk = double(g[i + k]);
         dd[k] += d * d;
         dg[k] += d * gk;
         gg[k] += gk * gk;
       }
     }
     for (int64_t k = 0; i < end; ++i, ++k) {
-      const A d = A(x[i]) - A(x0[i]), gk = A(g[i]);
+      const double d = double(A(x[i]) - A(x0[i])), gk = double(g[i]);
       dd[k] += d * d;
       dg[k] += d * gk;
       gg[k] += gk * gk;

@@ -71,18 +71,19 @@ __device__ void block_sum3(A& a, A& b, A& c, A* shared) {
 // Partial sums of (3) over one tile: partials[(b * tiles + t) * 3 + {0, 1, 2}] = ||d||^2, d.g, ||g||^2.
 template <class T>
 __global__ void pgd_l2_sums_kernel(const T* __restrict__ x, const T* __restrict__ x0,
-                                   const T* __restrict__ g, at::opmath_type<T>* __restrict__ partials,
+                                   const T* __restrict__ g, double* __restrict__ partials,
                                    int64_t n, int64_t tiles) {
   using A = at::opmath_type<T>;
-  __shared__ A shared[96];
+  // the sums in double, products included: in fp32, g^2 overflows for |g| > 1.8e19
+  __shared__ double shared[96];
   const int64_t item = blockIdx.x, b = item / tiles, start = (item % tiles) * kTile;
   const int64_t base = b * n;
-  A dd = 0, dg = 0, gg = 0;
+  double dd = 0, dg = 0, gg = 0;
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t i = start + k * kThreads + threadIdx.x;
     if (i < n) {
-      const A d = A(x[base + i]) - A(x0[base + i]), gi = A(g[base + i]);
+      const double d = double(A(x[base + i]) - A(x0[base + i])), gi = double(g[base + i]);
       dd += d * d;
       dg += d * gi;
       gg += gi * gi;
@@ -100,7 +101,7 @@ template <class T, bool L2>
 __global__ void pgd_step_kernel(T* __restrict__ x, const T* __restrict__ x0, const T* __restrict__ g,
                                 const at::opmath_type<T>* __restrict__ eps,
                                 const at::opmath_type<T>* __restrict__ alpha,
-                                const at::opmath_type<T>* __restrict__ partials, int64_t n, int64_t tiles,
+                                const double* __restrict__ partials, int64_t n, int64_t tiles,
                                 at::opmath_type<T> lo, at::opmath_type<T> hi) {
   using A = at::opmath_type<T>;
   const int64_t item = blockIdx.x, b = item / tiles, start = (item % tiles) * kTile;
@@ -108,17 +109,18 @@ __global__ void pgd_step_kernel(T* __restrict__ x, const T* __restrict__ x0, con
   const A e = eps[b];
   A a = alpha[b], f = A(1);
   if (L2) {
-    __shared__ A shared[96];
-    A dd = 0, dg = 0, gg = 0;
+    __shared__ double shared[96];
+    double dd = 0, dg = 0, gg = 0;
     for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) {
-      const A* p = partials + (b * tiles + t) * 3;
+      const double* p = partials + (b * tiles + t) * 3;
       dd += p[0];
       dg += p[1];
       gg += p[2];
     }
     block_sum3(dd, dg, gg, shared);
-    a = a / (sqrt(gg) + A(1e-10));  // c of (2)
-    const A norm = sqrt(max(A(0), dd + A(2) * a * dg + a * a * gg));
+    a = a / (A(sqrt(gg)) + A(1e-10));  // c of (2); the norms rounded to A, as the CPU kernel does
+    const double c = double(a);
+    const A norm = A(sqrt(max(0.0, dd + 2.0 * c * dg + c * c * gg)));
     f = norm > e ? e / norm : A(1);
   }
 #pragma unroll
@@ -177,11 +179,12 @@ void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x
     const scalar_t* x0 = x_orig.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     if (l2) {
-      at::Tensor partials = at::empty({blocks * 3}, x_adv.options().dtype(acc));
-      pgd_l2_sums_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(x, x0, g, partials.data_ptr<A>(), n, tiles);
+      at::Tensor partials = at::empty({blocks * 3}, x_adv.options().dtype(at::kDouble));
+      pgd_l2_sums_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(x, x0, g, partials.data_ptr<double>(), n, tiles);
       check_launch();
       pgd_step_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          x, x0, g, eps_a.data_ptr<A>(), alpha_a.data_ptr<A>(), partials.data_ptr<A>(), n, tiles, A(lo), A(hi));
+          x, x0, g, eps_a.data_ptr<A>(), alpha_a.data_ptr<A>(), partials.data_ptr<double>(), n, tiles, A(lo),
+          A(hi));
     } else {
       pgd_step_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
           x, x0, g, eps_a.data_ptr<A>(), alpha_a.data_ptr<A>(), nullptr, n, tiles, A(lo), A(hi));

@@ -24,11 +24,16 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
         step = torch.where(g.isnan(), g, g.sign())  # torch.sign(NaN) is 0
         delta = torch.clamp(x + a * step - x0, -e, e)
     else:
-        g_norm = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).view(shape) + 1e-10
+        # the norms in fp64, then rounded (fp32's vector_norm overflows at |g| ≈ 1e19 and steps by 0)
+        g_norm = _norm(g).view(shape) + 1e-10
         delta = x + a * (g / g_norm) - x0
-        d_norm = torch.linalg.vector_norm(delta.reshape(len(g), -1), dim=1).view(shape)
+        d_norm = _norm(delta).view(shape)
         delta = delta * torch.where(d_norm > e, e / d_norm, 1.0)  # min(1, ε/‖δ‖), 1 when ε = ‖δ‖ = 0
     return torch.clamp(x0 + delta, lo, hi).to(x_adv.dtype)
+
+
+def _norm(v: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(v.reshape(len(v), -1).double(), dim=1).to(v.dtype)
 
 
 def pgd_attack(
