@@ -25,7 +25,12 @@ from torch import Tensor
 
 BLOCK_ROWS = 32
 BLOCK_K = 64
-BLOCK_D = 64
+# 32 features per chunk and 8 warps: `make compile-check` (scripts/compile_check.py) found spills
+# with 64-wide chunks or 4 warps (up to 1.6 KB in fp64 and fp32, whose tf32x3 dots hold three
+# operand splits; the backward also rebuilds q for each teacher crop), none with these for any dtype
+# on sm_80 and sm_90
+BLOCK_D = 32
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -228,7 +233,7 @@ def _grad_weight_kernel(
 def _meta(x: Tensor, d: int) -> dict:
     _, meta = dot_dtypes(x)
     keys = ("ACC", "Z_DOT", "DOT_PRECISION")
-    return {**{key: meta[key] for key in keys}, "BLOCK_D": block_size(d, BLOCK_D)}
+    return {**{key: meta[key] for key in keys}, "BLOCK_D": block_size(d, BLOCK_D), "num_warps": NUM_WARPS}
 
 
 @launcher
