@@ -98,7 +98,7 @@ def tile_dots(
         for d0 in range(0, D, BLOCK_D):
             ai = load_rows(A_ptr, rows_i, ok_i, d0, D, A_stride_n, A_stride_d, BLOCK_D, Z_DOT)
             bj = load_rows(B_ptr, rows_j, ok_j, d0, D, B_stride_n, B_stride_d, BLOCK_D, Z_DOT)
-            dots = tl.dot(ai, tl.trans(bj), dots, input_precision=DOT_PRECISION)
+            dots = tl.dot(ai, tl.trans(bj), dots, input_precision=DOT_PRECISION, out_dtype=ACC)
         b_j = dots
     return dots, b_j
 
