@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import multiprocessing
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if __package__ in (None, ""):  # run as a script: the repository root on the path for `examples`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
 from examples.simclr_digits import Encoder, augment, load_digits
 
