@@ -4,6 +4,12 @@ same logits, and the reference under torch.compile; forward+backward (gradients 
 features and of the last layer's weight), time and peak memory.
 
     python benchmarks/bench_dino.py [--quick] [--K 65536 262144] [--B 64 256] [--crops 8 12] [--D 256]
+    python benchmarks/bench_dino.py --loss ibot [--M 4096] [--K 65536] [--D 256]
+    python benchmarks/bench_dino.py --loss swav [--K 3000] [--B 256] [--crops 8] [--Q 3840] [--D 256]
+
+`--loss ibot`: `ibot_loss` on M masked tokens (rows op "dino_ibot"); `--loss swav`: `swav_loss` with
+2 assigned crops and a Q-row queue (op "dino_swav"); each with its eager reference and the reference
+under torch.compile, forward+backward with the last layer (prototypes), fp32 on the CPU.
 
 `crops` counts 2 global crops and crops − 2 local ones. TFLOP/s counts the fused kernels' GEMM
 work: 2·(V·B)·K·D per pass over the student tiles (one forward, three backward) and 2·(2B)·K·D per
@@ -12,6 +18,8 @@ teacher pass (two forward, one backward).
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -103,9 +111,113 @@ def check_targets(rows: list[dict]) -> None:
         print(f"target {key}: " + "; ".join(parts))
 
 
+# -- iBOT and SwAV --------------------------------------------------------------------------------------
+
+OTHER_PROVIDERS = ("fastssl", "reference", "compile")
+# (sizes, target fastssl time / reference time, target fastssl memory / reference memory): the issue
+# gives the sizes; the DINO targets are the ones to meet at them
+IBOT_TARGETS = {(4096, 65536, 256): (0.8, 0.2)}
+SWAV_TARGETS = {(3000, 256, 8, 3840, 256): (0.8, 0.2)}
+
+
+def _rand_unit(gen, *shape, device, dtype, grad=False):
+    x = torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+    return torch.nn.functional.normalize(x, dim=-1).requires_grad_(grad)
+
+
+def _provider_fn(provider: str, fused, eager):
+    """The fused op, its eager reference, or the reference under torch.compile."""
+    if provider == "compile":
+        return torch.compile(eager)
+    return fused if provider == "fastssl" else eager
+
+
+def ibot_case(provider: str, m: int, k: int, d: int, dtype: torch.dtype, device: str) -> Case:
+    def build():
+        gen = torch.Generator(device=device).manual_seed(0)
+        student, teacher = (
+            _rand_unit(gen, m, d, device=device, dtype=dtype, grad=True),
+            _rand_unit(gen, m, d, device=device, dtype=dtype),
+        )
+        weight, teacher_weight = (
+            _rand_unit(gen, k, d, device=device, dtype=dtype, grad=True),
+            _rand_unit(gen, k, d, device=device, dtype=dtype),
+        )
+        center = 0.01 * torch.randn(k, device=device, dtype=dtype, generator=gen)
+        token_weights = torch.full((m,), 16.0 / m, device=device, dtype=dtype)  # 16 images, equal masks
+        loss_fn = _provider_fn(provider, fastssl.ibot_loss, reference.ibot_loss)
+
+        def step():
+            loss = loss_fn(student, teacher, weight, teacher_weight, center, token_weights=token_weights, n_images=16)
+            return torch.autograd.grad(loss, (student, weight))
+
+        return step
+
+    flops = 2.0 * k * d * (4 * m + 3 * m)  # fused: 4 student passes, 3 teacher passes
+    reps = 1 if m * k >= 2**28 else 3  # tens of seconds a step at M = 4096, K = 65536 (no warm-up then)
+    return Case(provider, "forward+backward", dtype, {"M": m, "K": k, "D": d}, build, flops=flops, min_reps=reps)
+
+
+def swav_case(provider: str, k: int, b: int, crops: int, q: int, d: int, dtype: torch.dtype, device: str) -> Case:
+    def build():
+        gen = torch.Generator(device=device).manual_seed(0)
+        z = _rand_unit(gen, crops * b, d, device=device, dtype=dtype, grad=True)
+        prototypes = _rand_unit(gen, k, d, device=device, dtype=dtype, grad=True)
+        queue = _rand_unit(gen, 2, q, d, device=device, dtype=dtype)
+        loss_fn = _provider_fn(provider, fastssl.swav_loss, reference.swav_loss)
+        return lambda: torch.autograd.grad(loss_fn(z, prototypes, n_crops=crops, queue=queue), (z, prototypes))
+
+    sinkhorn = 2 * (b + q) * (2 * 3 + 2)  # rows × Sinkhorn passes (max, total, 2 per iteration), per assigned crop
+    flops = 2.0 * k * d * (4 * crops * b + 2 * b + sinkhorn)
+    shape = {"K": k, "B": b, "crops": crops, "Q": q, "D": d}
+    return Case(provider, "forward+backward", dtype, shape, build, flops=flops, min_reps=3)
+
+
+def other_cases(loss: str):
+    def make(quick, device, *sizes):
+        *sizes, providers, _modes = sizes
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        base = next(iter(IBOT_TARGETS if loss == "ibot" else SWAV_TARGETS))
+        if quick:  # a tenth of the rows (tokens, samples): seconds on a CPU
+            base = (base[0] // 10, *base[1:]) if loss == "ibot" else (base[0], base[1] // 10, *base[2:])
+        # every combination of the sizes given, the target's for the rest
+        grid = itertools.product(*[given or [default] for given, default in zip(sizes, base, strict=True)])
+        make_case = ibot_case if loss == "ibot" else swav_case
+        return [make_case(p, *g, dtype, device) for g in grid for p in providers]
+
+    return make
+
+
+def other_targets(loss: str):
+    def check(rows: list[dict]) -> None:
+        ok = {(r["provider"], r["shape"]): r for r in rows if r.get("status") == "ok"}
+        targets, names = (IBOT_TARGETS, "MKD") if loss == "ibot" else (SWAV_TARGETS, ("K", "B", "crops", "Q", "D"))
+        for key, (t_target, m_target) in targets.items():
+            shape = ",".join(f"{n}={v}" for n, v in zip(names, key, strict=True))
+            fs, ref = ok.get(("fastssl", shape)), ok.get(("reference", shape))
+            if not (fs and ref):
+                print(f"target {loss} {shape}: fastssl and the reference not both measured")
+                continue
+            parts = [verdict("time", fs["median_ms"] / ref["median_ms"], t_target)]
+            parts.append(verdict("peak memory", fs["peak_mem_mb"] / ref["peak_mem_mb"], m_target))
+            print(f"target {loss} {shape}: " + "; ".join(parts))
+
+    return check
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    sweeps = {"K": "prototypes", "B": "batch sizes", "crops": "crops per sample (2 global)", "D": "feature dims"}
-    return sweep_main(OP, __doc__, sweeps, PROVIDERS, cases, check_targets, argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--loss", choices=["dino", "ibot", "swav"], default="dino")
+    known, rest = pre.parse_known_args(argv)
+    if known.loss == "ibot":
+        sweeps = {"M": "masked tokens", "K": "prototypes", "D": "feature dims"}
+    elif known.loss == "swav":
+        sweeps = {"K": "prototypes", "B": "batch sizes", "crops": "crops (2 assigned)", "Q": "queue rows", "D": "dims"}
+    else:
+        sweeps = {"K": "prototypes", "B": "batch sizes", "crops": "crops per sample (2 global)", "D": "feature dims"}
+        return sweep_main(OP, __doc__, sweeps, PROVIDERS, cases, check_targets, rest)
+    op = f"{OP}_{known.loss}"
+    return sweep_main(op, __doc__, sweeps, OTHER_PROVIDERS, other_cases(known.loss), other_targets(known.loss), rest)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch
 
 from fastssl import __version__, _ext
 
-DEMOS = {"simclr": "simclr_digits", "fixmatch": "fixmatch_digits"}  # --method -> examples/<module>.py
+# --method -> examples/<module>.py
+DEMOS = {"simclr": "simclr_digits", "fixmatch": "fixmatch_digits", "dino": "dino_digits"}
 
 
 def _version(module: str) -> str:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastssl import _ext
@@ -189,6 +190,41 @@ def _pgd(norm: str):
     return build
 
 
+def _prototypes(op: str, **kw):
+    """DINO (crop-major student [4·B, d], teacher [2B, d]), iBOT (masked tokens [M, d], weighted) or
+    SwAV (codes from Sinkhorn over a queue and the assigned crops) with K = rows + 5 prototypes:
+    several K tiles, one or several D chunks (docs/design.md, "DINO, iBOT and SwAV prototype losses")."""
+
+    def build(device, dtype, size):
+        import fastssl
+
+        b, k, d = 3, size.rows + 5, size.dim
+        gen = torch.Generator().manual_seed(6)
+
+        def rand(*shape):  # unit rows
+            x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+            return _round(F.normalize(x, dim=1), dtype).to(device)
+
+        if op == "swav":
+            z, prototypes, queue = rand(4 * b, d), rand(k, d), rand(2 * b, d)
+            call = lambda impl, x: fastssl.swav_loss(x[0], x[1], n_crops=4, queue=queue, impl=impl, **kw)
+            return _with_grads(call, [z, prototypes])
+        # unit rows and prototypes, as DINO's head and its weight-normalised last layer give: |t| ≤ 1,
+        # within the fp32 range of Sinkhorn's exp(t/τ − max) for every prototype
+        rows = 4 * b
+        student, teacher = rand(rows, d), rand(rows if op == "ibot" else 2 * b, d)
+        weight, teacher_weight = rand(k, d), rand(k, d)
+        center = 0.3 * torch.randn(k, generator=gen, dtype=torch.float64).to(device)
+        extra = {}
+        if op == "ibot":  # DINOv2's masks_weight: 1/(masked tokens of the token's image), 3 images
+            extra = dict(token_weights=torch.linspace(0.2, 1.0, rows, dtype=torch.float64, device=device), n_images=3)
+        fn = fastssl.ibot_loss if op == "ibot" else fastssl.dino_loss
+        call = lambda impl, x: fn(x[0], teacher, x[1], teacher_weight, center, impl=impl, **kw, **extra)
+        return _with_grads(call, [student, weight])
+
+    return build
+
+
 def _knn_search(device, dtype, size):
     import fastssl
 
@@ -213,6 +249,12 @@ CASES: list[Case] = [
     Case("masked_mse_loss/norm_pix", _masked_mse(True)),
     Case("pgd_step_/linf", _pgd("linf")),
     Case("pgd_step_/l2", _pgd("l2")),
+    Case("dino_loss", _prototypes("dino", centering="center")),
+    Case("dino_loss/sinkhorn", _prototypes("dino", centering="sinkhorn")),
+    Case("dino_loss/none", _prototypes("dino", centering="none")),
+    Case("ibot_loss", _prototypes("ibot", centering="center")),
+    Case("ibot_loss/sinkhorn", _prototypes("ibot", centering="sinkhorn")),
+    Case("swav_loss", _prototypes("swav")),
     Case(
         "knn_search", _knn_search, (torch.float64, torch.float32), reference="torch", impls=("faiss",), tolerance=1e-6
     ),  # searched in fp32 by both

@@ -25,7 +25,14 @@ from torch import Tensor
 
 BLOCK_ROWS = 32
 BLOCK_K = 64
-BLOCK_D = 64
+# 32 features per chunk and 8 warps: `make compile-check` (scripts/compile_check.py) found spills
+# with 64-wide chunks or 4 warps (up to 1.6 KB in fp64 and fp32, whose tf32x3 dots hold three
+# operand splits; the backward also rebuilds q for each teacher crop). With these, Triton 3.9
+# compiles every variant for sm_80 and sm_90 without a spill; Triton 3.6 still spills 20-36 B in
+# five (16-bit forward on sm_90, 16-bit grad_weight and fp32 grad_student on sm_80)
+BLOCK_D = 32
+NUM_WARPS = 8
+FWD_STAGES = 1  # the forward's two dots per K tile: with 3 stages its 16-bit variants spilled 16 B on sm_90
 
 
 @triton.jit
@@ -191,7 +198,7 @@ def _grad_student_kernel(
             ACC, Z_DOT, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D,
         )  # fmt: skip
         w = load_rows(W_ptr, cols, cok, d0, D, W_stride_n, W_stride_d, BLOCK_D, Z_DOT)
-        acc = tl.dot(grad.to(Z_DOT), w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(grad.to(Z_DOT), w, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     dcols = d0 + tl.arange(0, BLOCK_D)
     ptrs = Out_ptr + rows[:, None] * D + dcols[None, :]
     tl.store(ptrs, acc, mask=ok[:, None] & (dcols < D)[None, :])
@@ -219,7 +226,7 @@ def _grad_weight_kernel(
             ACC, Z_DOT, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D,
         )  # fmt: skip
         x = load_rows(S_ptr, rows, ok, d0, D, S_stride_n, S_stride_d, BLOCK_D, Z_DOT)
-        acc = tl.dot(tl.trans(grad.to(Z_DOT)), x, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(grad.to(Z_DOT)), x, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     dcols = d0 + tl.arange(0, BLOCK_D)
     ptrs = Out_ptr + cols[:, None] * D + dcols[None, :]
     tl.store(ptrs, acc, mask=cok[:, None] & (dcols < D)[None, :])
@@ -228,7 +235,7 @@ def _grad_weight_kernel(
 def _meta(x: Tensor, d: int) -> dict:
     _, meta = dot_dtypes(x)
     keys = ("ACC", "Z_DOT", "DOT_PRECISION")
-    return {**{key: meta[key] for key in keys}, "BLOCK_D": block_size(d, BLOCK_D)}
+    return {**{key: meta[key] for key in keys}, "BLOCK_D": block_size(d, BLOCK_D), "num_warps": NUM_WARPS}
 
 
 @launcher
@@ -282,7 +289,7 @@ def dino_loss_fwd(student, weight, teacher, teacher_weight, a, beta, inv_tau_s: 
     lse, dots = torch.empty(n, dtype=acc, device=student.device), torch.empty(g, n, dtype=acc, device=student.device)
     _loss_fwd_kernel[(triton.cdiv(n, BLOCK_ROWS), g)](
         *tensors, lse, dots, *sizes, *hi_lo(inv_tau_s), *hi_lo(inv_tau_t), BLOCK_N=BLOCK_ROWS, BLOCK_K=BLOCK_K,
-        **_meta(student, d),
+        **{**_meta(student, d), "num_stages": FWD_STAGES},
     )  # fmt: skip
     return lse, dots
 

@@ -136,6 +136,11 @@ def _compile_one(item: tuple[int, str]) -> tuple[str, dict]:
     return digest, _compile(index)
 
 
+def _name(fn) -> str:
+    """module.kernel, e.g. fastssl.kernels.dino._loss_fwd_kernel: what --only matches."""
+    return f"{fn.fn.__module__}.{fn.fn.__qualname__}"
+
+
 def _describe(fn, packed) -> str:
     """Dtypes of the pointer arguments, then the constexpr switches, num_warps and num_stages."""
     options, signature, constexprs, attrs = packed
@@ -171,7 +176,7 @@ def child(jobs: int) -> int:
     for key, (fn, arch, packed, origin) in variants.items():
         digest = hashlib.sha256(repr((triton.__version__, fn.cache_key, key)).encode()).hexdigest()
         keys[digest] = (fn, arch, packed, origin)
-    todo = [d for d in keys if d not in cache and (not ONLY or any(o in keys[d][0].fn.__qualname__ for o in ONLY))]
+    todo = [d for d in keys if d not in cache and (not ONLY or any(o in _name(keys[d][0]) for o in ONLY))]
     _VARIANTS[:] = [keys[d] for d in todo]
     recorded = time.perf_counter() - start
     print(f"Triton {triton.__version__}: {len(keys)} variants in {recorded:.0f} s, {len(todo)} to compile", flush=True)
@@ -286,7 +291,7 @@ def environment(spec: str) -> tuple[str, dict]:
 
 ARCHS = [90, 80]
 LIST_ONLY = False
-ONLY: list[str] = []  # --only: compile just the kernels whose names contain one of these
+ONLY: list[str] = []  # --only: compile just the kernels whose module.name contains one of these
 
 
 def main(argv=None) -> int:
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="default: 90 and 80")
     parser.add_argument("--list", action="store_true", help="count the variants, compile nothing")
-    parser.add_argument("--only", action="append", default=[], help="kernels whose names contain this (repeatable)")
+    parser.add_argument("--only", action="append", default=[], help="kernels whose module.name has this (repeatable)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.arch:

@@ -71,3 +71,18 @@ def test_full_demo_learns(tmp_path):
     assert result["max_loss_diff"] < 1e-10
     assert result["fastssl"]["metrics"]["knn_top1"] >= result["init"]["knn_top1"] + 0.02
     assert result["fastssl"]["metrics"]["kmeans_nmi"] >= result["init"]["kmeans_nmi"] + 0.1
+
+
+def test_dino_demo_tiny_run(tmp_path):
+    """examples/dino_digits.py (`fastssl demo --method dino`): the fused loss and the reference give
+    the same loss at every step (fp64), the fused loss needs less memory, the files come out."""
+    from examples import dino_digits
+
+    cfg = dino_digits.Config(epochs=1, steps_per_epoch=3, batch_size=16, local_crops=2, prototypes=65536)
+    result = dino_digits.run(cfg, tmp_path)
+    fast, ref = result["fastssl"], result["reference"]
+    assert len(fast["loss"]) == len(ref["loss"]) == 3 and len(fast["knn_top1"]) == 2
+    assert result["max_loss_diff"] <= 1e-10 * max(fast["loss"])
+    assert fast["loss_peak_mb"] < ref["loss_peak_mb"]
+    assert (tmp_path / "dino_digits.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "dino_digits.json").read_text())["max_loss_diff"] == result["max_loss_diff"]

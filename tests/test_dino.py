@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _assertions import assert_verbose_allclose
-from test_info_nce import _free_port
+from _assertions import assert_lowprec_close, assert_verbose_allclose
+from _dist import free_port
 
 import fastssl
 from fastssl.reference import dino as reference
@@ -49,6 +49,8 @@ CASES = [  # (V, G, B, K, d)
     (8, 2, 5, 1000, 64),
     (3, 1, 7, 7, 1),
     (8, 2, 1, 1, 64),
+    (12, 2, 3, 1000, 256),
+    (3, 2, 2, 65536, 16),
 ]
 
 
@@ -91,6 +93,26 @@ def test_dino_loss_fp32_and_bf16():
     assert ours.dtype == torch.float32 and abs(float(ours) - float(ref)) < 1e-4 * float(ref)
     bf = fastssl.dino_loss(*(x.bfloat16() for x in (student, teacher, weight, teacher_weight)), center, impl="cpp")
     assert bf.dtype == torch.float32 and abs(float(bf) - float(ref)) < 0.05 * float(ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("centering", ["center", "none"])
+def test_dino_loss_low_precision(dtype, centering):
+    """16-bit inputs: within twice the error of the eager reference run in that dtype (flash-attention's
+    criterion), both against the reference in fp32 on the same rounded inputs; loss and gradients."""
+    student, teacher, weight, teacher_weight, center = (
+        x.to(dtype) for x in _inputs(4, 2, 5, 300, 32, dtype=torch.float32, scale=1.0)
+    )
+    kw = dict(centering=centering, teacher_temperature=0.07)
+    args = (teacher, teacher_weight, center)
+    ours = _loss_and_grads(_dino, student, weight, *args, impl="cpp", **kw)
+    lowprec = _loss_and_grads(_dino, student, weight, *args, impl="reference", **kw)
+    up = [x.float() for x in (student, weight, *args)]
+    ref = _loss_and_grads(_dino, up[0], up[1], *up[2:], impl="reference", **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[2].dtype == dtype
+    names, atols = ("loss", "grad student", "grad weight"), (1e-3, 1e-5, 1e-5)
+    for a, r, lp, name, atol in zip(ours, ref, lowprec, names, atols, strict=True):
+        assert_lowprec_close(a, r, lp, atol=atol, name=name)
 
 
 @pytest.mark.parametrize("centering", ["center", "sinkhorn"])
@@ -211,6 +233,15 @@ def test_ibot_loss_matches_reference(centering, weighted):
     _assert_same(ours, _loss_and_grads(_ibot, student, weight, *args, impl="reference", **kw))
 
 
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_ibot_loss_triton_interpreted(centering):
+    _, token_weights, student, teacher, weight, teacher_weight, center = _masked_tokens(m=9, k=70, d=20)
+    kw = dict(centering=centering, token_weights=token_weights, n_images=3)
+    args = (teacher, teacher_weight, center)
+    ours = _loss_and_grads(_ibot, student, weight, *args, impl="triton", **kw)
+    _assert_same(ours, _loss_and_grads(_ibot, student, weight, *args, impl="reference", **kw))
+
+
 def test_ibot_loss_matches_lightly(lightly_loss):
     mask, token_weights, student, teacher, weight, teacher_weight, _ = _masked_tokens()
     peer = lightly_loss.IBOTPatchLoss(40, teacher_temp=0.0625, center_momentum=0.9).double()
@@ -248,6 +279,13 @@ def test_swav_loss_matches_reference(v, g, queue_kind):
     queue = {None: None, "shared": queue[0], "per crop": queue}[queue_kind]
     kw = dict(n_crops=v, n_crops_for_assign=g, queue=queue)
     ours = _loss_and_grads(_swav, z, prototypes, impl="cpp", **kw)
+    _assert_same(ours, _loss_and_grads(_swav, z, prototypes, impl="reference", **kw))
+
+
+def test_swav_loss_triton_interpreted():
+    z, prototypes, queue = _swav_inputs(v=3, b=3, k=70, d=20, q=5)
+    kw = dict(n_crops=3, queue=queue)
+    ours = _loss_and_grads(_swav, z, prototypes, impl="triton", **kw)
     _assert_same(ours, _loss_and_grads(_swav, z, prototypes, impl="reference", **kw))
 
 
@@ -338,4 +376,4 @@ def test_distributed_sinkhorn_and_center_equal_one_process(world):
     the whole batch: ranks with equal numbers of samples (also the reference, DINOv2's all-reduce),
     and with different numbers."""
     counts = {2: [3, 3], 4: [3, 5, 1, 4]}[world]
-    mp.spawn(_distributed_worker, args=(world, _free_port(), counts), nprocs=world)
+    mp.spawn(_distributed_worker, args=(world, free_port(), counts), nprocs=world)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _assertions import assert_lowprec_close, assert_verbose_allclose
+from _dist import free_port
 
 import fastssl
 from fastssl.ops.info_nce import info_nce_lse, info_nce_lse_op
@@ -368,12 +368,6 @@ def test_nt_xent_gather_needs_process_group():
 # -- gather=True across processes (gloo) ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_blocks(rows_per_rank, d, seed):
     """The whole batch, rank by rank, each rank's features on their own scale and offset."""
     gen = torch.Generator().manual_seed(seed)
@@ -497,7 +491,7 @@ def test_gather_matches_single_process(world):
     """On every rank, loss and gradients equal those of one process on the concatenated batch
     (ranks with different row counts, and features on different scales)."""
     counts = [3, 5, 1, 4][:world]
-    mp.spawn(_gather_worker, args=(world, _free_port(), counts), nprocs=world)
+    mp.spawn(_gather_worker, args=(world, free_port(), counts), nprocs=world)
 
 
 # -- the temperature never makes the host wait (issue 12, item 7) -----------------------------------------------

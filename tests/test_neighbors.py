@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _assertions import assert_verbose_allclose
+from _dist import free_port
 
 import fastssl
 from fastssl import neighbors
@@ -424,10 +424,6 @@ def test_cluster_pseudo_labels_balancing_weights():
 # -- k-means with gather=True across processes (gloo) ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kmeans_gather_worker(rank, world, port, counts):
@@ -469,7 +465,7 @@ def test_kmeans_gather_matches_single_process(world):
     """Every rank gets the centroids of one process on the concatenated features and its own rows'
     assignments, labels and weights (ranks of different sizes)."""
     counts = [3, 5, 1, 4][:world]
-    mp.spawn(_kmeans_gather_worker, args=(world, _free_port(), counts), nprocs=world)
+    mp.spawn(_kmeans_gather_worker, args=(world, free_port(), counts), nprocs=world)
 
 
 def test_kmeans_gather_needs_a_process_group():

@@ -5,13 +5,13 @@ and gather=True over 2 and 4 gloo processes."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _assertions import assert_verbose_allclose
+from _dist import free_port
 from _peers import peer
 
 import fastssl
@@ -98,10 +98,6 @@ def test_low_precision_input(loss, dtype):
 # -- gather=True across processes (gloo) ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_gather(rank, counts, loss):
@@ -139,4 +135,4 @@ def test_gather_matches_single_process(world):
     """Statistics over every rank's rows: on every rank the loss and gradients equal one process on
     the concatenated batch (ranks with different row counts, one of them a single row)."""
     counts = [3, 5, 1, 4][:world]
-    mp.spawn(_gather_worker, args=(world, _free_port(), counts), nprocs=world)
+    mp.spawn(_gather_worker, args=(world, free_port(), counts), nprocs=world)

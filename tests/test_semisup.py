@@ -5,13 +5,13 @@ gloo processes against one process on the concatenated batch. Bad inputs: tests/
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _assertions import assert_verbose_allclose
+from _dist import free_port
 
 import fastssl
 import fastssl.cli
@@ -161,10 +161,6 @@ def test_state_dict_round_trip(make):
 # -- state reduced over processes (gloo) -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _all_reduced(x):
@@ -211,7 +207,7 @@ def _state_worker(rank, world, port, counts):
 @pytest.mark.distributed
 def test_state_reduced_over_ranks():
     """Two gloo processes with 3 and 5 rows keep the state of one process on all 8."""
-    mp.spawn(_state_worker, args=(2, _free_port(), [3, 5]), nprocs=2)
+    mp.spawn(_state_worker, args=(2, free_port(), [3, 5]), nprocs=2)
 
 
 # -- the example (`fastssl demo --method fixmatch`) ------------------------------------------------

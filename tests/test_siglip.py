@@ -5,7 +5,6 @@ chunked as its distributed variants compute it, and over gloo), gradcheck, opche
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _assertions import assert_lowprec_close, assert_verbose_allclose
+from _dist import free_port
 from _peers import peer
 
 import fastssl
@@ -192,10 +192,6 @@ def test_scale_tensor_on_host_stays_unread():
 # -- gather=True across processes (gloo) ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_gather(rank, counts, impl, reduction):
@@ -268,7 +264,7 @@ def test_gather_matches_single_process(world):
     """On every rank, loss and gradients equal one process on the concatenated batch (ranks with
     different row counts), and open_clip's distributed SigLipLoss gives the same numbers."""
     counts = [3, 5, 1, 4][:world]
-    mp.spawn(_gather_worker, args=(world, _free_port(), counts), nprocs=world)
+    mp.spawn(_gather_worker, args=(world, free_port(), counts), nprocs=world)
 
 
 # -- the Triton kernels compile for sm_90 (no GPU needed) ------------------------------------------------------

@@ -16,14 +16,21 @@
 // Every loss of fastssl/ops/dino.py is a linear combination of lse and dot, so (4) and (5) are all
 // the fused part; the softmax normaliser (2) and the Sinkhorn scalings (3) are one pass each.
 //
-// Each tile is one GEMM (at::mm, threaded) and a few passes of elementwise ATen ops over it; the
-// tile holds at most kTileElems logits, so work memory is a few such tiles: O((N + R) d + K d).
+// Each tile is one GEMM (at::mm_out into a reused buffer, threaded) and then one pass per row in an
+// OpenMP loop (at::parallel_for) that does all the elementwise work of (2)-(5) while the row is in
+// cache: scale, online log-sum-exp, q, the dot products, the gradient. A tile holds at most
+// kTileElems logits, so work memory is two such tiles: O((N + R) d + K d).
 // Online log-sum-exp over the tiles: a running max and a running sum rescaled when the max grows.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../ops.h"
 
@@ -31,6 +38,7 @@ namespace {
 
 // logits per tile: 1 Mi elements, 4 MiB in fp32
 constexpr int64_t kTileElems = int64_t{1} << 20;
+constexpr int kLanes = 8;  // independent partial sums, which the compiler keeps in vector registers
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -44,33 +52,103 @@ at::Tensor acc_rows(const at::Tensor& x, const char* fn, const char* name) {
 // tile width over K for tiles of `rows` rows
 int64_t tile_width(int64_t rows, int64_t k) { return std::clamp<int64_t>(kTileElems / std::max<int64_t>(rows, 1), 16, k); }
 
-// logits of rows x [n, d] against prototypes w[k0:k1] (any dtype), times inv_tau: [n, k1 - k0]
-at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& w, int64_t k0, int64_t k1, double inv_tau) {
-  return at::mm(x, w.slice(0, k0, k1).to(x.scalar_type()).t()).mul_(inv_tau);
+// exp of fp32 tiles: Cephes' expf (x = n ln2 + r with ln2 in two parts, a degree-6 polynomial in r,
+// then 2^n through the exponent bits), within 2 ulp and branch-free, so that the row loops
+// vectorise (std::exp does not without -ffast-math). Every argument here is ≤ 0 up to rounding
+// (a logit minus its row's max, or a log-probability); below −87.33 the result is exp(−87.33), an
+// absolute error under 1.2e-38, and NaN stays NaN. fp64 uses std::exp.
+inline float exp_tile(float x) {
+  x = std::min(std::max(x, -87.33f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x log2 e)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+inline double exp_tile(double x) { return std::exp(x); }
+
+// Σ_k a_k and Σ_k a_k b_k over kLanes partial sums
+template <class T>
+T lane_sum(const T* a, int64_t n) {
+  T part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j];
+  T s = 0;
+  for (; k < n; ++k) s += a[k];
+  for (int j = 0; j < kLanes; ++j) s += part[j];
+  return s;
+}
+template <class T>
+T lane_dot(const T* a, const T* b, int64_t n) {
+  T part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j] * b[k + j];
+  T s = 0;
+  for (; k < n; ++k) s += a[k] * b[k];
+  for (int j = 0; j < kLanes; ++j) s += part[j];
+  return s;
+}
+template <class T>
+T lane_max(const T* a, int64_t n) {
+  T part[kLanes];
+  std::fill(part, part + kLanes, -std::numeric_limits<T>::infinity());
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] = std::max(part[j], a[k + j]);
+  T m = -std::numeric_limits<T>::infinity();
+  for (; k < n; ++k) m = std::max(m, a[k]);
+  for (int j = 0; j < kLanes; ++j) m = std::max(m, part[j]);
+  return m;  // may drop a NaN: online_lse's exp(NaN − max) = NaN still makes the sum NaN
 }
 
-// Online log-sum-exp of rows over tiles: lse = max + log(sum), the sum kept relative to the max.
-struct OnlineLse {
-  at::Tensor max, sum;
-  OnlineLse(int64_t n, const at::TensorOptions& options)
-      : max(at::full({n}, -std::numeric_limits<double>::infinity(), options)), sum(at::zeros({n}, options)) {}
-  void add(const at::Tensor& x) {  // x [n, kt]
-    at::Tensor grown = at::maximum(max, std::get<0>(x.max(1)));
-    // exp(-inf - finite) = 0 on the first tile; a row that is -inf everywhere stays NaN-free only
-    // while some logit is finite, which a finite input guarantees
-    sum.mul_((max - grown).exp_()).add_((x - grown.unsqueeze(1)).exp_().sum(1));
-    max = grown;
-  }
-  at::Tensor lse() const { return max + sum.log(); }
+// Adds the row x[0:n] (already scaled) to the running (max, sum) of its log-sum-exp; e is scratch.
+template <class T>
+void online_lse(const T* x, int64_t n, T& max, T& sum, T* e) {
+  const T grown = std::max(max, lane_max(x, n));
+  for (int64_t k = 0; k < n; ++k) e[k] = exp_tile(x[k] - grown);
+  // exp(-inf - finite) = 0 on the first tile
+  sum = (max == -std::numeric_limits<T>::infinity() ? T(0) : sum * std::exp(max - grown)) + lane_sum(e, n);
+  max = grown;
+}
+
+// A reused [rows, <= kt] buffer in dtype `type`: view(kc) is the [rows, kc] tile.
+struct TileBuffer {
+  at::Tensor flat;
+  int64_t rows;
+  TileBuffer(int64_t rows_, int64_t kt, const at::TensorOptions& options)
+      : flat(at::empty({rows_ * kt}, options)), rows(rows_) {}
+  at::Tensor view(int64_t kc) const { return flat.narrow(0, 0, rows * kc).view({rows, kc}); }
 };
 
-// q of (1) for teacher rows t [R, kt] (already t / tau_t) of the tile k0.., as [G, B, kt]
-at::Tensor teacher_q(const at::Tensor& t, const at::Tensor& a, const at::Tensor& beta, int64_t k0, int64_t k1) {
-  const int64_t g = a.size(0), r = t.size(0);
-  return t.view({g, r / g, k1 - k0})
-      .add_(a.slice(1, k0, k1).unsqueeze(1))
-      .add_(beta.view({g, r / g, 1}))
-      .exp_();
+// [rows, k1 - k0] = x [rows, d] · w[k0:k1]ᵀ (w of any dtype), into the buffer
+at::Tensor tile_logits(const TileBuffer& buf, const at::Tensor& x, const at::Tensor& w, int64_t k0, int64_t k1) {
+  at::Tensor out = buf.view(k1 - k0);
+  at::mm_out(out, x, w.slice(0, k0, k1).to(x.scalar_type()).t());
+  return out;
+}
+
+int64_t grain(int64_t kc) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(kc, 1)); }
+
+// The tile t [R, kc] (logits k0.. of the teacher rows) becomes q of (1) in place:
+// q_rk = exp(inv_tau_t t_rk + a_{g(r), k0+k} + beta_r), a [G, K], B = R / G rows per crop.
+template <class T>
+void teacher_q(T* t, int64_t r, int64_t kc, int64_t b, const T* a, int64_t k, int64_t k0, const T* beta,
+               T inv_tau_t) {
+  at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* q = t + row * kc;
+      const T* ag = a + (row / b) * k + k0;
+      const T br = beta[row];
+      for (int64_t j = 0; j < kc; ++j) q[j] = exp_tile(q[j] * inv_tau_t + ag[j] + br);
+    }
+  });
 }
 
 struct LossShapes {
@@ -82,7 +160,7 @@ LossShapes loss_shapes(const at::Tensor& s, const at::Tensor& w, const at::Tenso
   LossShapes z{s.size(0), t.size(0), a.size(0), 0, 0, w.size(0)};
   TORCH_CHECK(a.dim() == 2 && z.g > 0 && z.r % z.g == 0, fn, ": a must be [G, K] with G dividing the teacher rows");
   z.b = z.r / z.g;
-  TORCH_CHECK(z.n % z.b == 0, fn, ": student rows must be a multiple of B = ", z.b);
+  TORCH_CHECK(z.b > 0 && z.n % z.b == 0, fn, ": student rows must be a multiple of B = ", z.b);
   z.v = z.n / z.b;
   TORCH_CHECK(w.size(1) == s.size(1) && wt.size(1) == t.size(1) && wt.size(0) == z.k && a.size(1) == z.k,
               fn, ": weight [K, d] and teacher_weight [K, d] must match the features and a");
@@ -99,13 +177,30 @@ std::tuple<at::Tensor, at::Tensor> dino_teacher_lse_cpu(const at::Tensor& teache
   TORCH_CHECK(teacher_weight.size(1) == t_rows.size(1) && shift.numel() == k,
               "dino_teacher_lse_cpu: teacher_weight must be [K, d] and shift [K]");
   const at::Tensor c = shift.to(t_rows.scalar_type()).contiguous();
-  OnlineLse lse(r, t_rows.options());
-  const int64_t kt = tile_width(r, k);
-  for (int64_t k0 = 0; k0 < k; k0 += kt) {
-    const int64_t k1 = std::min(k, k0 + kt);
-    lse.add(tile_logits(t_rows, teacher_weight, k0, k1, inv_tau).add_(c.slice(0, k0, k1)));  // (2)
-  }
-  return {lse.lse(), lse.max};
+  at::Tensor lse = at::empty({r}, t_rows.options()), row_max = at::empty({r}, t_rows.options());
+  AT_DISPATCH_FLOATING_TYPES(t_rows.scalar_type(), "dino_teacher_lse_cpu", [&] {
+    using T = scalar_t;
+    std::vector<T> max(r, -std::numeric_limits<T>::infinity()), sum(r, T(0));
+    const int64_t kt = tile_width(r, k);
+    const TileBuffer buf(r, kt, t_rows.options());
+    const T* cc = c.const_data_ptr<T>();
+    for (int64_t k0 = 0; k0 < k; k0 += kt) {
+      const int64_t kc = std::min(k, k0 + kt) - k0;
+      T* x = tile_logits(buf, t_rows, teacher_weight, k0, k0 + kc).data_ptr<T>();
+      at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
+        std::vector<T> e(kc);
+        for (int64_t row = begin; row < end; ++row) {
+          T* xr = x + row * kc;
+          for (int64_t j = 0; j < kc; ++j) xr[j] = xr[j] * T(inv_tau) + cc[k0 + j];  // (2)
+          online_lse(xr, kc, max[row], sum[row], e.data());
+        }
+      });
+    }
+    T* out = lse.data_ptr<T>();
+    for (int64_t row = 0; row < r; ++row) out[row] = max[row] + std::log(sum[row]);
+    std::copy(max.begin(), max.end(), row_max.data_ptr<T>());
+  });
+  return {lse, row_max};
 }
 
 std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_sums_cpu(const at::Tensor& teacher, const at::Tensor& teacher_weight,
@@ -114,16 +209,29 @@ std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_sums_cpu(const at::Tensor& teac
   const at::Tensor t_rows = acc_rows(teacher, "dino_sinkhorn_sums_cpu", "teacher");
   const int64_t r = t_rows.size(0), k = teacher_weight.size(0);
   TORCH_CHECK(u.numel() == k && v.numel() == r, "dino_sinkhorn_sums_cpu: u must be [K] and v [R]");
-  const at::Tensor uu = u.to(t_rows.scalar_type()).contiguous(), vv = v.to(t_rows.scalar_type()).reshape({r, 1});
+  const at::Tensor uu = u.to(t_rows.scalar_type()).contiguous(), vv = v.to(t_rows.scalar_type()).contiguous();
   at::Tensor rows = at::empty({k}, t_rows.options()), cols = at::zeros({r}, t_rows.options());
-  const int64_t kt = tile_width(r, k);
-  for (int64_t k0 = 0; k0 < k; k0 += kt) {
-    const int64_t k1 = std::min(k, k0 + kt);
-    at::Tensor e = tile_logits(t_rows, teacher_weight, k0, k1, inv_tau).sub_(shift).exp_();  // (3)
-    e.mul_(uu.slice(0, k0, k1)).mul_(vv);
-    rows.slice(0, k0, k1).copy_(e.sum(0));
-    cols.add_(e.sum(1));
-  }
+  AT_DISPATCH_FLOATING_TYPES(t_rows.scalar_type(), "dino_sinkhorn_sums_cpu", [&] {
+    using T = scalar_t;
+    const int64_t kt = tile_width(r, k);
+    const TileBuffer buf(r, kt, t_rows.options());
+    const T *pu = uu.const_data_ptr<T>(), *pv = vv.const_data_ptr<T>();
+    T* pc = cols.data_ptr<T>();
+    for (int64_t k0 = 0; k0 < k; k0 += kt) {
+      const int64_t kc = std::min(k, k0 + kt) - k0;
+      at::Tensor e = tile_logits(buf, t_rows, teacher_weight, k0, k0 + kc);
+      T* x = e.data_ptr<T>();
+      at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          T* xr = x + row * kc;
+          for (int64_t j = 0; j < kc; ++j) xr[j] = exp_tile(xr[j] * T(inv_tau) - T(shift)) * pu[k0 + j] * pv[row];
+          pc[row] += lane_sum(xr, kc);  // (3), over prototypes
+        }
+      });
+      at::Tensor rows_k = rows.slice(0, k0, k0 + kc);
+      at::sum_out(rows_k, e, {0});  // (3), over rows
+    }
+  });
   return {rows, cols};
 }
 
@@ -135,18 +243,32 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_fwd_cpu(const at::Tensor& student, 
   const at::Tensor s_rows = acc_rows(student, fn, "student"), t_rows = acc_rows(teacher, fn, "teacher");
   const LossShapes z = loss_shapes(s_rows, weight, t_rows, teacher_weight, a, beta, fn);
   const at::Tensor aa = a.to(s_rows.scalar_type()).contiguous(), bb = beta.to(s_rows.scalar_type()).contiguous();
-  OnlineLse lse(z.n, s_rows.options());
-  at::Tensor dots = at::zeros({z.g, z.v, z.b}, s_rows.options());
-  const int64_t kt = tile_width(std::max(z.n, z.r), z.k);
-  for (int64_t k0 = 0; k0 < z.k; k0 += kt) {
-    const int64_t k1 = std::min(z.k, k0 + kt);
-    const at::Tensor s = tile_logits(s_rows, weight, k0, k1, inv_tau_s);
-    lse.add(s);
-    const at::Tensor q = teacher_q(tile_logits(t_rows, teacher_weight, k0, k1, inv_tau_t), aa, bb, k0, k1);
-    const at::Tensor sv = s.view({z.v, z.b, k1 - k0});
-    for (int64_t g = 0; g < z.g; ++g) dots[g].add_((sv * q[g].unsqueeze(0)).sum(2));  // (4)
-  }
-  return {lse.lse(), dots.view({z.g, z.n})};
+  at::Tensor lse = at::empty({z.n}, s_rows.options()), dots = at::zeros({z.g, z.n}, s_rows.options());
+  AT_DISPATCH_FLOATING_TYPES(s_rows.scalar_type(), "dino_loss_fwd_cpu", [&] {
+    using T = scalar_t;
+    std::vector<T> max(z.n, -std::numeric_limits<T>::infinity()), sum(z.n, T(0));
+    const int64_t kt = tile_width(std::max(z.n, z.r), z.k);
+    const TileBuffer s_buf(z.n, kt, s_rows.options()), t_buf(z.r, kt, s_rows.options());
+    T* pd = dots.data_ptr<T>();
+    for (int64_t k0 = 0; k0 < z.k; k0 += kt) {
+      const int64_t kc = std::min(z.k, k0 + kt) - k0;
+      T* s = tile_logits(s_buf, s_rows, weight, k0, k0 + kc).data_ptr<T>();
+      T* q = tile_logits(t_buf, t_rows, teacher_weight, k0, k0 + kc).data_ptr<T>();
+      teacher_q(q, z.r, kc, z.b, aa.const_data_ptr<T>(), z.k, k0, bb.const_data_ptr<T>(), T(inv_tau_t));
+      at::parallel_for(0, z.n, grain(kc), [&](int64_t begin, int64_t end) {
+        std::vector<T> e(kc);
+        for (int64_t i = begin; i < end; ++i) {
+          T* x = s + i * kc;
+          for (int64_t j = 0; j < kc; ++j) x[j] *= T(inv_tau_s);
+          online_lse(x, kc, max[i], sum[i], e.data());
+          for (int64_t g = 0; g < z.g; ++g) pd[g * z.n + i] += lane_dot(x, q + (g * z.b + i % z.b) * kc, kc);  // (4)
+        }
+      });
+    }
+    T* out = lse.data_ptr<T>();
+    for (int64_t i = 0; i < z.n; ++i) out[i] = max[i] + std::log(sum[i]);
+  });
+  return {lse, dots};
 }
 
 std::tuple<at::Tensor, at::Tensor> dino_loss_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& grad_dots,
@@ -160,21 +282,42 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_bwd_cpu(const at::Tensor& grad_lse,
   TORCH_CHECK(grad_lse.numel() == z.n && lse.numel() == z.n && grad_dots.numel() == z.g * z.n,
               fn, ": grad_lse and lse must be [N], grad_dots [G, N]");
   const auto acc = [&](const at::Tensor& x) { return x.to(s_rows.scalar_type()).contiguous(); };
-  const at::Tensor aa = acc(a), bb = acc(beta), lse_col = acc(lse).view({z.n, 1});
-  const at::Tensor g_lse = acc(grad_lse).view({z.n, 1}), g_dots = acc(grad_dots).view({z.g, z.v, z.b, 1});
+  const at::Tensor aa = acc(a), bb = acc(beta), lse_acc = acc(lse), g_lse = acc(grad_lse), g_dots = acc(grad_dots);
   at::Tensor grad_student = at::zeros_like(s_rows);
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
-  const int64_t kt = tile_width(std::max(z.n, z.r), z.k);
-  for (int64_t k0 = 0; k0 < z.k; k0 += kt) {
-    const int64_t k1 = std::min(z.k, k0 + kt);
-    // (5): G = (dL/dlse p + sum_g dL/ddot_g q_g) / tau_s, built in the tile of s
-    at::Tensor grad = tile_logits(s_rows, weight, k0, k1, inv_tau_s).sub_(lse_col).exp_().mul_(g_lse);
-    const at::Tensor q = teacher_q(tile_logits(t_rows, teacher_weight, k0, k1, inv_tau_t), aa, bb, k0, k1);
-    const at::Tensor gv = grad.view({z.v, z.b, k1 - k0});
-    for (int64_t g = 0; g < z.g; ++g) gv.add_(q[g].unsqueeze(0) * g_dots[g]);
-    grad.mul_(inv_tau_s);
-    grad_student.add_(at::mm(grad, weight.slice(0, k0, k1).to(grad.scalar_type())));
-    grad_weight.slice(0, k0, k1).copy_(at::mm(grad.t(), s_rows));
-  }
+  const bool weight_is_acc = weight.scalar_type() == s_rows.scalar_type() && grad_weight.is_contiguous();
+  AT_DISPATCH_FLOATING_TYPES(s_rows.scalar_type(), "dino_loss_bwd_cpu", [&] {
+    using T = scalar_t;
+    const int64_t kt = tile_width(std::max(z.n, z.r), z.k);
+    const TileBuffer s_buf(z.n, kt, s_rows.options()), t_buf(z.r, kt, s_rows.options());
+    const T *pl = lse_acc.const_data_ptr<T>(), *pgl = g_lse.const_data_ptr<T>(), *pgd = g_dots.const_data_ptr<T>();
+    for (int64_t k0 = 0; k0 < z.k; k0 += kt) {
+      const int64_t k1 = std::min(z.k, k0 + kt), kc = k1 - k0;
+      at::Tensor grad = tile_logits(s_buf, s_rows, weight, k0, k1);
+      T* s = grad.data_ptr<T>();
+      T* q = tile_logits(t_buf, t_rows, teacher_weight, k0, k1).data_ptr<T>();
+      teacher_q(q, z.r, kc, z.b, aa.const_data_ptr<T>(), z.k, k0, bb.const_data_ptr<T>(), T(inv_tau_t));
+      // (5): G = (dL/dlse p + sum_g dL/ddot_g q_g) / tau_s, in place of the tile of s
+      at::parallel_for(0, z.n, grain(kc), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T* x = s + i * kc;
+          const T gl = pgl[i] * T(inv_tau_s), li = pl[i];
+          for (int64_t j = 0; j < kc; ++j) x[j] = gl * exp_tile(x[j] * T(inv_tau_s) - li);
+          for (int64_t g = 0; g < z.g; ++g) {
+            const T gd = pgd[g * z.n + i] * T(inv_tau_s);
+            const T* qg = q + (g * z.b + i % z.b) * kc;
+            for (int64_t j = 0; j < kc; ++j) x[j] += gd * qg[j];
+          }
+        }
+      });
+      grad_student.addmm_(grad, weight.slice(0, k0, k1).to(grad.scalar_type()));
+      if (weight_is_acc) {
+        at::Tensor out = grad_weight.slice(0, k0, k1);
+        at::mm_out(out, grad.t(), s_rows);
+      } else {
+        grad_weight.slice(0, k0, k1).copy_(at::mm(grad.t(), s_rows));
+      }
+    }
+  });
   return {grad_student.to(student.scalar_type()), grad_weight};
 }
