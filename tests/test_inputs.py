@@ -697,7 +697,7 @@ for _v in (-1.0, _NAN, _INF, 3e38):
     row(f"masked_mse_loss/mask weight {_v}", _mse(_MX, mask=torch.full((2, 5), _v)), raises(ValueError, "mask"))
 _mw = _MONES.clone()
 _mw[0, 0] = _INF
-row("masked_mse_loss/one infinite weight", _mse(_MX, mask=_mw), raises(ValueError, "mask"))
+row("masked_mse_loss/one infinite weight", _mse(_MX, mask=_mw.clone()), raises(ValueError, "mask"))
 _mw[0, 0] = -1e-30
 row("masked_mse_loss/one tiny negative weight", _mse(_MX, mask=_mw), raises(ValueError, "mask"))
 for _v in (1e-30, 1e30):  # the loss is a weighted mean: the scale of the weights drops out
@@ -1092,10 +1092,10 @@ row(
 )
 row(
     "autoattack/standard",
-    lambda: fastssl.autoattack(_IMODEL, _IMG, _IY, eps=0.1, steps=3, n_target_classes=3, queries=20, progress=False),
+    lambda: fastssl.autoattack(_IMODEL, _AIMG, _IY, eps=0.1, steps=3, n_target_classes=3, queries=20, progress=False),
     gives(
         lambda r: (
-            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) == _IY)) and bool(((r[0] - _IMG).abs() <= 0.1 + 1e-6).all())
+            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) == _IY)) and bool(((r[0] - _AIMG).abs() <= 0.1 + 1e-6).all())
         )
     ),
 )
@@ -1138,71 +1138,73 @@ row(
 row("robust_accuracy/float labels", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY.float()), raises(TypeError, "y"))
 row("robust_accuracy/labels length", lambda: fastssl.robust_accuracy(_AMODEL, _AX, _AY[:2]), raises(ValueError, "y"))
 
-_IMG = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+_AIMG = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0))
 _IMODEL = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(25, 5))
-_IY = _IMODEL(_IMG).argmax(1).detach()
+_IY = _IMODEL(_AIMG).argmax(1).detach()
 row(
     "fab_attack/success is misclassified and in the ball",
-    lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.2, steps=5, n_target_classes=4),
+    lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY, eps=0.2, steps=5, n_target_classes=4),
     gives(
         lambda r: (
-            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) != _IY)) and bool(((r[0] - _IMG).abs() <= 0.2 + 1e-6).all())
+            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) != _IY)) and bool(((r[0] - _AIMG).abs() <= 0.2 + 1e-6).all())
         )
     ),
 )
 row(
     "fab_attack/one sample",
-    lambda: fastssl.fab_attack(_IMODEL, _IMG[:1], _IY[:1], eps=0.1, steps=2, n_target_classes=4),
+    lambda: fastssl.fab_attack(_IMODEL, _AIMG[:1], _IY[:1], eps=0.1, steps=2, n_target_classes=4),
     gives(lambda r: r[0].shape == (1, 1, 5, 5)),
 )
-row("fab_attack/eps 0", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.0), raises(ValueError, "eps"))
-row("fab_attack/steps 0", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, steps=0), raises(ValueError, "steps"))
-row("fab_attack/eta 0", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, eta=0), raises(ValueError, "eta"))
-row("fab_attack/float labels", lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY.float(), eps=0.1), raises(TypeError, "y"))
+row("fab_attack/eps 0", lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY, eps=0.0), raises(ValueError, "eps"))
+row(
+    "fab_attack/steps 0", lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY, eps=0.1, steps=0), raises(ValueError, "steps")
+)
+row("fab_attack/eta 0", lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY, eps=0.1, eta=0), raises(ValueError, "eta"))
+row("fab_attack/float labels", lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY.float(), eps=0.1), raises(TypeError, "y"))
 row(
     "fab_attack/x NaN",
-    lambda: fastssl.fab_attack(_IMODEL, _IMG * math.nan, _IY, eps=0.1),
+    lambda: fastssl.fab_attack(_IMODEL, _AIMG * math.nan, _IY, eps=0.1),
     raises(ValueError, "non-finite"),
 )
 row(
     "fab_attack/x outside [0, 1]",
-    lambda: fastssl.fab_attack(_IMODEL, _IMG + 1, _IY, eps=0.1),
+    lambda: fastssl.fab_attack(_IMODEL, _AIMG + 1, _IY, eps=0.1),
     raises(ValueError, "bounds"),
 )
 row(
     "fab_attack/targets",
-    lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, n_target_classes=5),
+    lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY, eps=0.1, n_target_classes=5),
     raises(ValueError, "n_target_classes"),
 )
 row(
     "fab_attack/model output 1-D",
-    lambda: fastssl.fab_attack(lambda v: v.flatten(1).sum(1), _IMG, _IY, eps=0.1),
+    lambda: fastssl.fab_attack(lambda v: v.flatten(1).sum(1), _AIMG, _IY, eps=0.1),
     raises(ValueError, "model"),
 )
 row(
     "fab_attack/early_stop 1",
-    lambda: fastssl.fab_attack(_IMODEL, _IMG, _IY, eps=0.1, early_stop=1),
+    lambda: fastssl.fab_attack(_IMODEL, _AIMG, _IY, eps=0.1, early_stop=1),
     raises(TypeError, "early_stop"),
 )
 row(
     "square_attack/success is misclassified and in the ball",
-    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.2, queries=30, generator=torch.Generator().manual_seed(0)),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG, _IY, eps=0.2, queries=30, generator=torch.Generator().manual_seed(0)),
     gives(
         lambda r: (
-            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) != _IY)) and bool(((r[0] - _IMG).abs() <= 0.2 + 1e-6).all())
+            bool(torch.equal(r[1], _IMODEL(r[0]).argmax(1) != _IY)) and bool(((r[0] - _AIMG).abs() <= 0.2 + 1e-6).all())
         )
     ),
 )
 row(
     "square_attack/one query",
-    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, queries=1),
-    gives(lambda r: r[0].shape == _IMG.shape),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG, _IY, eps=0.1, queries=1),
+    gives(lambda r: r[0].shape == _AIMG.shape),
 )
 row(
     "square_attack/1x1 images",
     lambda: fastssl.square_attack(
         lambda v: torch.cat([v.flatten(1), -v.flatten(1)], 1),
-        _IMG[:, :, :1, :1],
+        _AIMG[:, :, :1, :1],
         torch.ones(4, dtype=torch.long),
         eps=0.1,
         queries=3,
@@ -1211,30 +1213,32 @@ row(
 )
 row(
     "square_attack/flat x",
-    lambda: fastssl.square_attack(_IMODEL, _IMG.flatten(1), _IY, eps=0.1),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG.flatten(1), _IY, eps=0.1),
     raises(ValueError, "images"),
 )
 row(
-    "square_attack/eps negative", lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=-0.1), raises(ValueError, "eps")
+    "square_attack/eps negative",
+    lambda: fastssl.square_attack(_IMODEL, _AIMG, _IY, eps=-0.1),
+    raises(ValueError, "eps"),
 )
 row(
     "square_attack/queries 0",
-    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, queries=0),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG, _IY, eps=0.1, queries=0),
     raises(ValueError, "queries"),
 )
 row(
     "square_attack/p_init NaN",
-    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, p_init=math.nan),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG, _IY, eps=0.1, p_init=math.nan),
     raises(ValueError, "p_init"),
 )
 row(
     "square_attack/generator type",
-    lambda: fastssl.square_attack(_IMODEL, _IMG, _IY, eps=0.1, generator=1),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG, _IY, eps=0.1, generator=1),
     raises(TypeError, "generator"),
 )
 row(
     "square_attack/x outside [0, 1]",
-    lambda: fastssl.square_attack(_IMODEL, _IMG - 1, _IY, eps=0.1),
+    lambda: fastssl.square_attack(_IMODEL, _AIMG - 1, _IY, eps=0.1),
     raises(ValueError, "bounds"),
 )
 
@@ -2161,6 +2165,31 @@ def test_subprocess_row(code, expect_stdout):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, f"exit {done.returncode} (a negative code is a signal):\n{done.stderr[-3000:]}"
     assert re.search(expect_stdout, done.stdout), done.stdout[-2000:]
+
+
+def test_sections_share_no_module_names():
+    """The rows' lambdas read module-level names when they run: a name assigned twice at module
+    level would silently change an earlier section's rows."""
+    import ast
+    from collections import Counter
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).read_text())
+    names = Counter()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] += 1
+        while targets:  # names bound, through tuples; x[i] = ... mutates, it does not rebind
+            target = targets.pop()
+            if isinstance(target, ast.Name):
+                names[target.id] += 1
+            elif isinstance(target, (ast.Tuple, ast.List)):
+                targets.extend(target.elts)
+    loops = [node.target for node in tree.body if isinstance(node, ast.For)]
+    loop_vars = {n.id for target in loops for n in ast.walk(target) if isinstance(n, ast.Name)}
+    twice = sorted(n for n, c in names.items() if c > 1 and n not in loop_vars)
+    assert not twice, f"module-level names assigned more than once: {twice}"
 
 
 def test_every_public_name_has_rows():
