@@ -30,8 +30,13 @@ import triton.language as tl
 from fastssl.kernels._launch import acc_dtype, block_size, launcher, program_target
 from torch import Tensor
 
+# Two gathered [BLOCK_S, BLOCK_D] tiles live per chunk: at most 64 features per chunk (32 for the
+# fp64 forward, whose five fp64 sums and tiles take twice the registers), so that no variant spills
+# registers on sm_80 or sm_90 (scripts/compile_check.py; docs/design.md, "Tile kernels": launch
+# configurations).
 _BLOCK_S = 32
-_MAX_BLOCK_D = 128
+_MAX_BLOCK_D = 64
+_MAX_BLOCK_D_FWD_FP64 = 32
 _EPS = 1e-12  # F.normalize's eps
 
 
@@ -229,11 +234,12 @@ def mochi_mix_fwd(
     if b * s == 0:
         return out, coef
     grid = (b, triton.cdiv(s, _BLOCK_S))
+    max_block_d = _MAX_BLOCK_D_FWD_FP64 if q.dtype == torch.float64 else _MAX_BLOCK_D
     _mochi_mix_fwd_kernel[grid](
         q, q_bar, queue, first, second, weight, row_scale, out, coef, s, d,
         q.stride(0), q.stride(1), q_bar.stride(0), q_bar.stride(1), queue.stride(0), queue.stride(1),
         first.stride(0), first.stride(1), second.stride(0), second.stride(1), weight.stride(0), weight.stride(1),
-        ACC=acc, EPS=_EPS, BLOCK_S=_BLOCK_S, BLOCK_D=block_size(d, _MAX_BLOCK_D),
+        ACC=acc, EPS=_EPS, BLOCK_S=_BLOCK_S, BLOCK_D=block_size(d, max_block_d),
     )  # fmt: skip
     return out, coef
 
