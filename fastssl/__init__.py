@@ -10,7 +10,7 @@ from fastssl.adversarial import (
     random_start,
     robust_accuracy,
 )
-from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
+from fastssl.contrastive import InfoNCELoss, NTXentLoss, dcl_loss, info_nce, nt_xent
 from fastssl.masking import (
     block_masking,
     masked_mse_loss,
@@ -30,7 +30,14 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
-from fastssl.pairwise import SigLIPLoss, alignment_loss, hypersphere_loss, negative_cosine_similarity, siglip_loss
+from fastssl.pairwise import (
+    SigLIPLoss,
+    alignment_loss,
+    hypersphere_loss,
+    negative_cosine_similarity,
+    siglip_loss,
+    uniformity_loss,
+)
 from fastssl.prototypes import (
     DINOLoss,
     IBOTLoss,
@@ -71,6 +78,7 @@ __all__ = [
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
+    "dcl_loss",
     "dino_loss",
     "feature_attack",
     "fixmatch_loss",
@@ -101,6 +109,7 @@ __all__ = [
     "teacher_temperature_schedule",
     "tsa_threshold",
     "uda_loss",
+    "uniformity_loss",
     "unpatchify",
     "unshuffle",
     "vicreg_loss",

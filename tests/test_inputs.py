@@ -1826,7 +1826,7 @@ row("teacher_temperature_schedule/final 0", lambda: fastssl.teacher_temperature_
 
 # ---------------------------------------------------------------------------------------------
 # pairwise and redundancy: siglip_loss, SigLIPLoss, alignment_loss, hypersphere_loss,
-# negative_cosine_similarity, barlow_twins_loss, vicreg_loss
+# negative_cosine_similarity, barlow_twins_loss, vicreg_loss, dcl_loss, uniformity_loss
 
 _A, _B = torch.randn(6, 4), torch.randn(6, 4)
 
@@ -1941,6 +1941,51 @@ row("vicreg_loss/inf z2", lambda: fastssl.vicreg_loss(_A, _with(_B, 0, float("in
 row(
     "vicreg_loss/constant views", lambda: fastssl.vicreg_loss(_A * 0, _B * 0), gives(close_to(25.0 * (1 - 1e-2)))
 )  # only the variance hinge: 1 − √eps per column
+
+row("dcl_loss/one row", lambda: fastssl.dcl_loss(_A[:1], _B[:1]), raises(ValueError, "z1"))
+row("dcl_loss/empty z1", lambda: fastssl.dcl_loss(_A[:0], _B[:0]), raises(ValueError, "z1"))
+row("dcl_loss/z2 rows differ", lambda: fastssl.dcl_loss(_A, _B[:4]), raises(ValueError, "z2"))
+row("dcl_loss/z2 dtype differs", lambda: fastssl.dcl_loss(_A, _B.double()), raises(TypeError, "z2"))
+row("dcl_loss/integer z1", lambda: fastssl.dcl_loss(_A.long(), _B.long()), raises(TypeError, "z1"))
+row("dcl_loss/temperature zero", lambda: fastssl.dcl_loss(_A, _B, temperature=0.0), raises(ValueError, "temperature"))
+row(
+    "dcl_loss/temperature two values",
+    lambda: fastssl.dcl_loss(_A, _B, temperature=torch.ones(2)),
+    raises(ValueError, "temperature"),
+)
+row("dcl_loss/sigma negative", lambda: fastssl.dcl_loss(_A, _B, sigma=-1.0), raises(ValueError, "sigma"))
+row("dcl_loss/sigma string", lambda: fastssl.dcl_loss(_A, _B, sigma="1"), raises(TypeError, "sigma"))
+row("dcl_loss/impl", lambda: fastssl.dcl_loss(_A, _B, impl="fast"), raises(ValueError, "impl"))
+row("dcl_loss/gather not bool", lambda: fastssl.dcl_loss(_A, _B, gather=1), raises(TypeError, "gather"))
+row(
+    "dcl_loss/gather without group",
+    lambda: fastssl.dcl_loss(_A, _B, gather=True),
+    raises(RuntimeError, "process group"),
+)
+row("dcl_loss/nan z1", lambda: fastssl.dcl_loss(_with(_A, 3, float("nan")), _B), gives(nonfinite))
+row("dcl_loss/inf z2 triton", lambda: fastssl.dcl_loss(_A, _with(_B, 0, float("inf")), impl="triton"), gives(nonfinite))
+row("dcl_loss/zero row", lambda: fastssl.dcl_loss(_with(_A, slice(0, 4), 0.0), _B), gives(finite))
+row(
+    "dcl_loss/two rows",  # z1 = z2 = two orthogonal rows: each row's negatives are s = 0 twice, its positive 1/τ
+    lambda: fastssl.dcl_loss(torch.eye(2), torch.eye(2), temperature=0.5),
+    gives(close_to(math.log(2.0) - 2.0)),
+)
+row("uniformity_loss/one row", lambda: fastssl.uniformity_loss(_A[:1]), raises(ValueError, "x"))
+row("uniformity_loss/1-D x", lambda: fastssl.uniformity_loss(_A[0]), raises(ValueError, "x"))
+row("uniformity_loss/t zero", lambda: fastssl.uniformity_loss(_A, t=0.0), raises(ValueError, "t"))
+row("uniformity_loss/t string", lambda: fastssl.uniformity_loss(_A, t="2"), raises(TypeError, "t"))
+row("uniformity_loss/nan x", lambda: fastssl.uniformity_loss(_with(_A, 2, float("nan"))), gives(nonfinite))
+row(
+    "uniformity_loss/coincident rows",
+    lambda: fastssl.uniformity_loss(_A[:1].repeat(4, 1)),
+    gives(close_to(0.0, atol=1e-6)),
+)
+row(
+    "uniformity_loss/two opposite rows",  # ‖x̂_1 − x̂_2‖² = 4
+    lambda: fastssl.uniformity_loss(torch.tensor([[1.0, 0.0], [-2.0, 0.0]]), t=2.0),
+    gives(close_to(-8.0)),
+)
+row("uniformity_loss/large t", lambda: fastssl.uniformity_loss(_A, t=2000.0), gives(finite))
 
 
 # ---------------------------------------------------------------------------------------------
