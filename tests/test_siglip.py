@@ -58,11 +58,10 @@ def _check(impl, x, y, *, rtol=1e-10, atol=1e-12, **kw):
 
 @pytest.fixture
 def small_triton_blocks(monkeypatch):
-    """Block caps of 16 so that small inputs span many tiles and runs of column blocks."""
+    """Tiles of 16 so that small inputs span many tiles and runs of column blocks."""
     from fastssl.kernels import siglip as kernels
 
-    for name in ("_FWD_BLOCK", "_BWD_BLOCK", "_FP64_BLOCK"):
-        monkeypatch.setattr(kernels, name, 16)
+    monkeypatch.setattr(kernels, "_CONFIGS", {key: ((16, 16, 4, 1), (16, 16, 4, 1)) for key in kernels._CONFIGS})
 
 
 # -- against the reference ------------------------------------------------------------------------------------
