@@ -14,7 +14,7 @@ from fastssl.adversarial import (
     square_attack,
     trades_loss,
 )
-from fastssl.contrastive import InfoNCELoss, NTXentLoss, info_nce, nt_xent
+from fastssl.contrastive import InfoNCELoss, NTXentLoss, dcl_loss, info_nce, nt_xent
 from fastssl.masking import (
     block_masking,
     masked_mse_loss,
@@ -34,7 +34,14 @@ from fastssl.neighbors import (
     knn_pseudo_labels,
     knn_search,
 )
-from fastssl.pairwise import SigLIPLoss, alignment_loss, hypersphere_loss, negative_cosine_similarity, siglip_loss
+from fastssl.pairwise import (
+    SigLIPLoss,
+    alignment_loss,
+    hypersphere_loss,
+    negative_cosine_similarity,
+    siglip_loss,
+    uniformity_loss,
+)
 from fastssl.prototypes import (
     DINOLoss,
     IBOTLoss,
@@ -75,6 +82,7 @@ __all__ = [
     "block_masking",
     "cluster_metrics",
     "cluster_pseudo_labels",
+    "dcl_loss",
     "dino_loss",
     "fab_attack",
     "feature_attack",
@@ -109,6 +117,7 @@ __all__ = [
     "trades_loss",
     "tsa_threshold",
     "uda_loss",
+    "uniformity_loss",
     "unpatchify",
     "unshuffle",
     "vicreg_loss",

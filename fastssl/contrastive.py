@@ -8,10 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from fastssl import _checks
+from fastssl.ops.dcl import dcl_loss
 from fastssl.ops.info_nce import info_nce
 from fastssl.ops.ntxent import nt_xent
 
-__all__ = ["InfoNCELoss", "NTXentLoss", "info_nce", "nt_xent"]
+__all__ = ["InfoNCELoss", "NTXentLoss", "dcl_loss", "info_nce", "nt_xent"]
 
 
 class NTXentLoss(nn.Module):

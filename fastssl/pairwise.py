@@ -9,10 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastssl import _checks
+from fastssl import _checks, _ext
+from fastssl._rows import unit_rows
+from fastssl.ops.ntxent import ntxent_lse
 from fastssl.ops.siglip import siglip_loss
 
-__all__ = ["SigLIPLoss", "alignment_loss", "hypersphere_loss", "negative_cosine_similarity", "siglip_loss"]
+__all__ = [
+    "SigLIPLoss",
+    "alignment_loss",
+    "hypersphere_loss",
+    "negative_cosine_similarity",
+    "siglip_loss",
+    "uniformity_loss",
+]
 
 
 class SigLIPLoss(nn.Module):
@@ -83,17 +92,27 @@ def _alignment(x: Tensor, y: Tensor, alpha: float) -> Tensor:
     return (F.normalize(x.to(acc), dim=1) - F.normalize(y.to(acc), dim=1)).norm(dim=1).pow(alpha).mean()
 
 
-def _uniformity(x: Tensor, t: float) -> Tensor:
-    """log mean_{i≠j} exp(−t‖x̂_i − x̂_j‖²) of L2-normalised rows (the mean over i < j, by symmetry).
-
-    ‖x̂_i − x̂_j‖² = 2 − 2 x̂_i·x̂_j for unit rows: one Gram matrix, a log-sum-exp instead of
-    exp then log (finite at large t), and no pdist (whose gradient is NaN at coincident rows).
+def uniformity_loss(x: Tensor, *, t: float = 2.0) -> Tensor:
+    """Uniformity (Wang & Isola 2020): log mean_{i<j} exp(−t‖x̂_i − x̂_j‖²) over L2-normalised rows
+    x̂ of x [N, D], N ≥ 2, t > 0. Through the NT-Xent log-sum-exp op, so memory is O(N·D), never an
+    N×N matrix (docs/design.md, "Uniformity"). Computed and returned in fp32 for fp16/bf16/fp32
+    input (fp64 for fp64).
+    Non-finite rows give a non-finite loss.
     """
-    n = x.shape[0]
-    xn = F.normalize(x, dim=1)
-    sq = (2.0 - 2.0 * (xn @ xn.T)).clamp_min(0.0)
-    logits = (-t * sq).masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), -math.inf)
-    return logits.logsumexp(dim=(0, 1)) - math.log(n * (n - 1))
+    _checks.features("x", x)
+    if x.shape[0] < 2:
+        raise ValueError(f"x must have at least 2 rows (one pair), got shape {tuple(x.shape)}")
+    return _uniformity(x, _checks.positive("t", t))
+
+
+def _uniformity(x: Tensor, t: float) -> Tensor:
+    """With unit rows ‖x̂_i − x̂_j‖² = 2 − 2 x̂_i·x̂_j, so the mean over i < j (= over i ≠ j, by
+    symmetry) is log Σ_i exp(lse_i) − log N(N−1) − 2t with lse_i = LSE_{j≠i} 2t·x̂_i·x̂_j, the
+    NT-Xent LSE at 1/τ = 2t (docs/design.md, "Uniformity")."""
+    n, acc = x.shape[0], _checks.accumulate_dtype(x.dtype)
+    xn = unit_rows(x.to(acc))  # 16-bit input in fp32: unit rows rounded to bf16 would move U by ~1e-3
+    lse = ntxent_lse(xn, 2.0 * t, _ext.resolve_impl("auto", x.device))
+    return lse.logsumexp(0) - math.log(n * (n - 1)) - 2.0 * t
 
 
 def hypersphere_loss(z1: Tensor, z2: Tensor, *, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0) -> Tensor:
@@ -101,7 +120,7 @@ def hypersphere_loss(z1: Tensor, z2: Tensor, *, t: float = 1.0, lam: float = 1.0
     alignment_loss(z1, z2, alpha) + lam·(U(z1) + U(z2))/2 with U(z) = log mean_{i<j} exp(−t‖ẑ_i − ẑ_j‖²).
 
     z1, z2: [N, D], N ≥ 2 (uniformity needs a pair). t > 0, lam ≥ 0, alpha > 0. This uniformity
-    holds an N×N Gram matrix (plain PyTorch, exact).
+    uniformity is :func:`uniformity_loss`'s (O(N·D) memory).
     """
     _pair("z1", z1, "z2", z2)
     if z1.shape[0] < 2:

@@ -241,6 +241,8 @@ CASES: list[Case] = [
     Case("info_nce/symmetric", _contrastive("info_nce", temperature=0.1, symmetric=True)),
     Case("info_nce/negatives", _contrastive("info_nce", temperature=0.1, negatives=True)),
     Case("info_nce/tau=0.02", _contrastive("info_nce", temperature=0.02, symmetric=True)),
+    Case("dcl_loss", _contrastive("dcl_loss", temperature=0.1, sigma=0.5)),
+    Case("siglip_loss", _contrastive("siglip_loss", scale=10.0, bias=-10.0)),
     Case("mochi_logits", _mochi("logits")),
     Case("mochi_loss", _mochi("loss")),
     Case("random_masking", _random_masking),

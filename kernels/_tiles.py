@@ -138,7 +138,7 @@ def add_weighted_rows(
     """
     cols = tl.arange(0, BLOCK_D)
     if ONE_D_BLOCK:
-        dx_i = tl.dot(a, y_j.to(A_DOT), dx_i, input_precision=A_PRECISION)
+        dx_i = tl.dot(a, y_j.to(A_DOT), dx_i, input_precision=A_PRECISION, out_dtype=ACC)
         dy_j = tl.dot(tl.trans(a), x_i.to(A_DOT), input_precision=A_PRECISION, out_dtype=ACC)
         ptrs = DY_ptr + rows_j[:, None] * D + cols[None, :]
         tl.atomic_add(ptrs, dy_j, mask=ok_j[:, None] & (cols < D)[None, :], sem="relaxed")

@@ -35,14 +35,26 @@ import torch
 import triton
 import triton.language as tl
 from fastssl.kernels._launch import block_size, launcher, program_target
-from fastssl.kernels._tiles import add_weighted_rows, block_rows, check_matrix, dot_dtypes, tile_dots
+from fastssl.kernels._tiles import add_weighted_rows, block_rows, check_matrix, dot_dtypes, tile_config, tile_dots
 from torch import Tensor
 
-# Block caps: module constants so that tests can shrink them to exercise many tiles on small inputs.
-_FWD_BLOCK = 128
-_BWD_BLOCK = 64
-_FP64_BLOCK = 64
-_MAX_BLOCK_D = {2: 128, 4: 64, 8: 32}  # by element size: bf16/fp16, fp32, fp64
+# Launch configurations, (BLOCK, BLOCK_D, num_warps, num_stages) per kernel and dtype, BLOCK being
+# BLOCK_M and BLOCK_N: the first when D fits in one BLOCK_D chunk (the x rows loaded once, ∂L/∂x_I
+# kept in registers; None where that spills), the second for D in chunks (kernels/_tiles.py,
+# tile_config; docs/design.md, "Tile kernels": launch configurations). Chosen with
+# scripts/compile_check.py --only siglip: the 64- and 128-row tiles of the first version spilled on
+# sm_80 in every dtype and on sm_90 in fp32, fp16 (A in fp32) and fp64. Tests may replace the table
+# to exercise many tiles on small inputs.
+_CONFIGS = {
+    ("fwd", torch.bfloat16): ((64, 128, 4, 2), (32, 64, 4, 2)),
+    ("fwd", torch.float16): ((64, 128, 4, 2), (32, 64, 4, 2)),
+    ("fwd", torch.float32): ((32, 64, 4, 2), (32, 32, 4, 2)),
+    ("fwd", torch.float64): ((32, 32, 4, 2), (32, 32, 4, 2)),
+    ("bwd", torch.bfloat16): ((32, 128, 4, 2), (32, 64, 4, 1)),
+    ("bwd", torch.float16): ((32, 64, 4, 2), (32, 32, 4, 1)),
+    ("bwd", torch.float32): (None, (32, 32, 4, 1)),
+    ("bwd", torch.float64): (None, (32, 16, 4, 1)),
+}
 
 
 @triton.jit
@@ -200,13 +212,11 @@ def _check_inputs(fn: str, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) ->
     return dot_dtypes(x)[0]
 
 
-def _launch(x: Tensor, y: Tensor, block_cap: int) -> dict:
-    """Block sizes and grid (4) for x [M, D] against y [N, D]."""
+def _launch(x: Tensor, y: Tensor, kernel: str) -> dict:
+    """Block sizes, warps, stages and grid (4) for x [M, D] against y [N, D] (see _CONFIGS)."""
     (m, d), n = x.shape, y.shape[0]
-    if x.dtype == torch.float64:
-        block_cap = min(block_cap, _FP64_BLOCK)
-    block_m, block_n = block_size(m, block_cap), block_size(n, block_cap)
-    block_d = block_size(d, _MAX_BLOCK_D[x.element_size()])
+    block, block_d, one_d, num_warps, num_stages = tile_config(_CONFIGS, kernel, x.dtype, d)
+    block_m, block_n = block_size(m, block), block_size(n, block)
     row_blocks, col_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     parts = max(1, min(col_blocks, triton.cdiv(program_target(x.device), row_blocks)))
     return dict(
@@ -214,8 +224,9 @@ def _launch(x: Tensor, y: Tensor, block_cap: int) -> dict:
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        ONE_D_BLOCK=d <= block_d,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        ONE_D_BLOCK=one_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
@@ -232,7 +243,7 @@ def siglip_fwd(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, offset: int) -
     rows = torch.zeros(m, dtype=acc, device=x.device)
     if n == 0:
         return rows
-    launch = _launch(x, y, _FWD_BLOCK)
+    launch = _launch(x, y, "fwd")
     grid = launch.pop("grid")
     dtypes = dot_dtypes(x)[1]
     scale, bias = _scalars(scale, bias, acc)
@@ -259,7 +270,7 @@ def siglip_bwd(
     dsb = torch.zeros(2, dtype=acc, device=x.device)
     scale, bias = _scalars(scale, bias, acc)
     if m and n:
-        launch = _launch(x, y, _BWD_BLOCK)
+        launch = _launch(x, y, "bwd")
         grid = launch.pop("grid")
         _siglip_bwd_kernel[grid](
             x, y, scale, bias, grad_row.contiguous(), dx, dy, dsb,

@@ -2015,7 +2015,7 @@ row("teacher_temperature_schedule/final 0", lambda: fastssl.teacher_temperature_
 
 # ---------------------------------------------------------------------------------------------
 # pairwise and redundancy: siglip_loss, SigLIPLoss, alignment_loss, hypersphere_loss,
-# negative_cosine_similarity, barlow_twins_loss, vicreg_loss
+# negative_cosine_similarity, barlow_twins_loss, vicreg_loss, dcl_loss, uniformity_loss
 
 _PA, _PB = torch.randn(6, 4), torch.randn(6, 4)
 
@@ -2142,6 +2142,55 @@ row("vicreg_loss/inf z2", lambda: fastssl.vicreg_loss(_PA, _with_value(_PB, 0, f
 row(
     "vicreg_loss/constant views", lambda: fastssl.vicreg_loss(_PA * 0, _PB * 0), gives(close_to(25.0 * (1 - 1e-2)))
 )  # only the variance hinge: 1 − √eps per column
+
+row("dcl_loss/one row", lambda: fastssl.dcl_loss(_PA[:1], _PB[:1]), raises(ValueError, "z1"))
+row("dcl_loss/empty z1", lambda: fastssl.dcl_loss(_PA[:0], _PB[:0]), raises(ValueError, "z1"))
+row("dcl_loss/z2 rows differ", lambda: fastssl.dcl_loss(_PA, _PB[:4]), raises(ValueError, "z2"))
+row("dcl_loss/z2 dtype differs", lambda: fastssl.dcl_loss(_PA, _PB.double()), raises(TypeError, "z2"))
+row("dcl_loss/integer z1", lambda: fastssl.dcl_loss(_PA.long(), _PB.long()), raises(TypeError, "z1"))
+row("dcl_loss/temperature zero", lambda: fastssl.dcl_loss(_PA, _PB, temperature=0.0), raises(ValueError, "temperature"))
+row(
+    "dcl_loss/temperature two values",
+    lambda: fastssl.dcl_loss(_PA, _PB, temperature=torch.ones(2)),
+    raises(ValueError, "temperature"),
+)
+row("dcl_loss/sigma negative", lambda: fastssl.dcl_loss(_PA, _PB, sigma=-1.0), raises(ValueError, "sigma"))
+row("dcl_loss/sigma string", lambda: fastssl.dcl_loss(_PA, _PB, sigma="1"), raises(TypeError, "sigma"))
+row("dcl_loss/impl", lambda: fastssl.dcl_loss(_PA, _PB, impl="fast"), raises(ValueError, "impl"))
+row("dcl_loss/gather not bool", lambda: fastssl.dcl_loss(_PA, _PB, gather=1), raises(TypeError, "gather"))
+row(
+    "dcl_loss/gather without group",
+    lambda: fastssl.dcl_loss(_PA, _PB, gather=True),
+    raises(RuntimeError, "process group"),
+)
+row("dcl_loss/nan z1", lambda: fastssl.dcl_loss(_with_value(_PA, 3, float("nan")), _PB), gives(nonfinite))
+row(
+    "dcl_loss/inf z2 triton",
+    lambda: fastssl.dcl_loss(_PA, _with_value(_PB, 0, float("inf")), impl="triton"),
+    gives(nonfinite),
+)
+row("dcl_loss/zero row", lambda: fastssl.dcl_loss(_with_value(_PA, slice(0, 4), 0.0), _PB), gives(finite))
+row(
+    "dcl_loss/two rows",  # z1 = z2 = two orthogonal rows: each row's negatives are s = 0 twice, its positive 1/τ
+    lambda: fastssl.dcl_loss(torch.eye(2), torch.eye(2), temperature=0.5),
+    gives(close_to(math.log(2.0) - 2.0)),
+)
+row("uniformity_loss/one row", lambda: fastssl.uniformity_loss(_PA[:1]), raises(ValueError, "x"))
+row("uniformity_loss/1-D x", lambda: fastssl.uniformity_loss(_PA[0]), raises(ValueError, "x"))
+row("uniformity_loss/t zero", lambda: fastssl.uniformity_loss(_PA, t=0.0), raises(ValueError, "t"))
+row("uniformity_loss/t string", lambda: fastssl.uniformity_loss(_PA, t="2"), raises(TypeError, "t"))
+row("uniformity_loss/nan x", lambda: fastssl.uniformity_loss(_with_value(_PA, 2, float("nan"))), gives(nonfinite))
+row(
+    "uniformity_loss/coincident rows",
+    lambda: fastssl.uniformity_loss(_PA[:1].repeat(4, 1)),
+    gives(close_to(0.0, atol=1e-6)),
+)
+row(
+    "uniformity_loss/two opposite rows",  # ‖x̂_1 − x̂_2‖² = 4
+    lambda: fastssl.uniformity_loss(torch.tensor([[1.0, 0.0], [-2.0, 0.0]]), t=2.0),
+    gives(close_to(-8.0)),
+)
+row("uniformity_loss/large t", lambda: fastssl.uniformity_loss(_PA, t=2000.0), gives(finite))
 
 
 # ---------------------------------------------------------------------------------------------

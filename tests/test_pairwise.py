@@ -43,6 +43,16 @@ def test_alignment_equals_wang_isola(alpha):
     _check(lambda a, b: fastssl.alignment_loss(a, b, alpha=alpha), align, *_views(11, 6), "alignment")
 
 
+@pytest.mark.parametrize("t", [0.5, 2.0, 30.0])
+@pytest.mark.parametrize("n, d", [(2, 3), (23, 6)])
+def test_uniformity_equals_wang_isola(n, d, t):
+    def uniformity(x):  # Wang & Isola (2020), Figure 5, on normalised features
+        return torch.pdist(F.normalize(x, dim=1), p=2).pow(2).mul(-t).exp().mean().log()
+
+    _check(lambda a, b: fastssl.uniformity_loss(a, t=t) + 0 * b.sum(), lambda a, b: uniformity(a) + 0 * b.sum(),
+           *_views(n, d), f"uniformity t={t}")  # fmt: skip
+
+
 def test_negative_cosine_equals_lightly():
     theirs = peer("lightly.loss.negative_cosine_similarity").NegativeCosineSimilarity()
     _check(fastssl.negative_cosine_similarity, theirs, *_views(13, 7), "negative cosine")
@@ -62,3 +72,6 @@ def test_low_precision_input(dtype):
         out = fn(z1, z2)
         assert out.dtype == torch.float32
         assert_verbose_allclose(out, fn(z1.double(), z2.double()), rtol=1e-5, atol=1e-6, name=fn.__name__)
+    out = fastssl.uniformity_loss(z1)
+    assert out.dtype == torch.float32
+    assert_verbose_allclose(out, fastssl.uniformity_loss(z1.double()), rtol=1e-5, atol=1e-6, name="uniformity")
