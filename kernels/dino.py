@@ -25,13 +25,13 @@ from torch import Tensor
 
 BLOCK_ROWS = 32
 BLOCK_K = 64
-# 32 features per chunk and 8 warps: `make compile-check` (scripts/compile_check.py) found spills
-# with 64-wide chunks or 4 warps (up to 1.6 KB in fp64 and fp32, whose tf32x3 dots hold three
-# operand splits; the backward also rebuilds q for each teacher crop). With these, Triton 3.9
-# compiles every variant for sm_80 and sm_90 without a spill; Triton 3.6 still spills 20-36 B in
-# five (16-bit forward on sm_90, 16-bit grad_weight and fp32 grad_student on sm_80)
+# 32 features per chunk; warps and pipeline stages per dtype. `make compile-check`
+# (scripts/compile_check.py, Triton 3.6 and 3.9, sm_80 and sm_90) found spills with 64-wide chunks
+# (up to 1.6 KB in fp64 and fp32, whose tf32x3 dots hold three operand splits; the backward also
+# rebuilds q for each teacher crop), with 8 warps for 16-bit tiles under Triton 3.6 (20-36 B), with
+# 4 warps for fp32/fp64 tiles, and with 3 stages for fp32 (36 B on sm_80, Triton 3.6).
 BLOCK_D = 32
-NUM_WARPS = 8
+_WARPS_STAGES = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (8, 1), torch.float64: (8, 3)}
 FWD_STAGES = 1  # the forward's two dots per K tile: with 3 stages its 16-bit variants spilled 16 B on sm_90
 
 
@@ -235,7 +235,9 @@ def _grad_weight_kernel(
 def _meta(x: Tensor, d: int) -> dict:
     _, meta = dot_dtypes(x)
     keys = ("ACC", "Z_DOT", "DOT_PRECISION")
-    return {**{key: meta[key] for key in keys}, "BLOCK_D": block_size(d, BLOCK_D), "num_warps": NUM_WARPS}
+    num_warps, num_stages = _WARPS_STAGES[x.dtype]
+    launch = {"BLOCK_D": block_size(d, BLOCK_D), "num_warps": num_warps, "num_stages": num_stages}
+    return {**{key: meta[key] for key in keys}, **launch}
 
 
 @launcher
