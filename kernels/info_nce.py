@@ -57,6 +57,19 @@ _CONFIGS = {
     ("bwd", torch.float32): (None, (32, 32, 4, 1)),
     ("bwd", torch.float64): (None, (32, 32, 4, 1)),
 }
+# With HAS_SELF (self_offset ≥ 0: NT-Xent rows against every rank's, DCL) the mask of the self
+# pairs holds more registers: the compile check found 8-328 B of spills with the tiles above, so
+# these variants take smaller tiles or fewer stages (fp32 and fp64 keep forward and backward alike).
+_SELF_CONFIGS = {
+    **_CONFIGS,
+    ("fwd", torch.bfloat16): ((64, 64, 4, 2), (32, 64, 4, 2)),
+    ("fwd", torch.float16): ((64, 64, 4, 2), (32, 64, 4, 2)),
+    ("fwd", torch.float32): ((32, 32, 4, 1), (32, 32, 4, 1)),
+    ("fwd", torch.float64): ((16, 16, 4, 3), (16, 16, 4, 3)),
+    ("bwd", torch.bfloat16): ((32, 64, 4, 1), (32, 32, 4, 1)),
+    ("bwd", torch.float16): (None, (32, 32, 4, 1)),
+    ("bwd", torch.float64): (None, (16, 16, 4, 1)),
+}
 
 
 @triton.jit
@@ -306,10 +319,11 @@ def _check_qk(fn: str, q: Tensor, k: Tensor) -> None:
         )
 
 
-def _launch(q: Tensor, k: Tensor, kernel: str) -> dict:
+def _launch(q: Tensor, k: Tensor, kernel: str, has_self: bool) -> dict:
     """Block sizes, warps, stages and grid (column runs) for q [M, D] against k [N, D] (see _CONFIGS)."""
     (m, d), n = q.shape, k.shape[0]
-    block, block_d, one_d, num_warps, num_stages = tile_config(_CONFIGS, kernel, q.dtype, d)
+    configs = _SELF_CONFIGS if has_self else _CONFIGS
+    block, block_d, one_d, num_warps, num_stages = tile_config(configs, kernel, q.dtype, d)
     block_m, block_n = block_size(m, block), block_size(n, block)
     row_blocks, col_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     target = program_target(q.device)
@@ -340,7 +354,7 @@ def info_nce_lse_fwd(
     col_sums = torch.zeros(n if with_cols else 0, dtype=acc_dtype, device=q.device)
     if m == 0 or n == 0:
         return row_sums.log_(), col_sums.log_()
-    launch = _launch(q, k, "fwd")
+    launch = _launch(q, k, "fwd", self_offset >= 0)
     grid = launch.pop("grid")
     tau_args, tau_meta = temperature_args(inv_tau, acc_dtype, row_sums)
     meta = dict(
@@ -398,7 +412,7 @@ def info_nce_lse_bwd(
     dk = torch.zeros((n, d), dtype=acc_dtype, device=q.device)
     d_inv_tau = torch.zeros(1, dtype=acc_dtype, device=q.device)
     if m and n:
-        launch = _launch(q, k, "bwd")
+        launch = _launch(q, k, "bwd", self_offset >= 0)
         grid = launch.pop("grid")
         tau_args, tau_meta = temperature_args(inv_tau, acc_dtype, d_inv_tau)
         _info_nce_lse_bwd_kernel[grid](

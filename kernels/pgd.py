@@ -173,7 +173,9 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
     block = min(_BLOCK, max(16, triton.next_power_of_2(n)))
     blocks = triton.cdiv(n, block)
     grid = (batch * blocks,)
-    meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, num_warps=_NUM_WARPS)
+    # 4 warps for 16-bit rows: with 8, Triton 3.6 spilled 24 B in the fp16 L2 step on sm_80 (compile check)
+    num_warps = _NUM_WARPS if x_adv.element_size() >= 4 else 4
+    meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, num_warps=num_warps)
     one_block = blocks == 1
     partials = x_adv.new_empty(1 if one_block or not l2 else batch * blocks * 3, dtype=torch.float64)
     bounds = x_adv.new_full((2,), lo, dtype=acc)  # (5): fills on the device, no host-to-device copy (no sync)
