@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if __package__ in (None, ""):  # run as a script: the repository root on the path for `examples`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
 from examples.simclr_digits import Encoder, augment, load_digits
 
