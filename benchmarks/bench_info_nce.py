@@ -62,13 +62,13 @@ def make_case(provider: str, mode: str, m: int, d: int, dtype: torch.dtype, devi
     return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=flops, gemm=(m, d, m), min_reps=min_reps)
 
 
-def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, modes=None) -> list[Case]:
+def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, modes=None, dtype=None) -> list[Case]:
     if device == "cuda":
-        dtype = torch.bfloat16
+        dtype = dtype or torch.bfloat16
         sizes = sizes or ([4096, 16384, 65536] if quick else [4096, 16384, 65536, 131072, 262144])
         dims = dims or ([128] if quick else [128, 512])
     else:
-        dtype = torch.float32
+        dtype = dtype or torch.float32
         providers = [p for p in providers if p != "inf-cl"]  # Inf-CL's kernels need CUDA
         sizes = sizes or ([1024, 4096] if quick else [1024, 4096, 8192, 16384, 32768])
         dims = dims or ([128] if quick else [128, 512])
@@ -91,7 +91,14 @@ def check_targets(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     return sweep_main(
-        OP, __doc__, {"M": "batch sizes (rows per tower)", "D": "embedding dims"}, PROVIDERS, cases, check_targets, argv
+        OP,
+        __doc__,
+        {"M": "batch sizes (rows per tower)", "D": "embedding dims"},
+        PROVIDERS,
+        cases,
+        check_targets,
+        argv,
+        dtypes=True,
     )
 
 

@@ -52,8 +52,8 @@ def make_case(provider: str, mode: str, b: int, k: int, d: int, dtype: torch.dty
     return Case(provider, mode, dtype, shape, build, flops=4.0 * b * k * d, gemm=(b, d, k))
 
 
-def cases(quick: bool, device: str, batch=None, queue=None, providers=PROVIDERS, modes=None) -> list[Case]:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def cases(quick: bool, device: str, batch=None, queue=None, providers=PROVIDERS, modes=None, dtype=None) -> list[Case]:
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     modes = modes or ["forward+backward"]
     return [
         make_case(provider, mode, b, k, 128, dtype, device)
@@ -79,7 +79,9 @@ def check_targets(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    return sweep_main(OP, __doc__, {"B": "batch sizes", "K": "queue lengths"}, PROVIDERS, cases, check_targets, argv)
+    return sweep_main(
+        OP, __doc__, {"B": "batch sizes", "K": "queue lengths"}, PROVIDERS, cases, check_targets, argv, dtypes=True
+    )
 
 
 if __name__ == "__main__":

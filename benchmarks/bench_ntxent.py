@@ -59,13 +59,13 @@ def make_case(provider: str, mode: str, b: int, d: int, dtype: torch.dtype, devi
     return Case(provider, mode, dtype, {"B": b, "D": d}, build, flops=flops, gemm=(n, d, n), min_reps=min_reps)
 
 
-def cases(quick: bool, device: str, batch=None, dims=None, providers=PROVIDERS, modes=None) -> list[Case]:
+def cases(quick: bool, device: str, batch=None, dims=None, providers=PROVIDERS, modes=None, dtype=None) -> list[Case]:
     if device == "cuda":
-        dtype = torch.bfloat16
+        dtype = dtype or torch.bfloat16
         batch = batch or ([1024, 4096, 16384] if quick else [1024, 4096, 16384, 32768, 65536, 131072, 262144])
         dims = dims or ([128] if quick else [128, 1024])
     else:
-        dtype = torch.float32
+        dtype = dtype or torch.float32
         batch = batch or ([256, 1024, 4096] if quick else [256, 1024, 4096, 16384, 65536])
         dims = dims or [128]
     modes = modes or (["forward+backward"] if quick else ["forward", "forward+backward"])
@@ -89,7 +89,14 @@ def check_targets(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     return sweep_main(
-        OP, __doc__, {"B": "batch sizes (per view)", "D": "embedding dims"}, PROVIDERS, cases, check_targets, argv
+        OP,
+        __doc__,
+        {"B": "batch sizes (per view)", "D": "embedding dims"},
+        PROVIDERS,
+        cases,
+        check_targets,
+        argv,
+        dtypes=True,
     )
 
 

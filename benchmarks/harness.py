@@ -503,20 +503,25 @@ def sweep_main(
     cases: Callable[..., list[Case]],
     check_targets: Callable[[list[dict]], None],
     argv: list[str] | None = None,
+    dtypes: bool = False,
 ) -> list[dict]:
     """The command line of a bench script whose cases sweep integer sizes (``sweeps``: option name →
     help, passed to ``cases(quick, device, *sizes, providers, modes)`` in that order), then its run
-    and, on the CPU, its targets."""
+    and, on the CPU, its targets. With ``dtypes``, ``--dtype`` picks the inputs' dtype (passed as
+    ``cases(..., dtype=)``; the default is each script's: fp32 on the CPU, bf16 on a GPU)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
     for name, help_text in sweeps.items():
         parser.add_argument(f"--{name}", type=int, nargs="+", help=help_text)
     parser.add_argument("--providers", nargs="+", default=list(providers), choices=providers)
     parser.add_argument("--modes", nargs="+", choices=["forward", "forward+backward"])
+    if dtypes:
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [getattr(args, name) for name in sweeps]
-    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes))
+    extra = {"dtype": getattr(torch, args.dtype)} if dtypes and args.dtype else {}
+    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes, **extra))
     if device == "cpu":
         check_targets(rows)
     return rows

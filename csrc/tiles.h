@@ -6,6 +6,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
 #include <tuple>
 
 namespace fastssl {
@@ -23,6 +27,72 @@ inline void combine_into(at::Tensor dst, const at::Tensor& src, Combine op) {
     at::maximum_out(dst, dst, src);
   }
 }
+
+// out = beta * out + alpha * a . b: every tile GEMM of the C++ kernels goes through here (and gemm
+// below), so that the products are one call whose backend Bf16Dots can switch. out contiguous; a and
+// b may be transposed views.
+inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+  if (beta == 0.0) {
+    at::mm_out(out, a, b);
+    if (alpha != 1.0) out.mul_(alpha);
+  } else {
+    out.copy_(at::addmm(out, a, b, beta, alpha));
+  }
+}
+
+// While alive, and when on, fp32 matmuls run on oneDNN with bf16 dot products and fp32
+// accumulation (ATen's mkldnn fp32 precision "bf16"), where the CPU has them (AVX512-BF16 or AMX;
+// elsewhere ATen ignores the mode and the fp32 path runs). For a kernel whose rows came from bf16
+// inputs, rounding the rows to bf16 is exact, so S = Q K^T is the fp32 path's up to summation order;
+// in the backward the fp32 weights A are rounded to bf16 for A K, as the Triton kernels round P
+// (docs/design.md, "Tile kernels": bf16 dot products on the CPU). The mode is process-wide: it is
+// restored on return or on an exception, and FASTSSL_CPU_BF16_DOTS=0 keeps the fp32 path.
+class Bf16Dots {
+ public:
+  explicit Bf16Dots(bool on) : on_(on && enabled()) {
+    if (!on_) return;
+    previous_ = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL,
+                                            at::Float32Precision::BF16);
+  }
+  ~Bf16Dots() {
+    if (on_) at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, previous_);
+  }
+  Bf16Dots(const Bf16Dots&) = delete;
+  Bf16Dots& operator=(const Bf16Dots&) = delete;
+
+  static bool enabled() {
+    static const bool on = [] {
+      const char* env = std::getenv("FASTSSL_CPU_BF16_DOTS");
+      return at::hasMKLDNN() && !(env != nullptr && std::string(env) == "0");
+    }();
+    return on;
+  }
+
+ private:
+  bool on_;
+  at::Float32Precision previous_ = at::Float32Precision::NONE;
+};
+
+// alpha * a . b as a new contiguous tensor.
+inline at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_into(out, a, b, 0.0, alpha);
+  return out;
+}
+
+// The pair (r, r + drop) of a tile is left out (set to 0); kKeepAll leaves none out.
+constexpr int64_t kKeepAll = std::numeric_limits<int64_t>::min();
+
+// e_rc = exp(s_rc - shift) in place over a contiguous [R, C] fp32/fp64 tile, the left-out pair set
+// to 0 before the row sums and, when cols, the column sums: the fixed-shift forward of the tile
+// kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels").
+// Returns {[R, 1], [C, 1] or undefined}.
+std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double shift, int64_t drop, bool cols);
+
+// a_rc = exp(s_rc - shift) (u_r + v_c) in place (u_r alone when v is undefined), the left-out pair
+// set to 0: the fixed-shift backward's weights A in one pass. u [R], v [C].
+void exp_weights(at::Tensor& s, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop);
 
 // Edge of the square tiles reduce_tiles visits.
 constexpr int64_t kTile = 256;

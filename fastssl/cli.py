@@ -35,6 +35,15 @@ def _compiler() -> str:
         return "not found"
 
 
+def _bf16_dots() -> str:
+    """How the C++ kernels multiply tiles of bf16 rows (csrc/tiles.h, Bf16Dots)."""
+    if not _ext._C.bf16_dots_enabled():
+        return "fp32 dot products (FASTSSL_CPU_BF16_DOTS=0 or no oneDNN)"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "fp32 dot products (this CPU has no bf16 dot products for oneDNN)"
+    return "bf16 dot products, fp32 accumulation (oneDNN)"
+
+
 def info() -> str:
     lines = [
         f"fastssl  {__version__}",
@@ -61,6 +70,8 @@ def info() -> str:
         status = "ok" if error is None else "unavailable: " + error
         if name == "triton" and error is None:
             status += f", {_ext.triton_mode()}"
+        if name == "cpp" and error is None:
+            status += f", bf16 tiles: {_bf16_dots()}"
         lines.append(f"  {name:7s} {status}")
     return "\n".join(lines)
 

@@ -20,6 +20,10 @@
 // and column's max s_ij and (1) uses those shifts; (2) then takes P and C from their own
 // exponentials.
 //
+// bf16 rows: the tile products run as bf16 dot products with fp32 accumulation where the CPU has
+// them (fastssl::Bf16Dots), exact in the forward (the rows are bf16 numbers) and with A rounded to
+// bf16 in the backward.
+//
 // Threads: see reduce_tiles. Work memory: a tile per thread and per-thread row partials of at
 // most 64 MiB in all (beyond that the rows are processed in blocks); never M x N.
 #include <ATen/ATen.h>
@@ -39,12 +43,22 @@ using fastssl::unit_rows;
 
 at::Tensor tile_scores(const at::Tensor& q, const at::Tensor& k, double inv_tau, int64_t i0, int64_t i1,
                        int64_t j0, int64_t j1) {
-  return at::mm(q.slice(0, i0, i1), k.slice(0, j0, j1).t()).mul_(inv_tau);
+  return fastssl::gemm(q.slice(0, i0, i1), k.slice(0, j0, j1).t(), inv_tau);
 }
 
 // Sets the pairs (i, i + self_offset) of tile (i0.., j0..) to value: a diagonal of the tile.
 void drop_self(at::Tensor& tile, int64_t self_offset, int64_t i0, int64_t j0, double value) {
   if (self_offset >= 0) tile.diagonal(i0 + self_offset - j0).fill_(value);
+}
+
+// Rows read from bf16: their tiles may be multiplied with bf16 dot products (fastssl::Bf16Dots).
+bool bf16_rows(const at::Tensor& q, const at::Tensor& k) {
+  return q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16;
+}
+
+// The left-out pair's column offset in tile (i0.., j0..) for fastssl::exp_sums / exp_weights.
+int64_t tile_drop(int64_t self_offset, int64_t i0, int64_t j0) {
+  return self_offset >= 0 ? i0 + self_offset - j0 : fastssl::kKeepAll;
 }
 
 at::Tensor column(const at::Tensor& v, int64_t a, int64_t b) { return v.slice(0, a, b).unsqueeze(1); }
@@ -60,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
               "info_nce_lse_fwd_cpu: q and k must have the same D and dtype");
   const int64_t m = q.size(0), n = k.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
+  const fastssl::Bf16Dots dots(bf16_rows(q_in, k_in));
   // shift of row i and column j: m for all (fixed), or the row's / column's own max s
   at::Tensor row_shift = at::full({m, 1}, inv_tau, q.options());
   at::Tensor col_shift = with_cols ? at::full({n, 1}, inv_tau, q.options()) : at::Tensor();
@@ -79,15 +94,13 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
   at::Tensor col_sums = with_cols ? at::zeros({n, 1}, q.options()) : at::Tensor();
   reduce_tiles(m, n, row_sums, col_sums, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
-    at::Tensor e_row = fixed ? s.sub_(inv_tau).exp_() : at::exp(s - row_shift.slice(0, i0, i1));
+    // fixed shift: e_ij is the same number for row i and for column j, summed both ways in one pass
+    if (fixed) return fastssl::exp_sums(s, inv_tau, tile_drop(self_offset, i0, j0), with_cols);
+    at::Tensor e_row = at::exp(s - row_shift.slice(0, i0, i1));
     drop_self(e_row, self_offset, i0, j0, 0.0);
     if (!with_cols) return std::make_pair(e_row.sum(1, true), at::Tensor());
-    // fixed shift: e_ij is the same number for row i and for column j
-    at::Tensor e_col = e_row;
-    if (!fixed) {
-      e_col = at::exp(s - col_shift.slice(0, j0, j1).t());
-      drop_self(e_col, self_offset, i0, j0, 0.0);
-    }
+    at::Tensor e_col = at::exp(s - col_shift.slice(0, j0, j1).t());
+    drop_self(e_col, self_offset, i0, j0, 0.0);
     return std::make_pair(e_row.sum(1, true), e_col.sum(0).unsqueeze(1));
   });
   at::Tensor row_lse = (row_shift + row_sums.log()).squeeze(1);
@@ -111,22 +124,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   const at::Tensor h = with_cols ? as_acc(grad_col) : at::Tensor();
   const at::Tensor col_lse = with_cols ? as_acc(col_lse_in) : at::Tensor();
   const bool fixed = fixed_shift_is_exact(inv_tau);
+  const fastssl::Bf16Dots dots(bf16_rows(q_in, k_in));
   // fixed shift: A_ij = e_ij (u_i + v_j) with u_i = g_i c_i, v_j = h_j d_j
   const at::Tensor u = fixed ? g * (inv_tau - row_lse).exp() : at::Tensor();
   const at::Tensor v = fixed && with_cols ? h * (inv_tau - col_lse).exp() : at::Tensor();
   at::Tensor dq = at::zeros({m, q.size(1)}, q.options());
   at::Tensor dk = at::zeros({n, k.size(1)}, k.options());
   reduce_tiles(m, n, dq, dk, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
-    at::Tensor a;  // A of (2)
+    at::Tensor a = tile_scores(q, k, inv_tau, i0, i1, j0, j1);  // s, then A of (2) in place
     if (fixed) {
-      a = s.sub_(inv_tau).exp_().mul_(with_cols ? column(u, i0, i1) + row(v, j0, j1) : column(u, i0, i1));
+      fastssl::exp_weights(a, inv_tau, u.slice(0, i0, i1), with_cols ? v.slice(0, j0, j1) : at::Tensor(),
+                           tile_drop(self_offset, i0, j0));
     } else {
+      const at::Tensor s = a;
       a = at::exp(s - column(row_lse, i0, i1)).mul_(column(g, i0, i1));
       if (with_cols) a.add_(at::exp(s - row(col_lse, j0, j1)).mul_(row(h, j0, j1)));
+      drop_self(a, self_offset, i0, j0, 0.0);
     }
-    drop_self(a, self_offset, i0, j0, 0.0);
-    return std::make_pair(at::mm(a, k.slice(0, j0, j1)), at::mm(a.t(), q.slice(0, i0, i1)));
+    return std::make_pair(fastssl::gemm(a, k.slice(0, j0, j1)), fastssl::gemm(a.t(), q.slice(0, i0, i1)));
   });
   at::Tensor grad_inv_tau = (q * dq).sum();  // (3)
   return {dq.mul_(inv_tau).to(q_in.scalar_type()), dk.mul_(inv_tau).to(k_in.scalar_type()), grad_inv_tau};

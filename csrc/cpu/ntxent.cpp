@@ -64,10 +64,12 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
 }
 
 // s_ij - shift_i for the tile, with the scale and the shift folded into the GEMM:
-// addmm(-shift, Z_I, Z_J^T, beta=1, alpha=inv_tau).
+// -shift + inv_tau Z_I Z_J^T.
 at::Tensor tile_scores(const at::Tensor& z, double inv_tau, int64_t i0, int64_t i1, int64_t j0,
                        int64_t j1, const at::Tensor& neg_shift_i) {
-  return at::addmm(neg_shift_i, z.slice(0, i0, i1), z.slice(0, j0, j1).t(), 1.0, inv_tau);
+  at::Tensor s = neg_shift_i.expand({i1 - i0, j1 - j0}).contiguous();
+  fastssl::gemm_into(s, z.slice(0, i0, i1), z.slice(0, j0, j1).t(), 1.0, inv_tau);
+  return s;
 }
 
 // max_{j != i} s_ij for every row: the per-row shift when the fixed one may underflow.
@@ -105,13 +107,18 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z_in, double inv_tau) {
   at::Tensor sums = at::zeros({n, 1}, z.options());
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-                       // s_ij - shift_i; with the fixed shift, e_ij serves row i and row j
+                       if (fixed) {  // e_ij = exp(s_ij - m) serves row i and row j: one pass
+                         at::Tensor e = fastssl::gemm(z.slice(0, i0, i1), z.slice(0, j0, j1).t(), inv_tau);
+                         auto sums_ij = fastssl::exp_sums(e, inv_tau, diagonal ? 0 : fastssl::kKeepAll, !diagonal);
+                         if (diagonal) return std::make_pair(sums_ij.first, sums_ij.first);
+                         return sums_ij;
+                       }
+                       // s_ij - shift_i
                        at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
-                       at::Tensor e_row = fixed ? s.exp_() : s.exp();
+                       at::Tensor e_row = s.exp();
                        if (diagonal) e_row.fill_diagonal_(0);
                        at::Tensor row = e_row.sum(1, true);
                        if (diagonal) return std::make_pair(row, row);
-                       if (fixed) return std::make_pair(row, e_row.sum(0).unsqueeze(1));
                        // s_ij - shift_j = (s_ij - shift_i) + shift_i - shift_j
                        at::Tensor e_col = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
                        return std::make_pair(row, e_col.sum(0).unsqueeze(1));
@@ -133,20 +140,20 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z_in
   reduce_upper_tiles(
       n, grad, Combine::kSum, 0.0,
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-        at::Tensor u_i = u.slice(0, i0, i1).unsqueeze(1), u_j = u.slice(0, j0, j1).unsqueeze(0);
-        // A_ij = g_i P_ij + g_j P_ji, from (2); s below is s_ij - shift_i
-        at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+        // A_ij = g_i P_ij + g_j P_ji, from (2)
         at::Tensor a;
-        if (fixed) {  // P_ij = e_ij c_i, P_ji = e_ij c_j
-          a = s.exp_().mul_(u_i + u_j);
-        } else {  // P_ij = exp(s_ij - lse_i), P_ji = exp(s_ij - lse_j)
+        if (fixed) {  // P_ij = e_ij c_i, P_ji = e_ij c_j: A_ij = e_ij (u_i + u_j) in one pass
+          a = fastssl::gemm(z.slice(0, i0, i1), z.slice(0, j0, j1).t(), inv_tau);
+          fastssl::exp_weights(a, inv_tau, u.slice(0, i0, i1), u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll);
+        } else {  // P_ij = exp(s_ij - lse_i), P_ji = exp(s_ij - lse_j); s is s_ij - shift_i
+          at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
           at::Tensor p_ji = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
-          a = s.exp_().mul_(u_i).add_(p_ji.mul_(u_j));
+          a = s.exp_().mul_(u.slice(0, i0, i1).unsqueeze(1)).add_(p_ji.mul_(u.slice(0, j0, j1).unsqueeze(0)));
+          if (diagonal) a.fill_diagonal_(0);
         }
-        if (diagonal) a.fill_diagonal_(0);
-        at::Tensor row = at::mm(a, z.slice(0, j0, j1));
+        at::Tensor row = fastssl::gemm(a, z.slice(0, j0, j1));
         if (diagonal) return std::make_pair(row, row);
-        return std::make_pair(row, at::mm(a.t(), z.slice(0, i0, i1)));
+        return std::make_pair(row, fastssl::gemm(a.t(), z.slice(0, i0, i1)));
       });
   return grad.mul_(inv_tau).to(z_in.scalar_type());
 }
