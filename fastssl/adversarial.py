@@ -519,10 +519,12 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
     st["eps"] = e
 
     def record(wrong):
+        if not bool(wrong.any()):
+            return
         rows = st["ids"][wrong]
         out_adv[rows] = st["x_adv"][wrong]
         fooled[rows] = True
-        if early_stop and bool(wrong.any()):
+        if early_stop:
             done = torch.zeros(n, dtype=torch.bool, device=x.device)
             done[st["group"][wrong]] = True
             keep = ~done[st["group"]]
@@ -536,10 +538,10 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
     for i in range(steps):
         if len(st["ids"]) == 0:
             break
-        used = st["step"].view(-1).clone()
+        used = st["step"].view(-1).clone() if trace is not None else None
         x_adv, x0, e = st["x_adv"], st["x"], st["eps"]
         grad2 = x_adv - st["x_old"]
-        st["x_old"] = x_adv.clone()
+        st["x_old"] = x_adv  # not written in place below: the step makes a new x_adv
         a = 0.75 if i > 0 else 1.0
         if norm == "linf":
             x1 = project(x_adv + st["step"] * torch.sign(st["grad"]), x0, e)
@@ -551,9 +553,10 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
         st["grad"] = grad
         st["history"][:, i] = loss_cur
         better = loss_cur > st["loss_best"]
-        st["x_best"][better] = x_adv[better]
-        st["grad_best"][better] = grad[better]
-        st["loss_best"][better] = loss_cur[better]
+        better_v = better.view(-1, *([1] * (x.dim() - 1)))
+        st["x_best"] = torch.where(better_v, x_adv, st["x_best"])
+        st["grad_best"] = torch.where(better_v, grad, st["grad_best"])
+        st["loss_best"] = torch.where(better, loss_cur, st["loss_best"])
         snapshot = (st["ids"].clone(), x_adv.clone(), used) if trace is not None else None
         record(wrong)
         counter += 1
@@ -1081,7 +1084,7 @@ def _margin(model, x: Tensor, y: Tensor) -> Tensor:
 
 
 LOOKAHEAD = 32  # Square: at most this many future queries of a point per forward,
-LOOKAHEAD_VALUES = 2**17  # and at most this many input values per forward (or one query per point)
+LOOKAHEAD_VALUES = 2**16  # and at most this many input values per forward (or one query per point)
 
 
 def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tensor:
