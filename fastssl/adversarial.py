@@ -972,14 +972,15 @@ def _fab_projection_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """Per row, the smallest-L∞ move d with w·(t + d) = b and t + d in [0, 1]^n (the move toward
     the box corner where the hyperplane is out of reach); FAB's projection (docs/design.md, "FAB")."""
     n = w.shape[1]
-    side = 2 * ((w * t).sum(1) - b >= 0).to(w.dtype) - 1  # flip so that w·t ≥ b: w·v must decrease
+    wt = (w * t).sum(1)
+    side = 2 * (wt - b >= 0).to(w.dtype) - 1  # flip so that w·t ≥ b: w·v must decrease
     w, b = w * side.unsqueeze(1), b * side
     up = (w < 0).to(w.dtype)  # each coordinate's corner: 1 where w < 0, else 0
     nonzero = (w != 0).to(w.dtype)
     d = (up - t) * nonzero  # the move to the corner
     room = up - t * (2 * up - 1)  # |corner − t|: the radius at which coordinate j saturates
-    desc = _argsort_rows(room).flip((1,))  # largest room first
-    need = b - (w * t).sum(1)  # the change of w·v to reach the plane (≤ 0)
+    desc = _argsort_rows(room, descending=True)  # largest room first
+    need = b - side * wt  # the change of w·v to reach the plane (≤ 0); side·(w·t) is the flipped w's w·t
     full = (w * d).sum(1)  # the change when every coordinate is at its corner
     w_desc, room_desc = w.gather(1, desc), room.gather(1, desc)
     # with the k+1 largest-room coordinates free (moving by λ) and the rest saturated, the change is
@@ -1005,16 +1006,18 @@ def _fab_projection_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return d * nonzero
 
 
-def _argsort_rows(v: Tensor) -> Tensor:
-    """Each row's ascending order, ties by index (a stable argsort). For fp32 on the CPU, numpy sorts
-    the int64 keys (bits of v) · 2³² + column in place, several times faster than torch's sort on
-    FAB's shapes: the bits of a float ≥ 0 order as the float does (v here is in [0, 1], never −0)."""
+def _argsort_rows(v: Tensor, descending: bool = False) -> Tensor:
+    """Each row's ascending order, ties by index (a stable argsort), or that order reversed. For fp32
+    on the CPU, numpy sorts the int64 keys (bits of v) · 2³² + column in place, several times faster
+    than torch's sort on FAB's shapes: the bits of a float ≥ 0 order as the float does (v here is in
+    [0, 1], never −0)."""
     if v.device.type != "cpu" or v.dtype != torch.float32 or v.shape[1] >= 2**31:
-        return torch.sort(v, dim=1, stable=True)[1]
+        order = torch.sort(v, dim=1, stable=True)[1]
+        return order.flip((1,)) if descending else order
     key = v.contiguous().numpy().view(np.int32).astype(np.int64) << 32
     key |= np.arange(v.shape[1], dtype=np.int64)
     key.sort(axis=1)
-    return torch.from_numpy(key & 0xFFFFFFFF)
+    return torch.from_numpy((key[:, ::-1] if descending else key) & 0xFFFFFFFF)  # a new, contiguous array
 
 
 def square_attack(
