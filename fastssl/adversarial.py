@@ -1120,8 +1120,8 @@ def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tenso
     best_a, margin_a, y_a = best[keep], margin[keep], y[keep]
     lo_a, hi_a = (x[keep] - eps).clamp_min(0.0), (x[keep] + eps).clamp_max(1.0)
     it = torch.zeros(len(ids), dtype=torch.long, device=dev)  # each point's next iteration
-    # per iteration: the window's mask [queries, H, W] and the ±2ε per channel [queries, C]
-    masks = torch.zeros(queries, h, w, dtype=torch.bool, device=dev)
+    # per iteration: the window's first row and column and its side [queries], the ±2ε per channel [queries, C]
+    corner_h, corner_w, side = (torch.zeros(queries, dtype=torch.long, device=dev) for _ in range(3))
     deltas = torch.zeros(queries, c, dtype=x.dtype, device=dev)
     # states[j]: the generator before iteration base + j was drawn (drawn = base + len(states)); the
     # sequential run draws `stop` iterations, stop > every iteration a point was still active at
@@ -1144,11 +1144,9 @@ def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tenso
             sides.append(s)
         if need > drawn:  # the draws' arithmetic, per iteration as auto-attack's, for the new ones at once
             s_t = torch.tensor(sides, device=dev)
-            vh = ((h - s_t).float() * torch.cat(rh)).long()  # auto-attack's int(low + (high − low)·rand)
-            vw = ((w - s_t).float() * torch.cat(rw)).long()
-            in_h = (lines[:h] >= vh[:, None]) & (lines[:h] < (vh + s_t)[:, None])
-            in_w = (lines[:w] >= vw[:, None]) & (lines[:w] < (vw + s_t)[:, None])
-            masks[drawn:need] = in_h[:, :, None] & in_w[:, None, :]
+            side[drawn:need] = s_t
+            corner_h[drawn:need] = ((h - s_t).float() * torch.cat(rh)).long()  # auto-attack's int((h − s)·rand)
+            corner_w[drawn:need] = ((w - s_t).float() * torch.cat(rw)).long()
             deltas[drawn:need] = 2.0 * eps * torch.sign(2 * torch.stack(signs) - 1)
             drawn = need
         # candidates [n, k, C, H, W]: query it + j applied to the current best point
@@ -1157,7 +1155,10 @@ def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tenso
         t = t.clamp_max(queries - 1)
         bk, lo_k, hi_k = best_a[:, None], lo_a[:, None], hi_a[:, None]
         moved = torch.clamp(bk + deltas[t][..., None, None], lo_k, hi_k)
-        cand = torch.where(masks[t][:, :, None], moved, bk)
+        top, left, s_k = corner_h[t].unsqueeze(-1), corner_w[t].unsqueeze(-1), side[t].unsqueeze(-1)
+        in_h = (lines[:h] >= top) & (lines[:h] < top + s_k)  # [n, k, H]
+        in_w = (lines[:w] >= left) & (lines[:w] < left + s_k)
+        cand = torch.where((in_h.unsqueeze(-1) & in_w.unsqueeze(-2)).unsqueeze(2), moved, bk)  # the window
         # a query that moves no pixel (its window already at the clamp) keeps the margin: not accepted,
         # and not sent through the model (its margin there could differ in the last bit)
         query = valid & (cand != bk).flatten(2).any(2)
