@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -518,10 +519,12 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
     st["eps"] = e
 
     def record(wrong):
+        if not bool(wrong.any()):
+            return
         rows = st["ids"][wrong]
         out_adv[rows] = st["x_adv"][wrong]
         fooled[rows] = True
-        if early_stop and bool(wrong.any()):
+        if early_stop:
             done = torch.zeros(n, dtype=torch.bool, device=x.device)
             done[st["group"][wrong]] = True
             keep = ~done[st["group"]]
@@ -535,10 +538,10 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
     for i in range(steps):
         if len(st["ids"]) == 0:
             break
-        used = st["step"].view(-1).clone()
+        used = st["step"].view(-1).clone() if trace is not None else None
         x_adv, x0, e = st["x_adv"], st["x"], st["eps"]
         grad2 = x_adv - st["x_old"]
-        st["x_old"] = x_adv.clone()
+        st["x_old"] = x_adv  # not written in place below: the step makes a new x_adv
         a = 0.75 if i > 0 else 1.0
         if norm == "linf":
             x1 = project(x_adv + st["step"] * torch.sign(st["grad"]), x0, e)
@@ -550,9 +553,10 @@ def _apgd_rows(model, x, y, target, group, x_start, eps, norm, steps, loss, rho,
         st["grad"] = grad
         st["history"][:, i] = loss_cur
         better = loss_cur > st["loss_best"]
-        st["x_best"][better] = x_adv[better]
-        st["grad_best"][better] = grad[better]
-        st["loss_best"][better] = loss_cur[better]
+        better_v = better.view(-1, *([1] * (x.dim() - 1)))
+        st["x_best"] = torch.where(better_v, x_adv, st["x_best"])
+        st["grad_best"] = torch.where(better_v, grad, st["grad_best"])
+        st["loss_best"] = torch.where(better, loss_cur, st["loss_best"])
         snapshot = (st["ids"].clone(), x_adv.clone(), used) if trace is not None else None
         record(wrong)
         counter += 1
@@ -943,7 +947,7 @@ def _fab_rows(model, x0, y, target, group, eps, steps, alpha_max, eta, beta, ear
         alpha = (a1 / (a1 + a2)).clamp(0.0, alpha_max).view(shape)
         # the step: a convex mix of the projections of x1 and of x0 (biased toward x0), overshot by η
         x1 = ((x1 + eta * d1) * (1 - alpha) + (x0_ + d2 * eta) * alpha).clamp(0.0, 1.0)
-        with torch.no_grad():
+        with torch.inference_mode():
             is_adv = model(x1).argmax(1) != st["y"]
         t = (x1 - x0_).reshape(b_rows, -1).abs().max(1)[0]
         better = is_adv & (t < st["res"])
@@ -968,41 +972,52 @@ def _fab_projection_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """Per row, the smallest-L∞ move d with w·(t + d) = b and t + d in [0, 1]^n (the move toward
     the box corner where the hyperplane is out of reach); FAB's projection (docs/design.md, "FAB")."""
     n = w.shape[1]
-    side = 2 * ((w * t).sum(1) - b >= 0).to(w.dtype) - 1  # flip so that w·t ≥ b: w·v must decrease
+    wt = (w * t).sum(1)
+    side = 2 * (wt - b >= 0).to(w.dtype) - 1  # flip so that w·t ≥ b: w·v must decrease
     w, b = w * side.unsqueeze(1), b * side
     up = (w < 0).to(w.dtype)  # each coordinate's corner: 1 where w < 0, else 0
     nonzero = (w != 0).to(w.dtype)
     d = (up - t) * nonzero  # the move to the corner
     room = up - t * (2 * up - 1)  # |corner − t|: the radius at which coordinate j saturates
-    asc = torch.argsort(room, dim=1)
-    need = b - (w * t).sum(1)  # the change of w·v to reach the plane (≤ 0)
+    desc = _argsort_rows(room, descending=True)  # largest room first
+    need = b - side * wt  # the change of w·v to reach the plane (≤ 0); side·(w·t) is the flipped w's w·t
     full = (w * d).sum(1)  # the change when every coordinate is at its corner
-    desc = asc.flip((1,))
-    w_desc = w.gather(1, desc)
+    w_desc, room_desc = w.gather(1, desc), room.gather(1, desc)
     # with the k+1 largest-room coordinates free (moving by λ) and the rest saturated, the change is
     # sat[k] − free[k]·λ
     free = torch.cumsum(w_desc.abs(), dim=1)
     sat = torch.cumsum(-w_desc * d.gather(1, desc), dim=1) + full.unsqueeze(1)
-    none_saturated = need - (sat[:, -1] - free[:, -1] * room.gather(1, asc[:, :1]).squeeze(1)) > 0
+    none_saturated = need - (sat[:, -1] - free[:, -1] * room_desc[:, -1]) > 0
     some_saturated = (need - full > 0) & ~none_saturated
-    # binary search of the breakpoint k for the rows that saturate some coordinates
-    lo = torch.zeros(int(some_saturated.sum()), dtype=torch.float32, device=w.device)
+    # binary search of the breakpoint k (run on every row, kept for the rows that saturate some coordinates)
+    lo = torch.zeros(len(w), dtype=torch.float32, device=w.device)
     hi = torch.full_like(lo, n - 1)
-    asc_, sat_, free_, room_, need_ = (v[some_saturated] for v in (asc, sat, free, room, need))
     for _ in range(math.ceil(math.log2(n))):
         mid = torch.floor((lo + hi) / 2)
         k = mid.long().unsqueeze(1)
-        j = asc_.gather(1, asc_.size(1) - 1 - k)
-        ok = need_ - (sat_.gather(1, k) - free_.gather(1, k) * room_.gather(1, j)).squeeze(1) > 0
+        ok = need - (sat.gather(1, k) - free.gather(1, k) * room_desc.gather(1, k)).squeeze(1) > 0
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    k = lo.long()
-    if bool(none_saturated.any()):
-        lam = torch.clamp_min((need[none_saturated] - sat[none_saturated, -1]) / (-free[none_saturated, -1]), 0)
-        d[none_saturated] = (2 * up[none_saturated] - 1) * lam.unsqueeze(-1)
-    rows = some_saturated
-    lam = torch.clamp_min((need[rows] - sat[rows, k]) / (-free[rows, k]), 0).unsqueeze(-1)
-    d[rows] = torch.min(lam, d[rows]) * up[rows] + torch.max(-lam, d[rows]) * (1 - up[rows])
+    k = lo.long().unsqueeze(1)
+    lam = torch.clamp_min((need - sat[:, -1]) / (-free[:, -1]), 0).unsqueeze(1)
+    d_none = (2 * up - 1) * lam  # no coordinate saturates: all move by λ
+    lam = torch.clamp_min((need - sat.gather(1, k).squeeze(1)) / (-free.gather(1, k).squeeze(1)), 0).unsqueeze(1)
+    d_some = torch.min(lam, d) * up + torch.max(-lam, d) * (1 - up)  # every move clipped to ±λ
+    d = torch.where(none_saturated.unsqueeze(1), d_none, torch.where(some_saturated.unsqueeze(1), d_some, d))
     return d * nonzero
+
+
+def _argsort_rows(v: Tensor, descending: bool = False) -> Tensor:
+    """Each row's ascending order, ties by index (a stable argsort), or that order reversed. For fp32
+    on the CPU, numpy sorts the int64 keys (bits of v) · 2³² + column in place, several times faster
+    than torch's sort on FAB's shapes: the bits of a float ≥ 0 order as the float does (v here is in
+    [0, 1], never −0)."""
+    if v.device.type != "cpu" or v.dtype != torch.float32 or v.shape[1] >= 2**31:
+        order = torch.sort(v, dim=1, stable=True)[1]
+        return order.flip((1,)) if descending else order
+    key = v.contiguous().numpy().view(np.int32).astype(np.int64) << 32
+    key |= np.arange(v.shape[1], dtype=np.int64)
+    key.sort(axis=1)
+    return torch.from_numpy((key[:, ::-1] if descending else key) & 0xFFFFFFFF)  # a new, contiguous array
 
 
 def square_attack(
@@ -1039,18 +1054,20 @@ def square_attack(
     _check_inside("x", x, 0.0, 1.0)
     _checks.generator("generator", generator, x.device)
     x, y = x.detach(), y.detach()
-    with torch.no_grad():
+    with torch.inference_mode():
         clean = model(x)
         _check_logits(clean, x.shape[0])
         robust = clean.argmax(1) == y
-        x_adv = x.clone()
         idx = robust.nonzero().view(-1)
-        if len(idx) == 0:
-            return x_adv, ~robust
-        best = _square_rows(model, x[idx], y[idx], eps, queries, p_init, rescale_schedule, generator)
-        won = model(best).argmax(1) != y[idx]
-    x_adv[idx[won]] = best[won]
-    robust[idx[won]] = False
+        broken, adv = idx, x[idx]
+        if len(idx):
+            best = _square_rows(model, x[idx], y[idx], eps, queries, p_init, rescale_schedule, generator)
+            won = model(best).argmax(1) != y[idx]
+            broken, adv = idx[won], best[won]
+    robust, broken, adv = robust.clone(), broken.clone(), adv.clone()  # plain tensors, not inference ones
+    x_adv = x.clone()
+    x_adv[broken] = adv
+    robust[broken] = False
     return x_adv, ~robust
 
 
@@ -1069,44 +1086,111 @@ def _margin(model, x: Tensor, y: Tensor) -> Tensor:
     return z[rows, y] - z.scatter(1, y.unsqueeze(1), -math.inf).max(1)[0]
 
 
+LOOKAHEAD = 32  # Square: at most this many future queries of a point per forward,
+LOOKAHEAD_VALUES = 2**16  # and at most this many input values per forward (or one query per point)
+
+
 def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tensor:
     """Square's iterations on points classified right (docs/design.md, "Square"); returns the best points.
 
-    The points still unbroken are kept as compact rows (written back when some break), and a
-    query changes only the square's window of the current best point: clamp(best + δ, x − ε, x + ε)
-    then [0, 1] equals clamp(best + δ, max(x − ε, 0), min(x + ε, 1)), and best is unchanged outside.
+    Look-ahead: a query of a point depends on its earlier queries only through its best point,
+    which changes only when a query is accepted. So each forward scores, per point, the next k
+    queries (iterations it, …, it + k − 1) all applied to its current best point; the first
+    accepted one (lower margin) is the one the sequential algorithm takes, the later ones are
+    discarded, and the point goes on from the iteration after it (after it + k when none was
+    accepted). Each iteration's window and signs are drawn once, in auto-attack's order; draws past
+    the iteration where the sequential run would have stopped (every point broken) are undone, so
+    the generator ends where auto-attack's does. k follows the acceptance rate (about 1/rate).
+    A query changes only the window of the best point: clamp(best + δ, x − ε, x + ε) then [0, 1]
+    equals clamp(best + δ, max(x − ε, 0), min(x + ε, 1)) there, and best is unchanged elsewhere.
     """
     b, c, h, w = x.shape
+    dev = x.device
+    rng = generator if generator is not None else _default_generator(dev)
 
     def rand(*shape):  # float32 draws, as auto-attack's torch.rand(shape)
-        return torch.rand(shape, generator=generator, device=x.device)
+        return torch.rand(shape, generator=rng, device=dev)
 
     best = torch.clamp(x + eps * torch.sign(2 * rand(b, c, 1, w) - 1), 0.0, 1.0)
     margin = _margin(model, best, y)
-    if bool((margin < 0).all()):
-        return best
     keep = margin > 0
+    if not bool(keep.any()):
+        return best
     ids = keep.nonzero().view(-1)
     best_a, margin_a, y_a = best[keep], margin[keep], y[keep]
     lo_a, hi_a = (x[keep] - eps).clamp_min(0.0), (x[keep] + eps).clamp_max(1.0)
-    for i in range(queries):
-        p = _square_p(i, queries, p_init, rescale)
-        s = min(max(round(math.sqrt(p * (c * h * w) / c)), 1), h, w)  # auto-attack's p·n_features/c
-        vh, vw = int((h - s) * rand(1)), int((w - s) * rand(1))
-        delta = 2.0 * eps * torch.sign(2 * rand(c, 1, 1) - 1)
-        win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-        x_new = best_a.clone()
-        x_new[win] = torch.clamp(best_a[win] + delta, lo_a[win], hi_a[win])
-        m = _margin(model, x_new, y_a)
-        better = m < margin_a  # the margin is the loss (and m ≤ 0 implies better)
-        margin_a = torch.where(better, m, margin_a)
-        best_a = torch.where(better.view(-1, 1, 1, 1), x_new, best_a)
-        broken = margin_a <= 0
-        if bool(broken.any()):
-            best[ids] = best_a
-            keep = ~broken
-            ids, best_a, margin_a, y_a, lo_a, hi_a = (v[keep] for v in (ids, best_a, margin_a, y_a, lo_a, hi_a))
-            if len(ids) == 0:
-                break
-    best[ids] = best_a
+    it = torch.zeros(len(ids), dtype=torch.long, device=dev)  # each point's next iteration
+    # per iteration: the window's first row and column and its side [queries], the ±2ε per channel [queries, C]
+    corner_h, corner_w, side = (torch.zeros(queries, dtype=torch.long, device=dev) for _ in range(3))
+    deltas = torch.zeros(queries, c, dtype=x.dtype, device=dev)
+    # states[j]: the generator before iteration base + j was drawn (drawn = base + len(states)); the
+    # sequential run draws `stop` iterations, stop > every iteration a point was still active at
+    drawn, base, states, stop = 0, 0, [], 0
+    k, lines = 1, torch.arange(max(h, w), device=dev)
+    while len(ids):
+        k = min(k, max(1, LOOKAHEAD_VALUES // (len(ids) * c * h * w)))
+        last = int(it.max())
+        need = min(queries, last + k)
+        if last > base:  # stop > last: the states before it are never restored
+            states, base = states[last - base :], last
+        rh, rw, signs, sides = [], [], [], []
+        for i in range(drawn, need):
+            states.append(rng.get_state())
+            p = _square_p(i, queries, p_init, rescale)
+            s = min(max(round(math.sqrt(p * (c * h * w) / c)), 1), h, w)  # auto-attack's p·n_features/c
+            rh.append(rand(1))
+            rw.append(rand(1))
+            signs.append(rand(c))
+            sides.append(s)
+        if need > drawn:  # the draws' arithmetic, per iteration as auto-attack's, for the new ones at once
+            s_t = torch.tensor(sides, device=dev)
+            side[drawn:need] = s_t
+            corner_h[drawn:need] = ((h - s_t).float() * torch.cat(rh)).long()  # auto-attack's int((h − s)·rand)
+            corner_w[drawn:need] = ((w - s_t).float() * torch.cat(rw)).long()
+            deltas[drawn:need] = 2.0 * eps * torch.sign(2 * torch.stack(signs) - 1)
+            drawn = need
+        # candidates [n, k, C, H, W]: query it + j applied to the current best point
+        t = it[:, None] + torch.arange(k, device=dev)
+        valid = t < queries
+        t = t.clamp_max(queries - 1)
+        bk, lo_k, hi_k = best_a[:, None], lo_a[:, None], hi_a[:, None]
+        moved = torch.clamp(bk + deltas[t][..., None, None], lo_k, hi_k)
+        top, left, s_k = corner_h[t].unsqueeze(-1), corner_w[t].unsqueeze(-1), side[t].unsqueeze(-1)
+        in_h = (lines[:h] >= top) & (lines[:h] < top + s_k)  # [n, k, H]
+        in_w = (lines[:w] >= left) & (lines[:w] < left + s_k)
+        cand = torch.where((in_h.unsqueeze(-1) & in_w.unsqueeze(-2)).unsqueeze(2), moved, bk)  # the window
+        # a query that moves no pixel (its window already at the clamp) keeps the margin: not accepted,
+        # and not sent through the model (its margin there could differ in the last bit)
+        query = valid & (cand != bk).flatten(2).any(2)
+        m = torch.full(t.shape, math.inf, dtype=margin_a.dtype, device=dev)
+        if bool(query.all()):
+            m = _margin(model, cand.flatten(0, 1), y_a.repeat_interleave(k)).view(t.shape)
+        elif bool(query.any()):
+            m[query] = _margin(model, cand[query], y_a[:, None].expand(t.shape)[query])
+        better = m < margin_a[:, None]  # the margin is the loss (and m ≤ 0 implies better)
+        took = better.any(1)
+        j = better.to(torch.int8).argmax(1)  # the first accepted query
+        rows = torch.arange(len(ids), device=dev)
+        best_a = torch.where(took.view(-1, 1, 1, 1), cand[rows, j], best_a)
+        margin_a = torch.where(took, m[rows, j], margin_a)
+        it_new = torch.where(took, it + j + 1, (it + k).clamp_max(queries))
+        accepted, consumed = int(took.sum()), int((it_new - it).sum())
+        it = it_new
+        # about one accepted query per point per forward: k ≈ consumed / accepted
+        k = min(LOOKAHEAD, max(1, round(consumed / max(accepted, 1))))
+        done = (margin_a <= 0) | (it >= queries)
+        if bool(done.any()):
+            best[ids[done]] = best_a[done]
+            stop = max(stop, int(it[done].max()))
+            keep = ~done
+            ids, best_a, margin_a, y_a, lo_a, hi_a, it = (v[keep] for v in (ids, best_a, margin_a, y_a, lo_a, hi_a, it))
+    if stop < drawn:  # undo the draws the sequential run would not have made
+        rng.set_state(states[stop - base])
     return best
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator torch.rand(..., device=device) draws from when given none."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator

@@ -52,3 +52,16 @@ def test_misclassified_points_and_bad_input():
         fastssl.fab_attack(model, x, y, eps=0.1, n_target_classes=10)
     with pytest.raises(ValueError, match="bounds"):
         fastssl.fab_attack(model, x + 1, y, eps=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (54, 3072)])
+def test_projection_sort_is_stable(dtype, shape):
+    """The projection's row sort (numpy keys for fp32 on the CPU) equals torch's stable sort, ties
+    (many here: values k/16) by column, and its descending form is that order reversed."""
+    from fastssl.adversarial import _argsort_rows
+
+    v = (torch.randint(0, 17, shape, generator=torch.Generator().manual_seed(0)) / 16).to(dtype)
+    stable = torch.sort(v, dim=1, stable=True)[1]
+    assert torch.equal(_argsort_rows(v), stable)
+    assert torch.equal(_argsort_rows(v, descending=True), stable.flip((1,)))
