@@ -185,21 +185,18 @@ at::Tensor tile_logits(const TileBuffer& buf, const at::Tensor& x, const at::Ten
 
 int64_t grain(int64_t kc) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(kc, 1)); }
 
-// The tile t [R, kc] (logits k0.. of the teacher rows) becomes q of (1) in place:
-// q_rk = exp(inv_tau_t t_rk + a_{g(r), k0+k} + beta_r), a [G, K], B = R / G rows per crop.
-template <class T>
-void teacher_q(T* t, int64_t r, int64_t kc, int64_t b, const T* a, int64_t k, int64_t k0, const T* beta,
-               T inv_tau_t) {
-  at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      exp_row(t + row * kc, kc, inv_tau_t, a + (row / b) * k + k0, beta[row], T(1));
-    }
-  });
-}
-
 struct LossShapes {
   int64_t n, r, g, b, v, k;
 };
+
+// The loss kernels' row loop of a tile: one parallel region over the samples b, each taking its
+// teacher rows (g, b) and then its student rows (v, b), which read only those teacher rows: they
+// are still in cache, and one region per tile waits once for the threads.
+// f(b0, b1) takes the samples b0 .. b1 - 1.
+template <class F>
+void per_sample(const LossShapes& z, int64_t kc, const F& f) {
+  at::parallel_for(0, z.b, std::max<int64_t>(1, grain(kc) / (z.g + z.v)), f);
+}
 
 LossShapes loss_shapes(const at::Tensor& s, const at::Tensor& w, const at::Tensor& t, const at::Tensor& wt,
                        const at::Tensor& a, const at::Tensor& beta, const char* fn) {
@@ -357,32 +354,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_fwd_cpu(const at::Tenso
     const int64_t kt = tile_width(std::max(z.n, z.r), z.k);
     const TileBuffer s_buf(z.n, kt, s_rows.options()), t_buf(z.r, kt, s_rows.options());
     T* pd = dots.data_ptr<T>();
-    const T* pa = aa.const_data_ptr<T>();
+    const T *pa = aa.const_data_ptr<T>(), *pb = bb.const_data_ptr<T>();  // pb: unused when normalising
     for (int64_t k0 = 0; k0 < z.k; k0 += kt) {
       const int64_t kc = std::min(z.k, k0 + kt) - k0;
       T* s = tile_logits(s_buf, s_rows, weight, k0, k0 + kc).data_ptr<T>();
       T* q = tile_logits(t_buf, t_rows, teacher_weight, k0, k0 + kc).data_ptr<T>();
-      if (normalise) {
-        at::parallel_for(0, z.r, grain(kc), [&](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            const T old = t_max[row];
-            T* qr = q + row * kc;  // becomes exp(t/τ_t + a − running max), in place
-            online_lse(qr, kc, T(inv_tau_t), pa + (row / z.b) * z.k + k0, t_max[row], t_sum[row], qr);
-            t_rescale[row] = std::exp(old - t_max[row]);  // 0 on the first tile (the dots are 0 then)
-          }
-        });
-      } else {
-        teacher_q(q, z.r, kc, z.b, pa, z.k, k0, bb.const_data_ptr<T>(), T(inv_tau_t));
-      }
-      at::parallel_for(0, z.n, grain(kc), [&](int64_t begin, int64_t end) {
+      per_sample(z, kc, [&](int64_t b0, int64_t b1) {
         std::vector<T> e(kc);
-        for (int64_t i = begin; i < end; ++i) {
-          T* x = s + i * kc;
-          online_lse(x, kc, T(inv_tau_s), static_cast<const T*>(nullptr), max[i], sum[i], e.data());
-          for (int64_t g = 0; g < z.g; ++g) {  // (4)
-            const int64_t row = g * z.b + i % z.b;
-            T& dot = pd[g * z.n + i];
-            dot = (normalise ? dot * t_rescale[row] : dot) + lane_dot(x, q + row * kc, kc);
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t g = 0; g < z.g; ++g) {
+            const int64_t row = g * z.b + b;
+            T* qr = q + row * kc;
+            if (normalise) {  // the tile's row becomes exp(t/τ_t + a − running max), in place
+              const T old = t_max[row];
+              online_lse(qr, kc, T(inv_tau_t), pa + g * z.k + k0, t_max[row], t_sum[row], qr);
+              t_rescale[row] = std::exp(old - t_max[row]);  // 0 on the first tile (the dots are 0 then)
+            } else {
+              exp_row(qr, kc, T(inv_tau_t), pa + g * z.k + k0, pb[row], T(1));  // q of (1)
+            }
+          }
+          for (int64_t v = 0; v < z.v; ++v) {
+            const int64_t i = v * z.b + b;
+            T* x = s + i * kc;
+            online_lse(x, kc, T(inv_tau_s), static_cast<const T*>(nullptr), max[i], sum[i], e.data());
+            for (int64_t g = 0; g < z.g; ++g) {  // (4)
+              const int64_t row = g * z.b + b;
+              T& dot = pd[g * z.n + i];
+              dot = (normalise ? dot * t_rescale[row] : dot) + lane_dot(x, q + row * kc, kc);
+            }
           }
         }
       });
@@ -419,19 +418,26 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_bwd_cpu(const at::Tensor& grad_lse,
     const int64_t kt = tile_width(std::max(z.n, z.r), z.k);
     const TileBuffer s_buf(z.n, kt, s_rows.options()), t_buf(z.r, kt, s_rows.options());
     const T *pl = lse_acc.const_data_ptr<T>(), *pgl = g_lse.const_data_ptr<T>(), *pgd = g_dots.const_data_ptr<T>();
+    const T *pa = aa.const_data_ptr<T>(), *pb = bb.const_data_ptr<T>();
     for (int64_t k0 = 0; k0 < z.k; k0 += kt) {
       const int64_t k1 = std::min(z.k, k0 + kt), kc = k1 - k0;
       at::Tensor grad = tile_logits(s_buf, s_rows, weight, k0, k1);
       T* s = grad.data_ptr<T>();
       T* q = tile_logits(t_buf, t_rows, teacher_weight, k0, k1).data_ptr<T>();
-      teacher_q(q, z.r, kc, z.b, aa.const_data_ptr<T>(), z.k, k0, bb.const_data_ptr<T>(), T(inv_tau_t));
-      // (5): G = (dL/dlse p + sum_g dL/ddot_g q_g) / tau_s, in place of the tile of s
-      at::parallel_for(0, z.n, grain(kc), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          T* x = s + i * kc;
-          exp_row(x, kc, T(inv_tau_s), static_cast<const T*>(nullptr), -pl[i], pgl[i] * T(inv_tau_s));
-          for (int64_t g = 0; g < z.g; ++g)
-            axpy_row(x, q + (g * z.b + i % z.b) * kc, kc, pgd[g * z.n + i] * T(inv_tau_s));
+      // q of (1), then (5): G = (dL/dlse p + sum_g dL/ddot_g q_g) / tau_s, in place of the tile of s
+      per_sample(z, kc, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t g = 0; g < z.g; ++g) {
+            const int64_t row = g * z.b + b;
+            exp_row(q + row * kc, kc, T(inv_tau_t), pa + g * z.k + k0, pb[row], T(1));
+          }
+          for (int64_t v = 0; v < z.v; ++v) {
+            const int64_t i = v * z.b + b;
+            T* x = s + i * kc;
+            exp_row(x, kc, T(inv_tau_s), static_cast<const T*>(nullptr), -pl[i], pgl[i] * T(inv_tau_s));
+            for (int64_t g = 0; g < z.g; ++g)
+              axpy_row(x, q + (g * z.b + b) * kc, kc, pgd[g * z.n + i] * T(inv_tau_s));
+          }
         }
       });
       grad_student.addmm_(grad, weight.slice(0, k0, k1).to(grad.scalar_type()));
