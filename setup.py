@@ -21,7 +21,10 @@ with_cuda = (
 )
 
 # OpenMP: at::parallel_for is inlined from ATen's headers, so without -fopenmp it runs serially.
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+# -fno-trapping-math: no code here enables floating-point traps, and without it GCC keeps a branch
+# for every float comparison, so loops with a clamp (the exp of csrc/cpu/dino.cpp) do not vectorise;
+# values are unchanged (it is not -ffast-math: no reassociation, NaN and infinities kept).
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
 link_flags = ["-fopenmp"]
 if with_cuda:
     ext = cpp_extension.CUDAExtension(

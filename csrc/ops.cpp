@@ -34,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("info_nce_lse_bwd_cpu", &info_nce_lse_bwd_cpu, nogil);
   m.def("dino_teacher_lse_cpu", &dino_teacher_lse_cpu, nogil);
   m.def("dino_sinkhorn_sums_cpu", &dino_sinkhorn_sums_cpu, nogil);
+  m.def("dino_sinkhorn_cpu", &dino_sinkhorn_cpu, nogil);
   m.def("dino_loss_fwd_cpu", &dino_loss_fwd_cpu, nogil);
   m.def("dino_loss_bwd_cpu", &dino_loss_bwd_cpu, nogil);
   m.def("siglip_fwd_cpu", &siglip_fwd_cpu, nogil);

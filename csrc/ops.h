@@ -52,16 +52,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
     const at::Tensor& row_lse, const at::Tensor& col_lse, double inv_tau, int64_t self_offset);
 // dino: prototype losses fused with the last layer (csrc/cpu/dino.cpp): the teacher's softmax
 // normaliser LSE_k(t / tau + shift_k) and row max, the Sinkhorn sums of exp(t / tau - m) u_k v_r
-// over rows [K] and over prototypes [R], and the student's (lse [N], dots [G, N]) and their backward.
+// over rows [K] and over prototypes [R], Sinkhorn-Knopp on one process (a [K], beta [R]), and the
+// student's (lse [N], dots [G, N], beta [R]: the teacher's softmax normaliser found in the same pass
+// when beta is empty) and their backward.
 std::tuple<at::Tensor, at::Tensor> dino_teacher_lse_cpu(const at::Tensor& teacher, const at::Tensor& teacher_weight,
                                                         const at::Tensor& shift, double inv_tau);
 std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_sums_cpu(const at::Tensor& teacher, const at::Tensor& teacher_weight,
                                                           double inv_tau, double shift, const at::Tensor& u,
                                                           const at::Tensor& v);
-std::tuple<at::Tensor, at::Tensor> dino_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& weight,
-                                                     const at::Tensor& teacher, const at::Tensor& teacher_weight,
-                                                     const at::Tensor& a, const at::Tensor& beta, double inv_tau_s,
-                                                     double inv_tau_t);
+std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_cpu(const at::Tensor& teacher, const at::Tensor& teacher_weight,
+                                                     double inv_tau, int64_t iterations);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& weight,
+                                                                 const at::Tensor& teacher,
+                                                                 const at::Tensor& teacher_weight, const at::Tensor& a,
+                                                                 const at::Tensor& beta, double inv_tau_s,
+                                                                 double inv_tau_t);
 std::tuple<at::Tensor, at::Tensor> dino_loss_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& grad_dots,
                                                      const at::Tensor& student, const at::Tensor& weight,
                                                      const at::Tensor& teacher, const at::Tensor& teacher_weight,

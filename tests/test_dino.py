@@ -134,6 +134,8 @@ def test_dino_opcheck():
     beta = torch.randn(6, dtype=torch.float64)
     args = (student.requires_grad_(), weight.requires_grad_(), teacher, teacher_weight, a, beta, 10.0, 25.0, "cpp")
     torch.library.opcheck(dino_loss_stats, args)
+    no_beta = beta.new_empty(0)  # the softmax's β found in the same pass
+    torch.library.opcheck(dino_loss_stats, (*args[:5], no_beta, *args[6:]))
 
 
 def _reference_sinkhorn(t, tau, iterations):
@@ -147,15 +149,21 @@ def _reference_sinkhorn(t, tau, iterations):
     return torch.from_numpy((q * b).T)
 
 
-def test_sinkhorn_scalings_equal_dinov2():
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+@pytest.mark.parametrize(("b", "k"), [(9, 40), (600, 3000)])
+def test_sinkhorn_scalings_equal_dinov2(b, k, iterations):
+    """One process, C++: one pass per iteration (0 iterations: the sums' path); K = 3000 with 1200 rows
+    takes several tiles."""
     from fastssl.ops.dino import teacher_scalings
 
-    _, teacher, _, teacher_weight, _ = _inputs(2, 2, 9, 40, 16, scale=1.0)
+    _, teacher, _, teacher_weight, _ = _inputs(2, 2, b, k, 16, scale=1.0)
     t = teacher @ teacher_weight.t()
-    a, beta = teacher_scalings(teacher, teacher_weight, None, 0.05, "sinkhorn", 3, "cpp")
+    a, beta = teacher_scalings(teacher, teacher_weight, None, 0.05, "sinkhorn", iterations, "cpp")
     q = torch.exp(t / 0.05 + a + beta[:, None])
-    assert_verbose_allclose(q, _reference_sinkhorn(t, 0.05, 3), rtol=1e-10, atol=1e-14, name="sinkhorn q")
-    assert_verbose_allclose(q, reference.sinkhorn_knopp(t, 0.05, 3), rtol=1e-10, atol=1e-14, name="vs reference")
+    expected = _reference_sinkhorn(t, 0.05, iterations)
+    assert_verbose_allclose(q, expected, rtol=1e-10, atol=1e-14, name="sinkhorn q")
+    expected = reference.sinkhorn_knopp(t, 0.05, iterations)
+    assert_verbose_allclose(q, expected, rtol=1e-10, atol=1e-14, name="vs reference")
 
 
 def test_dino_module_center_update():

@@ -11,9 +11,10 @@ weights: DINO and SwAV 1/(B·|P|) on the pairs (g, v ≠ g), iBOT w_p/n_images o
 The teacher distribution is q_rk = exp(t_rk/τ_t + a_gk + β_r) (docs/design.md, "DINO, iBOT and
 SwAV prototype losses"): a = −c/τ_t and β = −LSE (softmax, one pass `fastssl::dino_teacher_lse`), or
 a = log u − m and β = log v from Sinkhorn-Knopp on scalings u ∈ R^K, v ∈ R^R of exp(t/τ − m)
-(2·iterations + 1 passes of `fastssl::dino_sinkhorn_sums`, the sums all-reduced over ranks).
-`fastssl::dino_loss_stats` computes (lse, dot) tile by tile over K and its backward recomputes the
-tiles; nothing [rows, K] is ever stored (csrc/cpu/dino.cpp).
+(2·iterations + 1 passes of `fastssl::dino_sinkhorn_sums`, the sums all-reduced over ranks; on one
+process `fastssl::dino_sinkhorn`, one pass per iteration).
+`fastssl::dino_loss_stats` computes (lse, dot) tile by tile over K (in C++ also the softmax's β, in
+the same pass) and its backward recomputes the tiles; nothing [rows, K] is ever stored (csrc/cpu/dino.cpp).
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def _(teacher, teacher_weight, inv_tau, shift, u, v, impl):
     return teacher.new_empty(teacher_weight.shape[0], dtype=acc), teacher.new_empty(teacher.shape[0], dtype=acc)
 
 
+@torch.library.custom_op("fastssl::dino_sinkhorn", mutates_args=())
+def dino_sinkhorn(
+    teacher: Tensor, teacher_weight: Tensor, inv_tau: float, iterations: int, impl: str
+) -> tuple[Tensor, Tensor]:
+    """Sinkhorn-Knopp on one process's rows, one pass per iteration: (a [K], β [R]) with
+    q_rk = exp(inv_tau·t_rk + a_k + β_r)."""
+    kernel = _ext.kernel(impl, teacher.device, cpp="dino_sinkhorn_cpu")
+    a, beta = kernel(teacher, teacher_weight, inv_tau, iterations)
+    return a, beta
+
+
+@dino_sinkhorn.register_fake
+def _(teacher, teacher_weight, inv_tau, iterations, impl):
+    acc = _checks.accumulate_dtype(teacher.dtype)
+    return teacher.new_empty(teacher_weight.shape[0], dtype=acc), teacher.new_empty(teacher.shape[0], dtype=acc)
+
+
 @torch.library.custom_op("fastssl::dino_loss_stats", mutates_args=())
 def dino_loss_stats(
     student: Tensor,
@@ -75,17 +93,23 @@ def dino_loss_stats(
     inv_tau_s: float,
     inv_tau_t: float,
     impl: str,
-) -> tuple[Tensor, Tensor]:
-    """(lse [N], dot [G, N]) of (1), with q from a [G, K] and beta [R]; G = a.shape[0], B = R/G."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse [N], dot [G, N], β [R]) of (1), with q from a [G, K] and beta [R]; G = a.shape[0], B = R/G.
+    C++ only: beta empty ([0]) makes q the softmax over k of t/τ_t + a, its normaliser β = −LSE found
+    in the same pass over the tiles (online, as the student's) and returned: no pass of its own."""
     kernel = _ext.kernel(impl, student.device, cpp="dino_loss_fwd_cpu", triton="dino.dino_loss_fwd")
+    if impl == "cpp":
+        lse, dots, beta = kernel(student, weight, teacher, teacher_weight, a, beta, inv_tau_s, inv_tau_t)
+        return lse, dots, beta
     lse, dots = kernel(student, weight, teacher, teacher_weight, a, beta, inv_tau_s, inv_tau_t)
-    return lse, dots
+    return lse, dots, beta.clone()
 
 
 @dino_loss_stats.register_fake
 def _(student, weight, teacher, teacher_weight, a, beta, inv_tau_s, inv_tau_t, impl):
     acc = _checks.accumulate_dtype(student.dtype)
-    return student.new_empty(student.shape[0], dtype=acc), student.new_empty(a.shape[0], student.shape[0], dtype=acc)
+    n, r = student.shape[0], teacher.shape[0]
+    return student.new_empty(n, dtype=acc), student.new_empty(a.shape[0], n, dtype=acc), student.new_empty(r, dtype=acc)
 
 
 @torch.library.custom_op("fastssl::dino_loss_stats_backward", mutates_args=())
@@ -114,12 +138,13 @@ def _(grad_lse, grad_dots, student, weight, teacher, teacher_weight, a, beta, ls
 
 
 def _setup_context(ctx, inputs, output):
-    student, weight, teacher, teacher_weight, a, beta, inv_tau_s, inv_tau_t, impl = inputs
-    ctx.save_for_backward(student, weight, teacher, teacher_weight, a, beta, output[0])
+    student, weight, teacher, teacher_weight, a, _, inv_tau_s, inv_tau_t, impl = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(student, weight, teacher, teacher_weight, a, output[2], output[0])
     ctx.inv_tau_s, ctx.inv_tau_t, ctx.impl = inv_tau_s, inv_tau_t, impl
 
 
-def _backward(ctx, grad_lse, grad_dots):
+def _backward(ctx, grad_lse, grad_dots, _grad_beta):
     student, weight, teacher, teacher_weight, a, beta, lse = ctx.saved_tensors
     grad_student, grad_weight = dino_loss_stats_backward(
         grad_lse.contiguous(), grad_dots.contiguous(), student, weight, teacher, teacher_weight, a, beta, lse,
@@ -145,12 +170,15 @@ def teacher_scalings(
     impl: str,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(a [K], β [R]) with q_rk = exp(t_rk/τ_t + a_k + β_r): the teacher's softmax with or without
-    the center, or DINOv2's Sinkhorn-Knopp over every rank's rows."""
+    the center, or DINOv2's Sinkhorn-Knopp over every rank's rows. For the softmax in C++, β is
+    empty: `dino_loss_stats` finds it in its own pass."""
     acc = _checks.accumulate_dtype(teacher.dtype)
     k = teacher_weight.shape[0]
     if centering == "sinkhorn":
         return _sinkhorn(teacher, teacher_weight, 1.0 / tau_t, iterations, impl)
     shift = teacher.new_zeros(k, dtype=acc) if center is None else center.reshape(k).to(acc) / -tau_t
+    if impl == "cpp":
+        return shift, teacher.new_empty(0, dtype=acc)
     lse, _ = dino_teacher_lse(teacher, teacher_weight, shift, 1.0 / tau_t, impl)
     return shift, -lse
 
@@ -158,7 +186,12 @@ def teacher_scalings(
 def _sinkhorn(teacher: Tensor, teacher_weight: Tensor, inv_tau: float, iterations: int, impl: str):
     """Sinkhorn-Knopp (DINOv2's `sinkhorn_knopp_teacher`, SwAV's `distributed_sinkhorn`) on the
     scalings of E = exp(t/τ − m), m the one global max of t/τ over all ranks: a global factor
-    cancels in the first normalisation, so the result is DINOv2's; a per-row shift would not be."""
+    cancels in the first normalisation, so the result is DINOv2's; a per-row shift would not be.
+    On one process the C++ kernel fuses each iteration into one pass over the tiles
+    (`fastssl::dino_sinkhorn`: iterations passes instead of 2·iterations + 2)."""
+    one_process = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    if impl == "cpp" and iterations >= 1 and one_process:
+        return dino_sinkhorn(teacher, teacher_weight, inv_tau, iterations, impl)
     acc = _checks.accumulate_dtype(teacher.dtype)
     r, k = teacher.shape[0], teacher_weight.shape[0]
     _, row_max = dino_teacher_lse(teacher, teacher_weight, teacher.new_zeros(k, dtype=acc), inv_tau, impl)
@@ -180,7 +213,7 @@ def _sinkhorn(teacher: Tensor, teacher_weight: Tensor, inv_tau: float, iteration
 def _pair_loss(student, weight, teacher, teacher_weight, a, beta, pairs: Tensor, row_weights, tau_s, tau_t, impl):
     """(1) with W_{g,(v,b)} = pairs[g, v]·row_weights[b]; a [G, K], β [G·B]."""
     g = pairs.shape[0]
-    lse, dots = dino_loss_stats(
+    lse, dots, _ = dino_loss_stats(
         student, weight, teacher.detach(), teacher_weight.detach(), a.contiguous(), beta.contiguous(),
         1.0 / tau_s, 1.0 / tau_t, impl,
     )  # fmt: skip
