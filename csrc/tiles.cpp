@@ -1,42 +1,15 @@
 // The elementwise passes of the fixed-shift tile kernels (csrc/tiles.h: exp_sums, exp_weights).
 //
-// The extension is built for the baseline ISA (no -march), so these loops are compiled once per
-// x86-64 level by target_clones and the loader picks the widest the CPU has (AVX-512, AVX2, SSE2).
-// std::exp does not vectorise without -ffast-math; fp32 uses Cephes' expf instead: x = n ln2 + r with
-// ln2 in two parts, a degree-6 polynomial in r, then 2^n through the exponent bits, within 2 ulp and
-// branch-free. Arguments here are s - m ≤ 0 up to rounding (m bounds s); below −87.33 the result is
-// exp(−87.33), an absolute error under 1.2e-38, and NaN stays NaN. fp64 (gradcheck) uses std::exp.
+// One pass per tile, vectorised on a baseline-ISA build through csrc/row_math.h (clones per x86-64
+// level, Cephes' expf for fp32; fp64, for gradcheck, uses std::exp). The row sums are vector
+// reductions, so their order (and last bit) follows the clone's vector width.
 #include <ATen/ATen.h>
 
-#include <bit>
-#include <cmath>
-#include <cstdint>
-
+#include "row_math.h"
 #include "tiles.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTSSL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTSSL_CLONES
-#endif
 
 namespace fastssl {
 namespace {
-
-inline float exp_of(float x) {
-  x = std::min(std::max(x, -87.33f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x log2 e)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-inline double exp_of(double x) { return std::exp(x); }
 
 bool left_out(int64_t i, int64_t drop, int64_t c) { return drop != kKeepAll && i + drop >= 0 && i + drop < c; }
 
@@ -45,7 +18,7 @@ void exp_sums_rows(T* e, int64_t r, int64_t c, T shift, int64_t drop, T* row, T*
   for (int64_t i = 0; i < r; ++i) {
     T* p = e + i * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) p[j] = exp_of(p[j] - shift);
+    for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift);
     // zeroed before the sums: subtracting it after would cancel the row's small terms
     if (left_out(i, drop, c)) p[i + drop] = 0;
     T total = 0;
@@ -66,20 +39,20 @@ void exp_weights_rows(T* a, int64_t r, int64_t c, T shift, const T* u, const T* 
     const T ui = u[i];
     if (v != nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_of(p[j] - shift) * (ui + v[j]);
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift) * (ui + v[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_of(p[j] - shift) * ui;
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift) * ui;
     }
     if (left_out(i, drop, c)) p[i + drop] = 0;
   }
 }
 
 // The clones: one non-template function per dtype (target_clones takes no templates).
-FASTSSL_CLONES void exp_sums_f32(float* e, int64_t r, int64_t c, float shift, int64_t drop, float* row, float* col) {
+FASTSSL_ROW_KERNEL void exp_sums_f32(float* e, int64_t r, int64_t c, float shift, int64_t drop, float* row, float* col) {
   exp_sums_rows(e, r, c, shift, drop, row, col);
 }
-FASTSSL_CLONES void exp_weights_f32(float* a, int64_t r, int64_t c, float shift, const float* u, const float* v,
+FASTSSL_ROW_KERNEL void exp_weights_f32(float* a, int64_t r, int64_t c, float shift, const float* u, const float* v,
                                     int64_t drop) {
   exp_weights_rows(a, r, c, shift, u, v, drop);
 }

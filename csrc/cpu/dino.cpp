@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../row_math.h"
 
 namespace {
 
@@ -44,15 +45,10 @@ constexpr int64_t kTileElems = int64_t{1} << 20;
 constexpr int kLanes = 8;  // independent partial sums, which the compiler keeps in vector registers
 
 // The row loops below vectorise (setup.py's -fno-trapping-math lets GCC if-convert exp_tile's
-// clamp); ROW_KERNEL functions are also compiled for AVX2+FMA and AVX-512 and picked at load time
+// clamp); FASTSSL_ROW_KERNEL functions are also compiled for AVX2+FMA and AVX-512 and picked at load time
 // (GCC's target_clones), so that a wheel built for baseline x86-64 still runs them 8 or 16 wide.
 // Every clone does the same operations in the same order (no contraction under -std=c++20, the
 // kLanes partial sums fixed), so the results do not depend on the CPU.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ROW_KERNEL
-#endif
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -66,25 +62,6 @@ at::Tensor acc_rows(const at::Tensor& x, const char* fn, const char* name) {
 // tile width over K for tiles of `rows` rows
 int64_t tile_width(int64_t rows, int64_t k) { return std::clamp<int64_t>(kTileElems / std::max<int64_t>(rows, 1), 16, k); }
 
-// exp of fp32 tiles: Cephes' expf (x = n ln2 + r with ln2 in two parts, a degree-6 polynomial in r,
-// then 2^n through the exponent bits), within 2 ulp and branch-free, so that the row loops
-// vectorise (std::exp does not without -ffast-math). Every argument here is ≤ 0 up to rounding
-// (a logit minus its row's max, or a log-probability); below −87.33 the result is exp(−87.33), an
-// absolute error under 1.2e-38, and NaN stays NaN. fp64 uses std::exp.
-inline float exp_tile(float x) {
-  x = std::min(std::max(x, -87.33f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x log2 e)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-inline double exp_tile(double x) { return std::exp(x); }
 
 // Σ_k a_k and Σ_k a_k b_k over kLanes partial sums
 template <class T>
@@ -99,7 +76,7 @@ T lane_sum(const T* a, int64_t n) {
   return s;
 }
 template <class T>
-ROW_KERNEL T lane_dot(const T* a, const T* b, int64_t n) {
+FASTSSL_ROW_KERNEL T lane_dot(const T* a, const T* b, int64_t n) {
   T part[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes)
@@ -125,13 +102,13 @@ T lane_max(const T* a, int64_t n) {
 // The row x[0:n] becomes x·scale + add (add may be null), then joins the running (max, sum) of its
 // log-sum-exp; e is scratch.
 template <class T>
-ROW_KERNEL void online_lse(T* x, int64_t n, T scale, const T* add, T& max, T& sum, T* e) {
+FASTSSL_ROW_KERNEL void online_lse(T* x, int64_t n, T scale, const T* add, T& max, T& sum, T* e) {
   if (add)
     for (int64_t k = 0; k < n; ++k) x[k] = x[k] * scale + add[k];
   else
     for (int64_t k = 0; k < n; ++k) x[k] *= scale;
   const T grown = std::max(max, lane_max(x, n));
-  for (int64_t k = 0; k < n; ++k) e[k] = exp_tile(x[k] - grown);
+  for (int64_t k = 0; k < n; ++k) e[k] = fastssl::exp_tile(x[k] - grown);
   // exp(-inf - finite) = 0 on the first tile
   sum = (max == -std::numeric_limits<T>::infinity() ? T(0) : sum * std::exp(max - grown)) + lane_sum(e, n);
   max = grown;
@@ -139,30 +116,30 @@ ROW_KERNEL void online_lse(T* x, int64_t n, T scale, const T* add, T& max, T& su
 
 // x[0:n] becomes mult·exp(x·scale + add + shift) (add may be null)
 template <class T>
-ROW_KERNEL void exp_row(T* x, int64_t n, T scale, const T* add, T shift, T mult) {
+FASTSSL_ROW_KERNEL void exp_row(T* x, int64_t n, T scale, const T* add, T shift, T mult) {
   if (add)
-    for (int64_t k = 0; k < n; ++k) x[k] = mult * exp_tile(x[k] * scale + add[k] + shift);
+    for (int64_t k = 0; k < n; ++k) x[k] = mult * fastssl::exp_tile(x[k] * scale + add[k] + shift);
   else
-    for (int64_t k = 0; k < n; ++k) x[k] = mult * exp_tile(x[k] * scale + shift);
+    for (int64_t k = 0; k < n; ++k) x[k] = mult * fastssl::exp_tile(x[k] * scale + shift);
 }
 
 // x[0:n] += a·y
 template <class T>
-ROW_KERNEL void axpy_row(T* x, const T* y, int64_t n, T a) {
+FASTSSL_ROW_KERNEL void axpy_row(T* x, const T* y, int64_t n, T a) {
   for (int64_t k = 0; k < n; ++k) x[k] += a * y[k];
 }
 
 // Column pieces of a tile for Sinkhorn, one row of the tile at a time: col_max = max(col_max, x·scale)
 template <class T>
-ROW_KERNEL void max_into(T* col_max, const T* x, int64_t n, T scale) {
+FASTSSL_ROW_KERNEL void max_into(T* col_max, const T* x, int64_t n, T scale) {
   for (int64_t k = 0; k < n; ++k) col_max[k] = std::max(col_max[k], x[k] * scale);
 }
 
 // x[0:n] becomes E = exp(x·scale + a)·v and col_sum += E
 template <class T>
-ROW_KERNEL void exp_sum_into(T* x, T* col_sum, int64_t n, T scale, const T* a, T v) {
+FASTSSL_ROW_KERNEL void exp_sum_into(T* x, T* col_sum, int64_t n, T scale, const T* a, T v) {
   for (int64_t k = 0; k < n; ++k) {
-    x[k] = exp_tile(x[k] * scale + a[k]) * v;
+    x[k] = fastssl::exp_tile(x[k] * scale + a[k]) * v;
     col_sum[k] += x[k];
   }
 }
@@ -265,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_sums_cpu(const at::Tensor& teac
       at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           T* xr = x + row * kc;
-          for (int64_t j = 0; j < kc; ++j) xr[j] = exp_tile(xr[j] * T(inv_tau) - T(shift)) * pu[k0 + j] * pv[row];
+          for (int64_t j = 0; j < kc; ++j) xr[j] = fastssl::exp_tile(xr[j] * T(inv_tau) - T(shift)) * pu[k0 + j] * pv[row];
           pc[row] += lane_sum(xr, kc);  // (3), over prototypes
         }
       });
