@@ -503,10 +503,11 @@ def sweep_main(
     cases: Callable[..., list[Case]],
     check_targets: Callable[[list[dict]], None],
     argv: list[str] | None = None,
+    timeout_s: float = 900.0,
 ) -> list[dict]:
     """The command line of a bench script whose cases sweep integer sizes (``sweeps``: option name →
     help, passed to ``cases(quick, device, *sizes, providers, modes)`` in that order), then its run
-    and, on the CPU, its targets."""
+    (``timeout_s`` per case) and, on the CPU, its targets."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
     for name, help_text in sweeps.items():
@@ -516,7 +517,7 @@ def sweep_main(
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [getattr(args, name) for name in sweeps]
-    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes))
+    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes), timeout_s=timeout_s)
     if device == "cpu":
         check_targets(rows)
     return rows
