@@ -504,11 +504,13 @@ def sweep_main(
     check_targets: Callable[[list[dict]], None],
     argv: list[str] | None = None,
     dtypes: bool = False,
+    timeout_s: float = 900.0,
 ) -> list[dict]:
     """The command line of a bench script whose cases sweep integer sizes (``sweeps``: option name →
     help, passed to ``cases(quick, device, *sizes, providers, modes)`` in that order), then its run
-    and, on the CPU, its targets. With ``dtypes``, ``--dtype`` picks the inputs' dtype (passed as
-    ``cases(..., dtype=)``; the default is each script's: fp32 on the CPU, bf16 on a GPU)."""
+    (``timeout_s`` per case) and, on the CPU, its targets. With ``dtypes``, ``--dtype`` picks the
+    inputs' dtype (passed as ``cases(..., dtype=)``; the default is each script's: fp32 on the CPU,
+    bf16 on a GPU)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small set `make bench` runs")
     for name, help_text in sweeps.items():
@@ -521,7 +523,7 @@ def sweep_main(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [getattr(args, name) for name in sweeps]
     extra = {"dtype": getattr(torch, args.dtype)} if dtypes and args.dtype else {}
-    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes, **extra))
+    rows = run(op, cases(args.quick, device, *sizes, args.providers, args.modes, **extra), timeout_s=timeout_s)
     if device == "cpu":
         check_targets(rows)
     return rows
