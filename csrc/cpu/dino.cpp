@@ -33,12 +33,16 @@
 #include <vector>
 
 #include "../ops.h"
+#include "vec_math.h"
 
 namespace {
 
+using fastssl::exp_tile;
+using fastssl::kLanes;
+using fastssl::lane_sum;
+
 // logits per tile: 1 Mi elements, 4 MiB in fp32
 constexpr int64_t kTileElems = int64_t{1} << 20;
-constexpr int kLanes = 8;  // independent partial sums, which the compiler keeps in vector registers
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -52,38 +56,6 @@ at::Tensor acc_rows(const at::Tensor& x, const char* fn, const char* name) {
 // tile width over K for tiles of `rows` rows
 int64_t tile_width(int64_t rows, int64_t k) { return std::clamp<int64_t>(kTileElems / std::max<int64_t>(rows, 1), 16, k); }
 
-// exp of fp32 tiles: Cephes' expf (x = n ln2 + r with ln2 in two parts, a degree-6 polynomial in r,
-// then 2^n through the exponent bits), within 2 ulp and branch-free, so that the row loops
-// vectorise (std::exp does not without -ffast-math). Every argument here is ≤ 0 up to rounding
-// (a logit minus its row's max, or a log-probability); below −87.33 the result is exp(−87.33), an
-// absolute error under 1.2e-38, and NaN stays NaN. fp64 uses std::exp.
-inline float exp_tile(float x) {
-  x = std::min(std::max(x, -87.33f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x log2 e)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-inline double exp_tile(double x) { return std::exp(x); }
-
-// Σ_k a_k and Σ_k a_k b_k over kLanes partial sums
-template <class T>
-T lane_sum(const T* a, int64_t n) {
-  T part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j];
-  T s = 0;
-  for (; k < n; ++k) s += a[k];
-  for (int j = 0; j < kLanes; ++j) s += part[j];
-  return s;
-}
 template <class T>
 T lane_dot(const T* a, const T* b, int64_t n) {
   T part[kLanes] = {};
