@@ -21,9 +21,9 @@ with_cuda = (
 )
 
 # OpenMP: at::parallel_for is inlined from ATen's headers, so without -fopenmp it runs serially.
-# -fno-trapping-math: no code here enables floating-point traps, and without it GCC keeps a branch
-# for every float comparison, so loops with a clamp (the exp of csrc/cpu/dino.cpp) do not vectorise;
-# values are unchanged (it is not -ffast-math: no reassociation, NaN and infinities kept).
+# -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC does
+# not turn the selects of the branch-free row loops (csrc/cpu/vec_math.h) into vector blends, so
+# those loops stay scalar. Values are unchanged (no reassociation: that would be -ffast-math).
 cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
 link_flags = ["-fopenmp"]
 if with_cuda:

@@ -1,11 +1,11 @@
 // The elementwise passes of the fixed-shift tile kernels (csrc/tiles.h: exp_sums, exp_weights).
 //
-// One pass per tile, vectorised on a baseline-ISA build through csrc/row_math.h (clones per x86-64
-// level, Cephes' expf for fp32; fp64, for gradcheck, uses std::exp). The row sums are vector
-// reductions, so their order (and last bit) follows the clone's vector width.
+// One pass per tile, vectorised on a baseline-ISA build through csrc/cpu/vec_math.h (clones per x86-64
+// level, Cephes' expf for fp32; fp64, for gradcheck, uses std::exp). The row sums take kLanes
+// partial sums in a fixed order, so every clone gives the same bits.
 #include <ATen/ATen.h>
 
-#include "row_math.h"
+#include "cpu/vec_math.h"
 #include "tiles.h"
 
 namespace fastssl {
@@ -21,10 +21,7 @@ void exp_sums_rows(T* e, int64_t r, int64_t c, T shift, int64_t drop, T* row, T*
     for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift);
     // zeroed before the sums: subtracting it after would cancel the row's small terms
     if (left_out(i, drop, c)) p[i + drop] = 0;
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < c; ++j) total += p[j];
-    row[i] = total;
+    row[i] = lane_sum(p, c);
     if (col != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < c; ++j) col[j] += p[j];

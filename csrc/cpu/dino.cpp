@@ -36,17 +36,20 @@
 #include <vector>
 
 #include "../ops.h"
-#include "../row_math.h"
+#include "vec_math.h"
 
 namespace {
 
+using fastssl::exp_tile;
+using fastssl::kLanes;
+using fastssl::lane_sum;
+
 // logits per tile: 1 Mi elements, 4 MiB in fp32
 constexpr int64_t kTileElems = int64_t{1} << 20;
-constexpr int kLanes = 8;  // independent partial sums, which the compiler keeps in vector registers
 
 // The row loops below vectorise (setup.py's -fno-trapping-math lets GCC if-convert exp_tile's
-// clamp); FASTSSL_ROW_KERNEL functions are also compiled for AVX2+FMA and AVX-512 and picked at load time
-// (GCC's target_clones), so that a wheel built for baseline x86-64 still runs them 8 or 16 wide.
+// clamp); FASTSSL_ROW_KERNEL functions (csrc/cpu/vec_math.h) are also compiled for AVX2+FMA and
+// AVX-512 and picked at load time, so that a wheel built for baseline x86-64 runs them 8 or 16 wide.
 // Every clone does the same operations in the same order (no contraction under -std=c++20, the
 // kLanes partial sums fixed), so the results do not depend on the CPU.
 
@@ -62,19 +65,7 @@ at::Tensor acc_rows(const at::Tensor& x, const char* fn, const char* name) {
 // tile width over K for tiles of `rows` rows
 int64_t tile_width(int64_t rows, int64_t k) { return std::clamp<int64_t>(kTileElems / std::max<int64_t>(rows, 1), 16, k); }
 
-
-// Σ_k a_k and Σ_k a_k b_k over kLanes partial sums
-template <class T>
-T lane_sum(const T* a, int64_t n) {
-  T part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j];
-  T s = 0;
-  for (; k < n; ++k) s += a[k];
-  for (int j = 0; j < kLanes; ++j) s += part[j];
-  return s;
-}
+// Σ_k a_k b_k over kLanes partial sums
 template <class T>
 FASTSSL_ROW_KERNEL T lane_dot(const T* a, const T* b, int64_t n) {
   T part[kLanes] = {};

@@ -9,30 +9,69 @@
 //   dL/dx_i = scale sum_j A_ij y_j,   dL/dy_j = scale sum_i A_ij x_i,                            (2)
 //   dL/dscale = sum_ij A_ij s_ij = sum_i x_i . (A Y)_i,   dL/dbias = sum_ij A_ij,                (3)
 // both from the fp32 (fp64) accumulators of (2), before anything is rounded to the input dtype.
-// log sigmoid and sigmoid are ATen's stable ones (min(u, 0) - log1p(exp(-|u|)), no overflow).
+// Stable terms: softplus(v) = max(v, 0) + log1p(exp(-|v|)) and sigmoid(v) = 1/(1 + e) for v >= 0,
+// e/(1 + e) below, e = exp(-|v|): nothing overflows, and log1p keeps the digits of a small e (at the
+// default bias -10 a negative pair has e ~ 4.5e-5), csrc/cpu/vec_math.h.
+//
+// Each tile is one GEMM of the scores s_ij into a per-thread buffer, then one pass per row that does
+// all the elementwise work (scale and bias, labels, softplus or A, the row sum) while the row is in
+// cache; the backward's two GEMMs then read A from the same buffer. The positive j = i + offset is
+// the one column whose sign flips: the row loops run on the columns either side of it.
 //
 // Threads and memory: fastssl::reduce_tiles (csrc/tiles.h): a tile per thread and per-thread row
 // partials of at most 64 MiB; never M x N.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "../ops.h"
 #include "../tiles.h"
+#include "vec_math.h"
 
 namespace {
 
 using fastssl::Combine;
+using fastssl::exp_tile;
+using fastssl::kTile;
+using fastssl::lane_sum;
+using fastssl::log1p_tile;
 using fastssl::reduce_tiles;
 using fastssl::unit_rows;
 
-// u_ij = z_ij l_ij on tile (i0.., j0..): the negated logits, and the logits themselves on the
-// positives (the tile's diagonal i0 + offset - j0; empty when the tile holds none).
-at::Tensor signed_logits(const at::Tensor& x, const at::Tensor& y, double scale, double bias, int64_t offset,
-                         int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  at::Tensor u = at::mm(x.slice(0, i0, i1), y.slice(0, j0, j1).t()).mul_(-scale).sub_(bias);
-  u.diagonal(i0 + offset - j0).neg_();
-  return u;
+template <class T>
+T softplus(T v) {
+  return std::max(v, T(0)) + log1p_tile(exp_tile(-std::abs(v)));
+}
+
+template <class T>
+T sigmoid(T v) {
+  const T e = exp_tile(-std::abs(v)), r = T(1) / (T(1) + e), er = e * r;
+  return v >= T(0) ? r : er;
+}
+
+// The negatives' terms of a tile row r[0:n] (scores in, terms out) and their sum:
+// softplus(l) for (1), g sigmoid(l) = A for (2), l = scale r_j + bias.
+template <class T>
+FASTSSL_ROW_KERNEL T softplus_row(T* r, int64_t n, T scale, T bias) {
+  for (int64_t j = 0; j < n; ++j) r[j] = softplus(scale * r[j] + bias);
+  return lane_sum(r, n);
+}
+template <class T>
+FASTSSL_ROW_KERNEL T sigmoid_row(T* r, int64_t n, T scale, T bias, T g) {
+  for (int64_t j = 0; j < n; ++j) r[j] = g * sigmoid(scale * r[j] + bias);
+  return lane_sum(r, n);
+}
+
+// negatives(a, b) on the columns [a, b) of a tile row of width n other than its positive column jd
+// (if 0 <= jd < n), plus positive(jd): the sum of the row's terms.
+template <class T, class Negatives, class Positive>
+T around_positive(int64_t n, int64_t jd, Negatives negatives, Positive positive) {
+  if (jd < 0 || jd >= n) return negatives(0, n);
+  return negatives(0, jd) + positive(jd) + negatives(jd + 1, n);
 }
 
 struct Inputs {
@@ -52,6 +91,23 @@ Inputs inputs(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& 
   return in;
 }
 
+// One buffer of `elems` values per thread of reduce_tiles; view(r, c) is the calling thread's, as a
+// contiguous [r, c] tensor (r c <= elems).
+struct ThreadBuffers {
+  std::vector<at::Tensor> flat;
+  ThreadBuffers(int64_t elems, const at::TensorOptions& options) {
+    for (int64_t t = 0; t < at::get_num_threads(); ++t) flat.push_back(at::empty({elems}, options));
+  }
+  at::Tensor view(int64_t r, int64_t c) const { return flat[at::get_thread_num()].narrow(0, 0, r * c).view({r, c}); }
+};
+
+// s = x[i0:i1] y[j0:j1]^T into the calling thread's score buffer
+at::Tensor scores(const ThreadBuffers& buf, const Inputs& in, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  at::Tensor s = buf.view(i1 - i0, j1 - j0);
+  at::mm_out(s, in.x.slice(0, i0, i1), in.y.slice(0, j0, j1).t());
+  return s;
+}
+
 }  // namespace
 
 at::Tensor siglip_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale,
@@ -60,9 +116,25 @@ at::Tensor siglip_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const 
   const int64_t m = in.x.size(0), n = in.y.size(0);
   at::Tensor rows = at::zeros({m, 1}, in.x.options());
   at::Tensor no_cols;
-  reduce_tiles(m, n, rows, no_cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    at::Tensor u = signed_logits(in.x, in.y, in.scale, in.bias, offset, i0, i1, j0, j1);
-    return std::make_pair(at::log_sigmoid(u).sum(1, true).neg_(), at::Tensor());  // (1)
+  const ThreadBuffers s_buf(kTile * kTile, in.x.options()), row_buf(kTile, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "siglip_fwd_cpu", [&] {
+    using T = scalar_t;
+    const T sc = T(in.scale), bi = T(in.bias);
+    reduce_tiles(m, n, rows, no_cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      const at::Tensor s = scores(s_buf, in, i0, i1, j0, j1);
+      const at::Tensor part = row_buf.view(i1 - i0, 1);
+      const int64_t nc = j1 - j0;
+      T* ps = s.data_ptr<T>();
+      T* out = part.data_ptr<T>();
+      for (int64_t i = 0; i < i1 - i0; ++i) {
+        T* r = ps + i * nc;
+        // (1): softplus(l_ij) on the negatives (z = -1), in place, then their sum
+        const auto negatives = [&](int64_t a, int64_t b) { return softplus_row(r + a, b - a, sc, bi); };
+        const auto positive = [&](int64_t j) { return softplus(-(sc * r[j] + bi)); };
+        out[i] = around_positive<T>(nc, i0 + i + offset - j0, negatives, positive);
+      }
+      return std::make_pair(part, at::Tensor());
+    });
   });
   return rows.squeeze(1);
 }
@@ -75,18 +147,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const 
   const Inputs in = inputs(x_in, y_in, scale, bias, "siglip_bwd_cpu");
   const int64_t m = in.x.size(0), n = in.y.size(0), d = in.x.size(1);
   TORCH_CHECK(grad_row.numel() == m, "siglip_bwd_cpu: grad_row must have ", m, " elements");
-  const at::Tensor g = grad_row.to(in.x.scalar_type()).contiguous().unsqueeze(1);
+  const at::Tensor g = grad_row.to(in.x.scalar_type()).contiguous();
   // rows: (A Y)_i in columns 0..D-1 and sum_j A_ij in column D; cols: (A^T X)_j
   at::Tensor rows = at::zeros({m, d + 1}, in.x.options());
   at::Tensor cols = at::zeros({n, d}, in.x.options());
-  reduce_tiles(m, n, rows, cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    at::Tensor u = signed_logits(in.x, in.y, in.scale, in.bias, offset, i0, i1, j0, j1);
-    // A_ij = -g_i z_ij sigmoid(-u_ij): +g_i sigmoid(l_ij) off the positives, -g_i sigmoid(-l_ij) on them
-    at::Tensor a = at::sigmoid(u.neg_());
-    a.diagonal(i0 + offset - j0).neg_();
-    a.mul_(g.slice(0, i0, i1));
-    at::Tensor row_part = at::cat({at::mm(a, in.y.slice(0, j0, j1)), a.sum(1, true)}, 1);
-    return std::make_pair(row_part, at::mm(a.t(), in.x.slice(0, i0, i1)));
+  const ThreadBuffers a_buf(kTile * kTile, in.x.options()), row_buf(kTile * (d + 1), in.x.options()),
+      col_buf(kTile * d, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "siglip_bwd_cpu", [&] {
+    using T = scalar_t;
+    const T sc = T(in.scale), bi = T(in.bias);
+    const T* pg = g.const_data_ptr<T>();
+    reduce_tiles(m, n, rows, cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      const at::Tensor a = scores(a_buf, in, i0, i1, j0, j1);
+      at::Tensor row_part = row_buf.view(i1 - i0, d + 1), col_part = col_buf.view(j1 - j0, d);
+      const int64_t nc = j1 - j0;
+      T* pa = a.data_ptr<T>();
+      T* row_sum = row_part.data_ptr<T>() + d;
+      for (int64_t i = 0; i < i1 - i0; ++i) {
+        T* r = pa + i * nc;
+        const T gi = pg[i0 + i];
+        // (2): A_ij = g_i sigmoid(l_ij) on the negatives, -g_i sigmoid(-l_ij) on the positive, in place
+        const auto negatives = [&](int64_t a, int64_t b) { return sigmoid_row(r + a, b - a, sc, bi, gi); };
+        const auto positive = [&](int64_t j) { return r[j] = -gi * sigmoid(-(sc * r[j] + bi)); };
+        row_sum[i * (d + 1)] = around_positive<T>(nc, i0 + i + offset - j0, negatives, positive);
+      }
+      at::Tensor ay = row_part.narrow(1, 0, d);
+      at::mm_out(ay, a, in.y.slice(0, j0, j1));
+      at::mm_out(col_part, a.t(), in.x.slice(0, i0, i1));
+      return std::make_pair(row_part, col_part);
+    });
   });
   const at::Tensor ay = rows.narrow(1, 0, d);
   at::Tensor grad_scale = (in.x * ay).sum();                  // (3)

@@ -1,0 +1,72 @@
+// Branch-free elementwise math for the fp32 row loops of the tiled CPU kernels (csrc/cpu/*.cpp, csrc/tiles.cpp):
+// without -ffast-math std::exp and std::log1p do not vectorise, these do. fp64 overloads call std::
+// (gradcheck runs in fp64; its speed does not matter).
+#pragma once
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+// FASTSSL_ROW_KERNEL functions are also compiled for AVX2+FMA and AVX-512 and picked at load time
+// (GCC's target_clones), so that an extension built for baseline x86-64 still runs its row loops 8
+// or 16 wide (setup.py's -fno-trapping-math lets GCC if-convert the selects below).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTSSL_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTSSL_ROW_KERNEL
+#endif
+
+namespace fastssl {
+
+constexpr int kLanes = 8;  // independent partial sums, which the compiler keeps in vector registers
+
+// exp of fp32 tiles: Cephes' expf (x = n ln2 + r with ln2 in two parts, a degree-6 polynomial in r,
+// then 2^n through the exponent bits), within 2 ulp and branch-free, so that the row loops
+// vectorise. Meant for arguments ≤ 0 up to rounding: below −87.33 the result is exp(−87.33), an
+// absolute error under 1.2e-38, and NaN stays NaN.
+inline float exp_tile(float x) {
+  x = std::min(std::max(x, -87.33f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x log2 e)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+inline double exp_tile(double x) { return std::exp(x); }
+
+// log1p of fp32 tiles for 0 ≤ e ≤ 1 (e = exp(−|x|) in softplus): musl's log1pf with its two cases
+// selected instead of branched on. With 1 + e = 2^k (1 + f), k = 0 and f = e below √2 − 1, else
+// k = 1, f = (1 + e)/2 − 1 (exact) and c = (e − ((1 + e) − 1))/(1 + e) restores the digits of e
+// that rounding 1 + e dropped; log(1 + f) = 2 atanh(s), s = f/(2 + f), as a polynomial in s².
+// Within 1 ulp of log1p(e), e itself for tiny e (no loss to 1's ulp); NaN stays NaN.
+inline float log1p_tile(float e) {
+  // both cases computed, then selected: a select of computed values is what the vectoriser takes
+  const bool big = e >= 0.41421356f;
+  const float u = 1.0f + e, f_big = 0.5f * u - 1.0f, c_big = (e - (u - 1.0f)) / u;
+  const float f = big ? f_big : e, c = big ? c_big : 0.0f, k = big ? 1.0f : 0.0f;
+  const float s = f / (2.0f + f), z = s * s, w = z * z;
+  const float r = z * (0.66666662693f + w * 0.28498786688f) + w * (0.40000972152f + w * 0.24279078841f);
+  const float hfsq = 0.5f * f * f;
+  return s * (hfsq + r) + (k * 9.0580006145e-06f + c) - hfsq + f + k * 6.9313812256e-01f;
+}
+inline double log1p_tile(double e) { return std::log1p(e); }
+
+// Σ_k a_k over kLanes partial sums
+template <class T>
+T lane_sum(const T* a, int64_t n) {
+  T part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j];
+  T s = 0;
+  for (; k < n; ++k) s += a[k];
+  for (int j = 0; j < kLanes; ++j) s += part[j];
+  return s;
+}
+
+}  // namespace fastssl
