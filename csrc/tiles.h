@@ -43,8 +43,7 @@ inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // While alive, and when on, fp32 matmuls run on oneDNN with bf16 dot products and fp32
 // accumulation (ATen's mkldnn fp32 precision "bf16"), where the CPU has them (AVX512-BF16 or AMX;
 // elsewhere ATen ignores the mode and the fp32 path runs). For a kernel whose rows came from bf16
-// inputs, rounding the rows to bf16 is exact, so S = Q K^T is the fp32 path's up to summation order;
-// in the backward the fp32 weights A are rounded to bf16 for A K, as the Triton kernels round P
+// inputs, rounding the rows to bf16 is exact, so S = Q K^T is the fp32 path's up to summation order
 // (docs/design.md, "Tile kernels": bf16 dot products on the CPU). The mode is process-wide: it is
 // restored on return or on an exception, and FASTSSL_CPU_BF16_DOTS=0 keeps the fp32 path.
 class Bf16Dots {

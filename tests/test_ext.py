@@ -65,7 +65,7 @@ def test_bf16_dots_forward_equals_the_fp32_kernel():
 
 def test_bf16_dots_restore_the_matmul_precision():
     """The bf16 dot products switch oneDNN's fp32 matmul precision for the kernel only: the caller's
-    setting is back after the forward and the backward."""
+    setting is back after the forward (and the backward)."""
     _kernels()
     import fastssl
 
@@ -76,8 +76,8 @@ def test_bf16_dots_restore_the_matmul_precision():
 
 
 def test_bf16_dots_off_gives_the_same_numbers():
-    """FASTSSL_CPU_BF16_DOTS=0 (fp32 products of the widened rows) gives bf16 InfoNCE's loss to fp32
-    rounding and its gradient to bf16 rounding of the backward's weights."""
+    """FASTSSL_CPU_BF16_DOTS=0 (fp32 products of the widened rows) gives bf16 InfoNCE's loss and
+    gradient to their rounding (only the forward's products take bf16 dot products, and exactly)."""
     code = """
 import torch, fastssl
 g = torch.Generator().manual_seed(0)
@@ -93,4 +93,4 @@ print(" ".join(repr(v) for v in [loss.item()] + q.grad.float().flatten()[:200].t
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(torch.tensor([float(v) for v in done.stdout.split()]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(runs[0][1:], runs[1][1:], rtol=2e-2, atol=2e-5)
+    torch.testing.assert_close(runs[0][1:], runs[1][1:], rtol=8e-3, atol=1e-6)  # bf16 gradients: 1 ulp
