@@ -24,6 +24,8 @@
 #include <vector>
 
 #include "../ops.h"
+#include "memory.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -48,29 +50,50 @@ void load_row(const at::Tensor& t, int64_t offset, int64_t n, acc_t* acc) {
   });
 }
 
-// Σ a_k with eight independent partial sums, which the compiler keeps in vector registers.
+// The values of row [offset, offset + n) of t as acc_t: in place when t holds acc_t, else widened
+// into buffer.
 template <class acc_t>
-acc_t sum(const acc_t* a, int64_t n) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[k + j];
-  acc_t s = 0;
-  for (; k < n; ++k) s += a[k];
-  for (int j = 0; j < 8; ++j) s += part[j];
-  return s;
+const acc_t* row_values(const at::Tensor& t, int64_t offset, int64_t n, acc_t* buffer) {
+  if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) return t.const_data_ptr<acc_t>() + offset;
+  load_row(t, offset, n, buffer);
+  return buffer;
 }
 
+// One row of the masked MSE in three sweeps over its P values (in cache): with norm_pix the target's
+// mean, then its variance about that mean (two sweeps: no cancellation in E[t²] − E[t]²); then
+// d_k = p_k − t̂_k, written as scale·d_k to out (the gradient, or scratch), and Σ_k d_k² returned.
+// Fixed lanes (fastssl::kLanes), so every clone gives the same sums.
 template <class acc_t>
-acc_t sum_sq(const acc_t* a, int64_t n) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+FASTSSL_ROW_KERNEL acc_t mse_row(const acc_t* p, const acc_t* t, int64_t n, bool norm_pix, acc_t scale, acc_t* out) {
+  using fastssl::kLanes;
+  acc_t mean = 0, rstd = 1;
+  if (norm_pix) {
+    mean = fastssl::lane_sum(t, n) / n;
+    acc_t part[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes)
+      for (int j = 0; j < kLanes; ++j) part[j] += (t[k + j] - mean) * (t[k + j] - mean);
+    acc_t var = 0;
+    for (; k < n; ++k) var += (t[k] - mean) * (t[k] - mean);
+    for (int j = 0; j < kLanes; ++j) var += part[j];
+    rstd = 1 / std::sqrt(var / (n - 1) + acc_t(1e-6));
+  }
+  acc_t part[kLanes] = {};
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * a[k + j];
-  acc_t s = 0;
-  for (; k < n; ++k) s += a[k] * a[k];
-  for (int j = 0; j < 8; ++j) s += part[j];
-  return s;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t d = p[k + j] - (t[k + j] - mean) * rstd;
+      part[j] += d * d;
+      out[k + j] = d * scale;
+    }
+  acc_t sq = 0;
+  for (; k < n; ++k) {
+    const acc_t d = p[k] - (t[k] - mean) * rstd;
+    sq += d * d;
+    out[k] = d * scale;
+  }
+  for (int j = 0; j < kLanes; ++j) sq += part[j];
+  return sq;
 }
 
 template <class acc_t>
@@ -79,8 +102,10 @@ void masked_mse_rows(const at::Tensor& pred, const at::Tensor& target, const at:
   const int64_t rows = weight.numel(), p = pred.size(-1);
   const acc_t* w = weight.const_data_ptr<acc_t>();
   acc_t* out = row_loss.data_ptr<acc_t>();
+  // the gradient is written in place when it is acc_t, else through a buffer and rounded
+  const bool direct = grad && grad->scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
   at::parallel_for(0, rows, grain_rows(4 * p * pred.element_size()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> d(p), t(p);
+    std::vector<acc_t> pb(p), tb(p), gb(p);
     for (int64_t r = begin; r < end; ++r) {
       if (w[r] == 0) {  // not a masked patch: contributes nothing, and is not read
         out[r] = 0;
@@ -88,21 +113,15 @@ void masked_mse_rows(const at::Tensor& pred, const at::Tensor& target, const at:
                               p * grad->element_size());
         continue;
       }
-      load_row(target, r * p, p, t.data());
-      if (norm_pix) {
-        const acc_t mean = sum(t.data(), p) / p;
-        for (int64_t k = 0; k < p; ++k) t[k] -= mean;
-        const acc_t rstd = 1 / std::sqrt(sum_sq(t.data(), p) / (p - 1) + acc_t(1e-6));
-        for (int64_t k = 0; k < p; ++k) t[k] *= rstd;
-      }
-      load_row(pred, r * p, p, d.data());
-      for (int64_t k = 0; k < p; ++k) d[k] -= t[k];
-      out[r] = w[r] * sum_sq(d.data(), p) / p;
-      if (grad) {
-        const acc_t scale = 2 * w[r] / (p * weight_sum);
+      const acc_t scale = grad ? 2 * w[r] / (p * weight_sum) : acc_t(0);
+      acc_t* g = direct ? grad->data_ptr<acc_t>() + r * p : gb.data();
+      const acc_t* pv = row_values(pred, r * p, p, pb.data());
+      const acc_t* tv = row_values(target, r * p, p, tb.data());
+      out[r] = w[r] * mse_row(pv, tv, p, norm_pix, scale, g) / p;
+      if (grad && !direct) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad->scalar_type(), "masked_mse_grad", [&] {
-          scalar_t* g = grad->data_ptr<scalar_t>() + r * p;
-          for (int64_t k = 0; k < p; ++k) g[k] = static_cast<scalar_t>(d[k] * scale);
+          scalar_t* dst = grad->data_ptr<scalar_t>() + r * p;
+          for (int64_t k = 0; k < p; ++k) dst[k] = static_cast<scalar_t>(g[k]);
         });
       }
     }
@@ -140,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> masking_gather_cpu(const at::Tensor& x, const
   TORCH_CHECK(keep >= 0 && keep <= l, "masking_gather_cpu: keep must be in [0, L]");
   const int64_t n_out = num_prefix + keep, row_bytes = d * x.element_size();
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({b, n_out, d}, x.options());
+  at::Tensor out = fastssl::empty_output({b, n_out, d}, x.options());
   at::Tensor partial = at::zeros({sum_masked ? b : 0, d}, x.options().dtype(acc));
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -184,7 +203,7 @@ at::Tensor masking_unshuffle_cpu(const at::Tensor& visible, const at::Tensor& id
               "masking_unshuffle_cpu: mask_token must hold D values of visible's dtype");
   const at::Tensor mask_token = mask_token_in.contiguous();
   const int64_t n_out = num_prefix + l, row_bytes = d * visible.element_size();
-  at::Tensor out = at::empty({b, n_out, d}, visible.options());
+  at::Tensor out = fastssl::empty_output({b, n_out, d}, visible.options());
   const char* src = static_cast<const char*>(visible.const_data_ptr());
   const char* token = static_cast<const char*>(mask_token.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -218,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_fwd_cpu(const at::Tensor& pred_in,
   const auto acc = fp64 ? at::kDouble : at::kFloat;
   const at::Tensor weight = weight_in.to(acc).contiguous().view(-1);
   at::Tensor row_loss = at::empty({weight.numel()}, weight.options());
-  at::Tensor grad = need_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+  at::Tensor grad = fastssl::empty_output(need_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options());
   at::Tensor grad_rows = need_grad ? grad.view({-1, pred.size(2)}) : grad;
   at::Tensor* g = need_grad ? &grad_rows : nullptr;
   if (fp64) {
