@@ -5,8 +5,8 @@ block kept for backward), forward+backward, time and peak memory.
 
     python benchmarks/bench_siglip.py [--quick] [--M 4096 16384 65536] [--D 256] [--providers fastssl reference]
 
-TFLOP/s counts the GEMM work of the fused kernels: 2·M²·D per pass over the tiles, one pass forward
-and three backward (scores again, A·Y and Aᵀ·X). On the CPU the eager providers stop at M = 16384
+TFLOP/s counts the GEMM work of the fused kernels: 2·M²·D per pass over the tiles, one forward and
+three with backward (the scores, A·Y and Aᵀ·X, all in the forward for a mean or sum loss). On the CPU the eager providers stop at M = 16384
 (their M×M buffers are 1 GiB each there); fastssl goes on to 65536.
 """
 
@@ -71,7 +71,7 @@ def make_case(provider: str, mode: str, m: int, d: int, dtype: torch.dtype, devi
             return lambda: loss_fn(x.detach(), y.detach(), s.detach(), b.detach())
         return lambda: torch.autograd.grad(loss_fn(x, y, s, b), (x, y, s, b))
 
-    passes = 1 if mode == "forward" else 4
+    passes = 1 if mode == "forward" else 3  # scores, A·Y, Aᵀ·X (docs/design.md, "Bounds")
     min_reps = 1 if m >= 16384 else 3  # minutes per iteration on the CPU: no warm-up
     return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=2.0 * passes * m * m * d, min_reps=min_reps)
 

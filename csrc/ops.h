@@ -81,3 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const 
                                                                           const at::Tensor& x, const at::Tensor& y,
                                                                           const at::Tensor& scale,
                                                                           const at::Tensor& bias, int64_t offset);
+// forward and backward in one pass, for g_i = 1 (a mean or sum loss: the upstream gradient is one
+// number): (row_i, then siglip_bwd_cpu's four results at grad_row = 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fused_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias, int64_t offset);

@@ -17,7 +17,7 @@ from _dist import free_port
 from _peers import peer
 
 import fastssl
-from fastssl.ops.siglip import siglip_rows
+from fastssl.ops.siglip import siglip_fused, siglip_rows
 
 
 def _inputs(m, d, dtype=torch.float64, seed=0):
@@ -178,6 +178,45 @@ def test_opcheck():
     x, y = (F.normalize(t, dim=1) for t in _inputs(9, 5))
     s, b = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
     torch.library.opcheck(siglip_rows, (x.requires_grad_(), y.requires_grad_(), s.requires_grad_(), b, 0, "cpp"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_gradients_equal_backward_pass(reduction, monkeypatch):
+    """A mean or sum takes its gradients in the forward (siglip_fused); they equal those of the
+    backward pass (siglip_rows) in fp64, with scale and bias learnable."""
+    from fastssl.ops import siglip as op
+
+    x, y = _inputs(300, 20)
+    leaves = [t.clone().requires_grad_() for t in (x, y, torch.tensor(7.0, dtype=torch.float64),
+                                                    torch.tensor(-3.0, dtype=torch.float64))]  # fmt: skip
+
+    def grads():
+        loss = fastssl.siglip_loss(leaves[0], leaves[1], scale=leaves[2], bias=leaves[3], reduction=reduction)
+        return loss, torch.autograd.grad(loss, leaves)
+
+    calls = []
+    monkeypatch.setattr(op, "siglip_fused", lambda *a: calls.append(1) or siglip_fused(*a))
+    fused = grads()
+    assert calls, "the fused path did not run"
+    monkeypatch.setattr(op, "_fuse_gradients", lambda *a: False)
+    plain = grads()
+    assert_verbose_allclose(fused[0], plain[0], rtol=1e-13, atol=0)
+    for a, b in zip(fused[1], plain[1], strict=True):
+        assert_verbose_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_fused_with_a_non_uniform_upstream_gradient():
+    """siglip_fused's backward under an upstream gradient that differs between rows takes the
+    backward pass: gradients equal siglip_rows' (tested against open_clip above)."""
+    x, y = (F.normalize(t, dim=1) for t in _inputs(37, 6))
+    s, b = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    w = torch.linspace(0.5, 2.0, 37, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, y, s, b)]
+    got = torch.autograd.grad((siglip_fused(*leaves, 0, "cpp")[0] * w).sum(), leaves)
+    ref = [t.clone().requires_grad_() for t in (x, y, s, b)]
+    want = torch.autograd.grad((siglip_rows(*ref, 0, "cpp") * w).sum(), ref)
+    for a, b in zip(got, want, strict=True):
+        assert_verbose_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
 def test_scale_tensor_on_host_stays_unread():

@@ -76,6 +76,39 @@ def _backward(ctx, grad_row):
 siglip_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastssl::siglip_fused", mutates_args=())
+def siglip_fused(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, offset: int, impl: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`siglip_rows` and, from the same pass over the tiles, `siglip_rows_backward` at grad_row = 1:
+    (ℓ [M], dx, dy, dscale, dbias). The C++ kernel only; fp32 or fp64 rows."""
+    return _ext.kernel(impl, x.device, cpp="siglip_fused_cpu")(x, y, scale, bias, offset)
+
+
+@siglip_fused.register_fake
+def _(x, y, scale, bias, offset, impl):
+    grads = torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale), torch.empty_like(bias)
+    return (x.new_empty(x.shape[0]), *grads)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.grads = output[1:]
+
+
+def _fused_backward(ctx, grad_row, *unused):
+    """A mean or a sum passes the same g to every row: the gradients are g times those at g = 1,
+    held since the forward. Any other grad_row (or create_graph) takes the backward pass."""
+    g = grad_row.reshape(-1)[:1]
+    if not torch.is_grad_enabled() and bool((grad_row == g).all()):
+        dx, dy, d_scale, d_bias = (t * g.to(t.dtype).reshape(()) for t in ctx.grads)
+        return dx, dy, d_scale.reshape(ctx.grads[2].shape), d_bias.reshape(ctx.grads[3].shape), None, None
+    return _backward(ctx, grad_row)
+
+
+siglip_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
 def siglip_loss(
     image: Tensor,
     text: Tensor,
@@ -125,8 +158,24 @@ def siglip_loss(
         # normalise in fp32; the kernel reads the rows in the input dtype
         xn, yn = (F.normalize(t.to(acc), dim=1).to(image.dtype) for t in (image, text))
         texts = distributed.all_gather(yn, counts) if gather else yn
-        rows = siglip_rows(xn, texts, scale_t, bias_t, first, impl)
+        if _fuse_gradients(impl, reduction, xn, texts, scale_t, bias_t):
+            rows = siglip_fused(xn, texts, scale_t, bias_t, first, impl)[0]
+        else:
+            rows = siglip_rows(xn, texts, scale_t, bias_t, first, impl)
     return reduce_rows(rows, reduction, sum(counts), gather)
+
+
+def _fuse_gradients(impl: str, reduction: str, x: Tensor, *others: Tensor) -> bool:
+    """Whether the forward also takes the gradients (`siglip_fused`, docs/design.md "SigLIP"): on the
+    C++ kernel, for a mean or sum (one upstream number), when a gradient is wanted, and on fp32/fp64
+    rows (bf16 gradients would be rounded before the upstream factor, then again)."""
+    return (
+        impl == "cpp"
+        and reduction in ("mean", "sum")
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (x, *others))
+        and x.dtype in (torch.float32, torch.float64)
+    )
 
 
 def _scalar_tensor(name: str, value, device: torch.device, dtype: torch.dtype) -> Tensor:
