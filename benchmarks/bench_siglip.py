@@ -6,7 +6,8 @@ block kept for backward), forward+backward, time and peak memory.
     python benchmarks/bench_siglip.py [--quick] [--M 4096 16384 65536] [--D 256] [--providers fastssl reference]
 
 TFLOP/s counts the GEMM work of the fused kernels: 2·M²·D per pass over the tiles, one forward and
-three with backward (the scores, A·Y and Aᵀ·X, all in the forward for a mean or sum loss). On the CPU the eager providers stop at M = 16384
+three with backward (the scores, A·Y and Aᵀ·X, all in the forward for a mean or sum loss).
+On the CPU the eager providers stop at M = 16384
 (their M×M buffers are 1 GiB each there); fastssl goes on to 65536.
 """
 
