@@ -17,7 +17,7 @@ from _dist import free_port
 from _peers import peer
 
 import fastssl
-from fastssl.ops.siglip import siglip_fused, siglip_rows
+from fastssl.ops.siglip import siglip_fused, siglip_rows, siglip_rows_backward
 
 
 def _inputs(m, d, dtype=torch.float64, seed=0):
@@ -178,6 +178,7 @@ def test_opcheck():
     x, y = (F.normalize(t, dim=1) for t in _inputs(9, 5))
     s, b = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
     torch.library.opcheck(siglip_rows, (x.requires_grad_(), y.requires_grad_(), s.requires_grad_(), b, 0, "cpp"))
+    torch.library.opcheck(siglip_fused, (x, y, s, b, 0, "cpp"))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -194,10 +195,11 @@ def test_fused_gradients_equal_backward_pass(reduction, monkeypatch):
         loss = fastssl.siglip_loss(leaves[0], leaves[1], scale=leaves[2], bias=leaves[3], reduction=reduction)
         return loss, torch.autograd.grad(loss, leaves)
 
-    calls = []
+    calls, passes = [], []
     monkeypatch.setattr(op, "siglip_fused", lambda *a: calls.append(1) or siglip_fused(*a))
+    monkeypatch.setattr(op, "siglip_rows_backward", lambda *a: passes.append(1) or siglip_rows_backward(*a))
     fused = grads()
-    assert calls, "the fused path did not run"
+    assert calls and not passes, "the fused path did not run, or its backward ran the backward pass"
     monkeypatch.setattr(op, "_fuse_gradients", lambda *a: False)
     plain = grads()
     assert_verbose_allclose(fused[0], plain[0], rtol=1e-13, atol=0)

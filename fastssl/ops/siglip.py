@@ -98,9 +98,10 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, grad_row, *unused):
     """A mean or a sum passes the same g to every row: the gradients are g times those at g = 1,
-    held since the forward. Any other grad_row (or create_graph) takes the backward pass."""
+    held since the forward. Any other grad_row (or create_graph) takes the backward pass, and so does
+    a traced one (FakeTensor, FunctionalTensor), whose values cannot be compared."""
     g = grad_row.reshape(-1)[:1]
-    if not torch.is_grad_enabled() and bool((grad_row == g).all()):
+    if type(grad_row) is torch.Tensor and not torch.is_grad_enabled() and bool((grad_row == g).all()):
         dx, dy, d_scale, d_bias = (t * g.to(t.dtype).reshape(()) for t in ctx.grads)
         return dx, dy, d_scale.reshape(ctx.grads[2].shape), d_bias.reshape(ctx.grads[3].shape), None, None
     return _backward(ctx, grad_row)
@@ -167,10 +168,12 @@ def siglip_loss(
 
 def _fuse_gradients(impl: str, reduction: str, x: Tensor, *others: Tensor) -> bool:
     """Whether the forward also takes the gradients (`siglip_fused`, docs/design.md "SigLIP"): on the
-    C++ kernel, for a mean or sum (one upstream number), when a gradient is wanted, and on fp32/fp64
-    rows (bf16 gradients would be rounded before the upstream factor, then again)."""
+    C++ kernel, for a mean or sum (one upstream number), when a gradient is wanted, on fp32/fp64 rows
+    (bf16 gradients would be rounded before the upstream factor, then again), and not while
+    torch.compile traces (the traced backward cannot compare the upstream values)."""
     return (
         impl == "cpp"
+        and not torch.compiler.is_compiling()
         and reduction in ("mean", "sum")
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in (x, *others))
