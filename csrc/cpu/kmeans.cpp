@@ -12,10 +12,13 @@
 // number of threads.
 //
 // Dot products: kWidth partial sums over d per candidate (one AVX-512 register, two AVX2 ones: the
-// same order in every clone), the candidates' columns padded with zeros to a multiple of kWidth and
-// their rows to a multiple of kGroup. The kGroup x kWidth partials are then added pairwise across
-// registers, a transposing tree (4 + 2 + 1 + 1 vector adds) that leaves the kGroup dot products in
-// one vector.
+// same summation order in every clone, though the baseline clone rounds the products that the
+// others fuse into FMAs), two rows at a time so that each candidate load serves both; the
+// candidates' columns padded with zeros to a multiple of kWidth and their rows to a multiple of
+// kGroup. Each row's kGroup x kWidth partials are then added pairwise across registers, a
+// transposing tree (4 + 2 + 1 + 1 vector adds) that leaves its kGroup dot products in one vector.
+// At n = 100000, D = 128, L = 7 on 2 cores (load 2): 5.7 ms per step against 8.5 ms for the GEMM
+// and three passes over [L, n] it replaces (reading x once: ~3 ms).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
