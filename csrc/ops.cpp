@@ -40,4 +40,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("siglip_fwd_cpu", &siglip_fwd_cpu, nogil);
   m.def("siglip_bwd_cpu", &siglip_bwd_cpu, nogil);
   m.def("siglip_fused_cpu", &siglip_fused_cpu, nogil);
+  m.def("kmeans_pp_step_cpu", &kmeans_pp_step_cpu, nogil);
 }

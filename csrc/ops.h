@@ -85,3 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const 
 // number): (row_i, then siglip_bwd_cpu's four results at grad_row = 1).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fused_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias, int64_t offset);
+// kmeans: one greedy k-means++ step over rows x [n, D] with squared norms x_sq [n], squared
+// distances d2 [n] to the nearest seed and candidates [L, D] (all fp32): writes
+// out_li = min(d2_i, ||x_i - c_l||^2) into out [L, n] and returns the potentials sum_i out_li [L] fp64,
+// summed in an order that does not depend on the number of threads.
+at::Tensor kmeans_pp_step_cpu(const at::Tensor& x, const at::Tensor& x_sq, const at::Tensor& d2,
+                              const at::Tensor& candidates, at::Tensor out);

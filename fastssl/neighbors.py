@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import _checks, _rows
+from fastssl import _checks, _ext, _rows
 from fastssl.distributed import all_gather, require_process_group, row_counts
 
 __all__ = [
@@ -525,11 +525,9 @@ def _seed_kmeans_plusplus(shards: _Shards, x_sq: Tensor, k: int, gen: torch.Gene
     leaves the smallest potential Σ_x min(D²(x), ‖x − c‖²). Per step one [L, n] GEMM and one sum over
     ranks of the L potentials; the random numbers come from ``gen``, seeded alike on every rank.
 
-    The step is bound by reading x once (a GEMM with L ≈ 8 outputs per row), so the rest is kept to
-    contiguous passes over one preallocated [L, n] buffer: candidates as rows, so that adding ‖x‖²,
-    the minimum with D² and the sums run along contiguous rows (in the [n, L] layout the broadcast
-    minimum and the strided fp64 column sums took ~6 and ~5 ms against the GEMM's ~17 ms at n = 100000,
-    on 2 loaded cores), and the kept row is the next D².
+    The step is bound by reading x once (L ≈ 8 dot products per row): on CPU tensors it is one fused
+    pass over x (:func:`_trial_potentials`), which writes the L candidate rows of D² into one
+    preallocated [L, n] buffer; the kept row is the next D².
     """
     x = shards.x
     trials = 2 + int(math.log(k))
@@ -542,14 +540,28 @@ def _seed_kmeans_plusplus(shards: _Shards, x_sq: Tensor, k: int, gen: torch.Gene
     for j in range(1, k):
         u = (torch.rand(trials, generator=gen, dtype=torch.float64) * potential.cpu()).to(x.device)
         candidates = shards.rows(shards.sample(d2, u))
-        # ‖x − c‖² = ‖c‖² − 2 c·x + ‖x‖², clamped at 0, then min(D², ·): the potentials are its row sums
-        torch.addmm((candidates * candidates).sum(1, keepdim=True), candidates, x.T, alpha=-2, out=d2_trials)
-        d2_trials.add_(x_sq).clamp_(min=0)
-        torch.minimum(d2_trials, d2, out=d2_trials)
-        potentials = shards.sum(d2_trials.sum(1, dtype=torch.float64))
+        potentials = shards.sum(_trial_potentials(x, x_sq, d2, candidates, d2_trials))
         best = int(potentials.argmin())
         seeds[j], d2, potential = candidates[best], d2_trials[best].clone(), potentials[best]
     return seeds
+
+
+def _trial_potentials(x: Tensor, x_sq: Tensor, d2: Tensor, candidates: Tensor, out: Tensor) -> Tensor:
+    """One greedy k-means++ step: writes min(D²(x), ‖x − c_l‖²) into out [L, n] (row l for candidate
+    l) and returns the potentials, its row sums [L] in fp64.
+
+    On CPU tensors one fused pass over x in C++ (csrc/cpu/kmeans.cpp: the dot products, the minimum
+    and the sums while a row is in L1; sums in an order that does not depend on the thread count);
+    elsewhere, or without the extension, ‖x − c‖² = ‖c‖² − 2 c·x + ‖x‖² as one GEMM into out, then
+    the clamp at 0, the minimum with D² and the sums as contiguous passes over its rows."""
+    if x.device.type == "cpu" and _ext.CPP_ERROR is None and _ext.env_impl() in ("auto", "cpp"):
+        return _ext.kernel("cpp", x.device, cpp="kmeans_pp_step_cpu")(
+            x, x_sq.contiguous(), d2.contiguous(), candidates.contiguous(), out
+        )
+    torch.addmm((candidates * candidates).sum(1, keepdim=True), candidates, x.T, alpha=-2, out=out)
+    out.add_(x_sq).clamp_(min=0)
+    torch.minimum(out, d2, out=out)
+    return out.sum(1, dtype=torch.float64)
 
 
 def _nearest(x: Tensor, centroids: Tensor, spherical: bool) -> tuple[Tensor, Tensor]:

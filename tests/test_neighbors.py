@@ -333,6 +333,41 @@ def test_kmeans_objective_matches_sklearn_1000_clusters(overlap):
     assert _vs_sklearn(x, 1000, seeds=range(2)) <= 1.02
 
 
+@pytest.mark.skipif(fastssl._ext.CPP_ERROR is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize(("n", "d", "trials"), [(1, 1, 1), (3, 3, 2), (37, 16, 8), (423, 37, 8), (4100, 128, 10)])
+def test_seeding_step_kernel_matches_fp64(monkeypatch, n, d, trials):
+    """The fused C++ k-means++ step (csrc/cpu/kmeans.cpp) against fp64 and against the torch path: the
+    new D² rows min(D², ‖x − c‖²) and their sums, the same bits at any thread count."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=gen)
+    x = (x / (2 * x.abs().max())).contiguous()  # as the seeding gets them: max |x| in [1/2, 1)
+    x_sq = (x * x).sum(1)
+    candidates = x[torch.randint(n, (trials,), generator=gen)] + 0.01 * torch.randn(trials, d, generator=gen)
+    d2 = (x - x[torch.randint(n, (1,), generator=gen)]).pow(2).sum(1) * torch.rand(n, generator=gen)
+    exact = torch.minimum(torch.cdist(candidates.double(), x.double()) ** 2, d2.double())
+    # fp32 rounding of ‖c‖² − 2 c·x + ‖x‖²: a few ulps of its terms
+    atol = 1e-6 * float(x_sq.max() + (candidates * candidates).sum(1).max())
+    out = torch.empty(trials, n)
+    potentials = neighbors._trial_potentials(x, x_sq, d2, candidates, out)
+    assert potentials.dtype == torch.float64 and potentials.shape == (trials,)
+    assert_verbose_allclose(out.double(), exact, rtol=0, atol=atol, name="D²")
+    assert_verbose_allclose(potentials, out.double().sum(1), rtol=1e-12, atol=0, name="potentials vs D² sums")
+    assert_verbose_allclose(potentials, exact.sum(1), rtol=0, atol=n * atol, name="potentials")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = torch.empty(trials, n)
+        assert torch.equal(neighbors._trial_potentials(x, x_sq, d2, candidates, single), potentials)
+        assert torch.equal(single, out)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("FASTSSL_IMPL", "reference")  # the torch path (CUDA tensors, no extension)
+    ref_out = torch.empty(trials, n)
+    ref_potentials = neighbors._trial_potentials(x, x_sq, d2, candidates, ref_out)
+    assert_verbose_allclose(ref_out, out, rtol=0, atol=2 * atol, name="torch path D²")
+    assert_verbose_allclose(ref_potentials, potentials, rtol=0, atol=2 * n * atol, name="torch path potentials")
+
+
 def test_lloyd_iterations_are_sklearns():
     """From the same seeds, the same iterations, tol stop and result as scikit-learn's KMeans."""
     from sklearn.cluster import KMeans
