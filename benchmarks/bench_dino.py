@@ -74,7 +74,8 @@ def make_case(provider: str, k: int, b: int, crops: int, d: int, dtype: torch.dt
 
     flops = 2.0 * k * d * (4 * crops * b + 3 * 2 * b)
     shape = {"K": k, "B": b, "crops": crops, "D": d}
-    return Case(provider, "forward+backward", dtype, shape, build, flops=flops, min_reps=1 if k > 65536 else 3)
+    reps = 1 if k > 65536 else 3
+    return Case(provider, "forward+backward", dtype, shape, build, flops=flops, gemm=(crops * b, d, k), min_reps=reps)
 
 
 def cases(quick: bool, device: str, ks=None, bs=None, crops=None, dims=None, providers=PROVIDERS, modes=None):
@@ -155,7 +156,8 @@ def ibot_case(provider: str, m: int, k: int, d: int, dtype: torch.dtype, device:
 
     flops = 2.0 * k * d * (4 * m + 3 * m)  # fused: 4 student passes, 3 teacher passes
     reps = 1 if m * k >= 2**28 else 3  # tens of seconds a step at M = 4096, K = 65536 (no warm-up then)
-    return Case(provider, "forward+backward", dtype, {"M": m, "K": k, "D": d}, build, flops=flops, min_reps=reps)
+    shape = {"M": m, "K": k, "D": d}
+    return Case(provider, "forward+backward", dtype, shape, build, flops=flops, gemm=(m, d, k), min_reps=reps)
 
 
 def swav_case(provider: str, k: int, b: int, crops: int, q: int, d: int, dtype: torch.dtype, device: str) -> Case:
@@ -170,7 +172,7 @@ def swav_case(provider: str, k: int, b: int, crops: int, q: int, d: int, dtype: 
     sinkhorn = 2 * (b + q) * (2 * 3 + 2)  # rows × Sinkhorn passes (max, total, 2 per iteration), per assigned crop
     flops = 2.0 * k * d * (4 * crops * b + 2 * b + sinkhorn)
     shape = {"K": k, "B": b, "crops": crops, "Q": q, "D": d}
-    return Case(provider, "forward+backward", dtype, shape, build, flops=flops, min_reps=3)
+    return Case(provider, "forward+backward", dtype, shape, build, flops=flops, gemm=(crops * b, d, k), min_reps=3)
 
 
 def other_cases(loss: str):

@@ -54,7 +54,8 @@ def make_case(provider: str, loss: str, n: int, d: int, dtype: torch.dtype, devi
         fn = _loss_fn(provider, loss)
         return lambda: torch.autograd.grad(fn(z1, z2), (z1, z2))
 
-    return Case(provider, "forward+backward", dtype, {"N": n, "D": d, "loss": loss}, build, flops=8.0 * n * n * d)
+    shape = {"N": n, "D": d, "loss": loss}
+    return Case(provider, "forward+backward", dtype, shape, build, flops=8.0 * n * n * d, gemm=(n, d, n))
 
 
 def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, modes=None) -> list[Case]:

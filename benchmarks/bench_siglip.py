@@ -74,7 +74,8 @@ def make_case(provider: str, mode: str, m: int, d: int, dtype: torch.dtype, devi
 
     passes = 1 if mode == "forward" else 3  # scores, A·Y, Aᵀ·X (docs/design.md, "Bounds")
     min_reps = 1 if m >= 16384 else 3  # minutes per iteration on the CPU: no warm-up
-    return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=2.0 * passes * m * m * d, min_reps=min_reps)
+    flops = 2.0 * passes * m * m * d
+    return Case(provider, mode, dtype, {"M": m, "D": d}, build, flops=flops, gemm=(m, d, m), min_reps=min_reps)
 
 
 def cases(quick: bool, device: str, sizes=None, dims=None, providers=PROVIDERS, modes=None) -> list[Case]:
