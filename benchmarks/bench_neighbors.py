@@ -2,9 +2,11 @@
 
     python benchmarks/bench_neighbors.py [--quick] [--N ...] [--neighbors ...] [--clusters ...] [--providers ...]
 
-kNN (mode "knn", providers ``fastssl``, ``torch-chunked``, ``sklearn``): weighted kNN class scores of
-Q = N / 5 queries against N train rows (cosine, k = ``--neighbors``, T = 0.07). ``fastssl`` is
-fastssl.knn_classify (FAISS flat search, or faiss GPU / matmul + topk on CUDA); ``torch-chunked``
+kNN (mode "knn", providers ``fastssl``, ``fastssl-faiss``, ``torch-chunked``, ``sklearn``): weighted
+kNN class scores of Q = N / 5 queries against N train rows (cosine, k = ``--neighbors``, T = 0.07).
+``fastssl`` is fastssl.knn_classify at impl="auto" (on a CPU with bf16 dot products its C++ search:
+bf16 candidates, exact fp32 ranking; elsewhere FAISS's flat search; faiss GPU / matmul + topk on
+CUDA), ``fastssl-faiss`` the same at impl="faiss" (FAISS's flat search); ``torch-chunked
 solo-learn's WeightedKNNClassifier (chunks of 5e6 / N queries, matmul, topk, one-hot voting);
 ``sklearn`` KNeighborsClassifier, brute force, predict_proba with the same weights (Euclidean distance
 on unit rows, which ranks as cosine and takes scikit-learn's fastest brute-force path).
@@ -58,7 +60,7 @@ TEMPERATURE = 0.07
 NUM_CLASSES = 100
 NITER = 20
 D = 128
-KNN_PROVIDERS = ("fastssl", "torch-chunked", "sklearn")
+KNN_PROVIDERS = ("fastssl", "fastssl-faiss", "torch-chunked", "sklearn")
 KMEANS_PROVIDERS = (
     "fastssl-kmeans", "fastssl-random", "fastssl-seeding", "sklearn-kmeans", "sklearn-random", "sklearn-seeding",
     "faiss-kmeans",
@@ -86,8 +88,9 @@ def solo_learn_knn(train, train_labels, query, k, temperature, num_classes, max_
 
 
 def _knn_fn(provider: str, train, labels, query, k: int):
-    if provider == "fastssl":
-        return lambda: fastssl.knn_classify(train, labels, query, k=k, temperature=TEMPERATURE)
+    if provider in ("fastssl", "fastssl-faiss"):
+        impl = "faiss" if provider == "fastssl-faiss" else "auto"
+        return lambda: fastssl.knn_classify(train, labels, query, k=k, temperature=TEMPERATURE, impl=impl)
     if provider == "torch-chunked":
         return lambda: solo_learn_knn(train, labels, query, k, TEMPERATURE, NUM_CLASSES)
     import numpy as np
@@ -179,7 +182,9 @@ def knn_case(provider: str, n: int, k: int, device: str) -> Case:
         feats = centres[labels] + 2 * torch.randn(n + q, D, device=device, generator=gen)
         return _knn_fn(provider, feats[:n], labels[:n], feats[n:], k)
 
-    return Case(provider, "knn", torch.float32, {"N": n, "Q": q, "D": D, "k": k}, build)
+    # bound: the exact search's similarities, one fp32 Q × D × N GEMM (docs/design.md, "Bounds")
+    shape = {"N": n, "Q": q, "D": D, "k": k}
+    return Case(provider, "knn", torch.float32, shape, build, flops=2.0 * q * D * n, gemm=(q, D, n))
 
 
 def kmeans_case(provider: str, n: int, num_clusters: int, device: str) -> Case:

@@ -41,4 +41,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("siglip_bwd_cpu", &siglip_bwd_cpu, nogil);
   m.def("siglip_fused_cpu", &siglip_fused_cpu, nogil);
   m.def("kmeans_pp_step_cpu", &kmeans_pp_step_cpu, nogil);
+  m.def("knn_search_cpu", &knn_search_cpu, nogil);
+  m.def("knn_bf16_dots_supported", &knn_bf16_dots_supported);
 }

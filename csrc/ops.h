@@ -91,3 +91,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fu
 // summed in an order that does not depend on the number of threads.
 at::Tensor kmeans_pp_step_cpu(const at::Tensor& x, const at::Tensor& x_sq, const at::Tensor& d2,
                               const at::Tensor& candidates, at::Tensor out);
+// knn: the k largest inner products of each query row [Q, D] with the train rows [N, D] (unit fp32
+// rows), best first: (similarities [Q, k] fp32, indices [Q, k] int64), exact; bf16 tiles find the
+// candidates, fp32 dot products rank them (csrc/cpu/knn.cpp).
+std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& query, const at::Tensor& train, int64_t k);
+// whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16): knn_search_cpu's bf16 tiles
+// are fast only then.
+bool knn_bf16_dots_supported();

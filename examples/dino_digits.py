@@ -1,6 +1,6 @@
 """DINO with a momentum teacher on scikit-learn's digits: fastssl's fused loss against the reference.
 
-    python examples/dino_digits.py [--epochs 8] [--prototypes 4096] [--out examples/results/dino]
+    python examples/dino_digits.py [--epochs 30] [--prototypes 1024] [--out examples/results/dino]
     python -m fastssl demo --method dino [...]       # the same
 
 The student is examples/simclr_digits.py's encoder with DINO's head: a two-layer MLP, an
@@ -48,17 +48,22 @@ RUNS = {"fastssl": "auto", "reference": "reference"}  # run name -> impl of the 
 
 @dataclass
 class Config:
-    epochs: int = 8
+    # Tuned on this data (one run each, seed 0, kNN top-1 at initialisation -> last epoch): the
+    # earlier K = 4096, lr 1e-3, 8 epochs, tau_t = 0.04 went 0.950 -> 0.944 while its loss rose to
+    # log K (teacher and student collapsed to the uniform distribution); K = 1024 at lr 1e-4 and
+    # tau_t = 0.04 reached 0.967 but its loss still rose to log K; a sharper teacher (tau_t = 0.02)
+    # keeps the loss flat (4.6 -> 4.8) and reaches 0.969 (seed 1: 0.952 -> 0.954, 0.961 at best).
+    epochs: int = 30
     steps_per_epoch: int = 10
     batch_size: int = 64
     local_crops: int = 4
-    prototypes: int = 4096  # K
+    prototypes: int = 1024  # K
     bottleneck: int = 32
-    lr: float = 1e-3  # AdamW, as DINO (5e-4 per 256 images there)
+    lr: float = 1e-4  # AdamW
     weight_decay: float = 0.04
     momentum: float = 0.99  # of the teacher
     student_temperature: float = 0.1
-    teacher_temperature: float = 0.04
+    teacher_temperature: float = 0.02
     center_momentum: float = 0.9
     knn_k: int = 20
     seed: int = 0

@@ -15,8 +15,12 @@ cannot overflow at any T (exp(s/T) itself overflows fp32 for T < 1/88).
 inputs and the result stays bounded (a chunk × N similarity block for the matmul; FAISS tiles
 the similarities itself):
 
-* CPU tensors: FAISS's flat inner-product search (``faiss.knn``, the search of ``IndexFlatIP``
-  without copying the train rows into an index): BLAS tiles plus a heap per query.
+* CPU tensors, on a CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX): fastssl's C++
+  search (``impl="cpp"``, csrc/cpu/knn.cpp): the similarity tiles in bf16, which with a proven
+  error bound leave a short list of candidates per query, whose similarities are then computed
+  exactly in fp32 (docs/design.md, "kNN and k-means"): the same neighbours as the fp32 search.
+* Other CPUs, or ``impl="faiss"``: FAISS's flat inner-product search (``faiss.knn``, the search of
+  ``IndexFlatIP`` without copying the train rows into an index): BLAS tiles plus a heap per query.
 * CUDA tensors with a faiss GPU build: ``faiss.knn_gpu`` (bfKnn) on the torch tensors themselves
   through ``faiss.contrib.torch_utils``, on torch's current stream: nothing goes to the host.
 * CUDA tensors without a faiss GPU build, k above FAISS's GPU limit (2048), or no faiss
@@ -56,7 +60,7 @@ __all__ = [
     "knn_search",
 ]
 
-SEARCH_IMPLS = ("auto", "faiss", "torch")
+SEARCH_IMPLS = ("auto", "cpp", "faiss", "torch")
 INITS = ("k-means++", "random")
 MAX_CLASSES = 1 << 24  # classes of the dense [Q, C] kNN score table (a larger label raises ValueError)
 FAISS_GPU_MAX_K = 2048  # faiss's GPU_MAX_SELECTION_K: bfKnn selects at most this many neighbours
@@ -106,6 +110,8 @@ def _search_impl(impl: str, device: torch.device, k: int) -> str:
     _checks.choice("impl", impl, SEARCH_IMPLS)
     if impl == "torch":
         return impl
+    if impl == "cpp" or (impl == "auto" and device.type == "cpu" and _cpp_search_fast()):
+        return _ext.resolve_impl("cpp", device)  # raises on a CUDA tensor or without the extension
     faiss = _import_faiss(required=impl == "faiss")
     if faiss is None:
         return "torch"
@@ -122,10 +128,19 @@ def _search_impl(impl: str, device: torch.device, k: int) -> str:
     return "torch"
 
 
+def _cpp_search_fast() -> bool:
+    """Whether the C++ search runs here at bf16 speed: the extension loaded, on a CPU with bf16
+    dot products in hardware (elsewhere bf16 tiles are emulated and FAISS is faster)."""
+    return _ext._C is not None and _ext._C.knn_bf16_dots_supported()
+
+
 def _searcher(train: Tensor, k: int, impl: str):
     """A function query [q, D] -> (similarities, indices) [q, k], best first, for unit rows in fp32."""
     if impl == "torch":
         return lambda query: (query @ train.T).topk(k, dim=1)
+    if impl == "cpp":
+        search = _ext.kernel("cpp", train.device, cpp="knn_search_cpu")
+        return lambda query: search(query.contiguous(), train, k)
     faiss = _import_faiss()
     device = train.device
     if device.type == "cuda" and _faiss_gpu(faiss):
@@ -208,7 +223,7 @@ def _neighbor_chunks(train_feats, query_feats, k, chunk_size, leave_one_out, imp
         _checks.integer("chunk_size", chunk_size, minimum=1)
     k_search = k + leave_one_out
     impl = _search_impl(impl, train.device, k_search)
-    chunk = chunk_size or (FAISS_CHUNK if impl == "faiss" else max(1, TORCH_CHUNK_ELEMENTS // n))
+    chunk = chunk_size or (FAISS_CHUNK if impl in ("cpp", "faiss") else max(1, TORCH_CHUNK_ELEMENTS // n))
     search = _searcher(train, k_search, impl)
 
     def chunks():
@@ -288,15 +303,17 @@ def knn_search(
         train_feats: [N, D] train (database) features, any float dtype.
         query_feats: [Q, D] query features, on the same device.
         k: neighbours per query, 1 ≤ k ≤ N (N − 1 with ``leave_one_out``); a larger k raises ValueError.
-        chunk_size: queries per search call. None picks 16384 for FAISS (which tiles the
-            similarities itself; fewer than ~128000 / D queries per call make it skip BLAS) and
-            2^25 / N for the matmul + topk (a 128 MiB similarity block).
+        chunk_size: queries per search call. None picks 16384 for the C++ search and FAISS (which
+            tile the similarities themselves; fewer than ~128000 / D queries per call make FAISS
+            skip BLAS) and 2^25 / N for the matmul + topk (a 128 MiB similarity block).
         leave_one_out: the queries are the train rows (row i of ``query_feats`` is sample i of
             ``train_feats``) and each sample is left out of its own neighbours.
-        impl: "auto" (FAISS on CPU tensors and on CUDA tensors with a faiss GPU build, else a
-            matmul + topk on the device), "faiss" (FAISS always; on CUDA tensors without a faiss GPU
-            build the search copies to the host and back, and k above FAISS's GPU limit of 2048
-            raises ValueError), or "torch" (matmul + topk on the device).
+        impl: "auto" (on CPU tensors the C++ search where the CPU has bf16 dot products, else
+            FAISS; on CUDA tensors FAISS with a faiss GPU build, else a matmul + topk), "cpp" (the
+            C++ search, CPU tensors: bf16 candidates, exact fp32 ranking), "faiss" (FAISS always; on
+            CUDA tensors without a faiss GPU build the search copies to the host and back, and k
+            above FAISS's GPU limit of 2048 raises ValueError), or "torch" (matmul + topk on the
+            device).
 
     Returns:
         (similarities [Q, k] fp32, indices [Q, k] int64) on the queries' device, best first.

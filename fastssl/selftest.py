@@ -257,9 +257,14 @@ CASES: list[Case] = [
     Case("ibot_loss", _prototypes("ibot", centering="center")),
     Case("ibot_loss/sinkhorn", _prototypes("ibot", centering="sinkhorn")),
     Case("swav_loss", _prototypes("swav")),
-    Case(
-        "knn_search", _knn_search, (torch.float64, torch.float32), reference="torch", impls=("faiss",), tolerance=1e-6
-    ),  # searched in fp32 by both
+    Case(  # searched in fp32 by all
+        "knn_search",
+        _knn_search,
+        (torch.float64, torch.float32),
+        reference="torch",
+        impls=("cpp", "faiss"),
+        tolerance=1e-6,
+    ),
 ]
 
 

@@ -20,7 +20,7 @@ import fastssl
 from fastssl import neighbors
 from fastssl.reference import neighbors as reference
 
-IMPLS = ["faiss", "torch"]
+IMPLS = ["cpp", "faiss", "torch"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -99,6 +99,41 @@ def test_vote_hand_example():
     sims, idx = fastssl.knn_search(train, query, k=3)
     assert idx.tolist() == [[0, 1, 2]]
     assert_verbose_allclose(sims, torch.tensor([[1.0, 0.5, 0.0]]), atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "q", "d", "k"), [(3000, 1100, 7, 1), (2500, 600, 48, 200), (1500, 513, 20, 1500)])
+def test_cpp_search_is_exact_on_clustered_rows(n, q, d, k):
+    """The C++ search (csrc/cpu/knn.cpp) keeps every row whose bf16 similarity is within the error
+    bound of the k-th and ranks them in fp32: on tight clusters (many similarities near 1 and near
+    each other) its neighbours are the fp64 search's wherever those are unique. Sizes cross the
+    query blocks (512), the train tiles (1024) and the 32-wide scan, D below and off 16, k = N."""
+    gen = torch.Generator().manual_seed(n + d)
+    centers = torch.randn(10, d, generator=gen)
+    train = centers[torch.randint(0, 10, (n,), generator=gen)] + 0.05 * torch.randn(n, d, generator=gen)
+    query = centers[torch.randint(0, 10, (q,), generator=gen)] + 0.05 * torch.randn(q, d, generator=gen)
+    sims, idx = fastssl.knn_search(train, query, k=k, impl="cpp")
+    ref_sims, _ = reference.knn_search(train, query, k)
+    # a valid top-k whatever the order of near-ties: k distinct rows, each at least the fp64 k-th
+    exact = F.normalize(query.double(), dim=1) @ F.normalize(train.double(), dim=1).T
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()
+    assert (exact.gather(1, idx) >= ref_sims[:, -1:] - 1e-6).all()
+    assert_verbose_allclose(sims, ref_sims, rtol=0, atol=1e-6, name="similarities")
+    assert_verbose_allclose(sims.double(), exact.gather(1, idx), rtol=0, atol=1e-6, name="similarities of the rows")
+
+
+def test_cpp_search_many_ties_falls_back_to_fp32():
+    """A query with more near-ties than the candidate lists hold (9000 copies of its own row, k = 5)
+    is searched in fp32 instead: similarity 1 to five of the copies; the other queries as usual."""
+    gen = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 32, generator=gen)
+    train = torch.cat([row.expand(9000, 32), torch.randn(1000, 32, generator=gen)])
+    query = torch.cat([row, torch.randn(3, 32, generator=gen)])
+    sims, idx = fastssl.knn_search(train, query, k=5, impl="cpp")
+    assert (idx[0] < 9000).all() and idx[0].unique().numel() == 5
+    assert_verbose_allclose(sims[0], torch.ones(5), rtol=0, atol=1e-6)
+    ref_sims, ref_idx = reference.knn_search(train, query[1:], 5)
+    assert torch.equal(idx[1:], ref_idx)
+    assert_verbose_allclose(sims[1:], ref_sims, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.005, 0.07, 10.0])
@@ -566,7 +601,7 @@ def test_bad_inputs_raise():
         (ValueError, "k must be >= 1", lambda: fastssl.knn_search(train, query, k=0)),
         (TypeError, "k must be an integer", lambda: fastssl.knn_search(train, query, k=2.0)),
         (ValueError, "chunk_size", lambda: fastssl.knn_search(train, query, k=2, chunk_size=0)),
-        (ValueError, "impl", lambda: fastssl.knn_search(train, query, k=2, impl="cpp")),
+        (ValueError, "impl", lambda: fastssl.knn_search(train, query, k=2, impl="triton")),
         (ValueError, "threshold", lambda: fastssl.knn_pseudo_labels(train, labels, query, k=2, threshold=1.5)),
         (ValueError, "num_clusters=11", lambda: fastssl.kmeans(train, 11)),
         (ValueError, "niter", lambda: fastssl.kmeans(train, 2, niter=0)),
