@@ -1334,7 +1334,7 @@ for name, call, expect in [
     ),
     (
         "knn_search/impl garbage",
-        lambda: fastssl.knn_search(_TRAIN, _QUERY, k=2, impl="cpp"),
+        lambda: fastssl.knn_search(_TRAIN, _QUERY, k=2, impl="triton"),
         raises(ValueError, "impl"),
     ),
     ("knn_search/one train row", lambda: fastssl.knn_search(_TRAIN[:1], _QUERY, k=1), gives(finite)),

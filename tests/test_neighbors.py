@@ -121,6 +121,14 @@ def test_cpp_search_is_exact_on_clustered_rows(n, q, d, k):
     assert_verbose_allclose(sims.double(), exact.gather(1, idx), rtol=0, atol=1e-6, name="similarities of the rows")
 
 
+def test_cpp_search_is_for_cpu_tensors():
+    """impl="cpp" names the C++ search, which runs on CPU tensors: asked for on a CUDA device it
+    raises before touching one (no GPU needed for this check)."""
+    with pytest.raises(ValueError, match="impl='cpp' runs on CPU tensors"):
+        neighbors._search_impl("cpp", torch.device("cuda"), 5)
+    assert neighbors._search_impl("cpp", torch.device("cpu"), 5) == "cpp"
+
+
 def test_cpp_search_many_ties_falls_back_to_fp32():
     """A query with more near-ties than the candidate lists hold (9000 copies of its own row, k = 5)
     is searched in fp32 instead: similarity 1 to five of the copies; the other queries as usual."""
