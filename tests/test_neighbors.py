@@ -142,6 +142,11 @@ def test_cpp_search_many_ties_falls_back_to_fp32():
     ref_sims, ref_idx = reference.knn_search(train, query[1:], 5)
     assert torch.equal(idx[1:], ref_idx)
     assert_verbose_allclose(sims[1:], ref_sims, rtol=0, atol=1e-5)
+    # k too large for the candidate lists (2k + 64 > 16384): every query searched in fp32
+    sims, idx = fastssl.knn_search(train, query, k=9000, impl="cpp")
+    ref_sims, _ = reference.knn_search(train, query, 9000)
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()
+    assert_verbose_allclose(sims, ref_sims, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.005, 0.07, 10.0])

@@ -20,7 +20,8 @@
 // threshold (a portable vector loop elsewhere), visiting only the scores above it. A query's
 // candidate list is pruned (nth_element to the k-th, then the 2 delta window) when it fills; a query
 // whose window holds more than kMaxCandidates rows (many near-ties, e.g. duplicate rows) stops
-// collecting and is searched exactly in fp32 at the end.
+// collecting and is searched exactly in fp32 at the end, as are all queries when k itself is too
+// large for the lists (2k + 64 > kMaxCandidates).
 //
 // oneDNN's bf16 micro-kernels (ATen's cpublas::brgemm, fp32 tiles: no output rounding, half the
 // window) were tried in place of the GEMM: 1.50 s against 1.64 s single-threaded at N = 50000,
@@ -237,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& query, const
   int64_t* ip = idx.data_ptr<int64_t>();
   const int64_t capacity = 2 * k + 64;  // grows while a prune keeps more than half
   const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
-  std::vector<uint8_t> overflow(nq, 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // k near kMaxCandidates or above: every list would overflow, so all queries go the fp32 way
+  const bool exact_only = capacity > kMaxCandidates;
+  std::vector<uint8_t> overflow(nq, exact_only ? 1 : 0);
+  if (!exact_only) at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({kQueryBlock, kTrainBlock}, qb.options());
     std::vector<Candidates> cand(kQueryBlock);
     for (int64_t b = b0; b < b1; ++b) {
@@ -246,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& query, const
       for (int64_t r = 0; r < rows; ++r) {
         cand[r] = Candidates{};
         cand[r].capacity = capacity;
-        cand[r].items.reserve(capacity + kTrainBlock);
+        cand[r].items.reserve(std::min<int64_t>(capacity, 4096) + kTrainBlock);
       }
       for (int64_t j0 = 0; j0 < n; j0 += kTrainBlock) {
         const int64_t cols = std::min(kTrainBlock, n - j0);
