@@ -14,11 +14,11 @@ namespace {
 bool left_out(int64_t i, int64_t drop, int64_t c) { return drop != kKeepAll && i + drop >= 0 && i + drop < c; }
 
 template <class T>
-void exp_sums_rows(T* e, int64_t r, int64_t c, T shift, int64_t drop, T* row, T* col) {
+FASTSSL_ROW_KERNEL void exp_sums_rows(T* e, int64_t r, int64_t c, T scale, T shift, int64_t drop, T* row, T* col) {
   for (int64_t i = 0; i < r; ++i) {
     T* p = e + i * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift);
+    for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(scale * p[j] - shift);
     // zeroed before the sums: subtracting it after would cancel the row's small terms
     if (left_out(i, drop, c)) p[i + drop] = 0;
     row[i] = lane_sum(p, c);
@@ -30,28 +30,19 @@ void exp_sums_rows(T* e, int64_t r, int64_t c, T shift, int64_t drop, T* row, T*
 }
 
 template <class T>
-void exp_weights_rows(T* a, int64_t r, int64_t c, T shift, const T* u, const T* v, int64_t drop) {
+FASTSSL_ROW_KERNEL void exp_weights_rows(T* a, int64_t r, int64_t c, T scale, T shift, const T* u, const T* v, int64_t drop) {
   for (int64_t i = 0; i < r; ++i) {
     T* p = a + i * c;
     const T ui = u[i];
     if (v != nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift) * (ui + v[j]);
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(scale * p[j] - shift) * (ui + v[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(p[j] - shift) * ui;
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(scale * p[j] - shift) * ui;
     }
     if (left_out(i, drop, c)) p[i + drop] = 0;
   }
-}
-
-// The clones: one non-template function per dtype (target_clones takes no templates).
-FASTSSL_ROW_KERNEL void exp_sums_f32(float* e, int64_t r, int64_t c, float shift, int64_t drop, float* row, float* col) {
-  exp_sums_rows(e, r, c, shift, drop, row, col);
-}
-FASTSSL_ROW_KERNEL void exp_weights_f32(float* a, int64_t r, int64_t c, float shift, const float* u, const float* v,
-                                    int64_t drop) {
-  exp_weights_rows(a, r, c, shift, u, v, drop);
 }
 
 void check_tile(const at::Tensor& s) {
@@ -61,32 +52,32 @@ void check_tile(const at::Tensor& s) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double shift, int64_t drop, bool cols) {
+std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols) {
   check_tile(s);
   const int64_t r = s.size(0), c = s.size(1);
   at::Tensor row = at::empty({r, 1}, s.options());
   at::Tensor col = cols ? at::zeros({c, 1}, s.options()) : at::Tensor();
   if (s.scalar_type() == at::kFloat) {
-    exp_sums_f32(s.data_ptr<float>(), r, c, static_cast<float>(shift), drop, row.data_ptr<float>(),
+    exp_sums_rows(s.data_ptr<float>(), r, c, static_cast<float>(scale), static_cast<float>(shift), drop, row.data_ptr<float>(),
                  cols ? col.data_ptr<float>() : nullptr);
   } else {
-    exp_sums_rows(s.data_ptr<double>(), r, c, shift, drop, row.data_ptr<double>(),
+    exp_sums_rows(s.data_ptr<double>(), r, c, scale, shift, drop, row.data_ptr<double>(),
                   cols ? col.data_ptr<double>() : nullptr);
   }
   return {row, col};
 }
 
-void exp_weights(at::Tensor& s, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop) {
+void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop) {
   check_tile(s);
   const int64_t r = s.size(0), c = s.size(1);
   const at::Tensor uc = u.to(s.scalar_type()).contiguous();
   const at::Tensor vc = v.defined() ? v.to(s.scalar_type()).contiguous() : at::Tensor();
   TORCH_INTERNAL_ASSERT(uc.numel() == r && (!vc.defined() || vc.numel() == c));
   if (s.scalar_type() == at::kFloat) {
-    exp_weights_f32(s.data_ptr<float>(), r, c, static_cast<float>(shift), uc.data_ptr<float>(),
+    exp_weights_rows(s.data_ptr<float>(), r, c, static_cast<float>(scale), static_cast<float>(shift), uc.data_ptr<float>(),
                     vc.defined() ? vc.data_ptr<float>() : nullptr, drop);
   } else {
-    exp_weights_rows(s.data_ptr<double>(), r, c, shift, uc.data_ptr<double>(),
+    exp_weights_rows(s.data_ptr<double>(), r, c, scale, shift, uc.data_ptr<double>(),
                      vc.defined() ? vc.data_ptr<double>() : nullptr, drop);
   }
 }

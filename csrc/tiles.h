@@ -80,18 +80,63 @@ inline at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha = 
   return out;
 }
 
+// Whether every value of x (fp32) is a bf16 number (its low 16 bits are zero): then rounding it to
+// bf16 is exact and its products may take bf16 dot products with nothing lost.
+bool bf16_exact(const at::Tensor& x);
+
+// The products of the tile kernels over rows X [M, D] and Y [N, D] (contiguous fp32 or fp64):
+//   scores(I, J)       = alpha X_I Y_J^T                  [R, C]
+//   weighted(A, I, J)  = {A Y_J [R, D], A^T X_I [C, D]}    for a tile A [R, C] of fp32 weights.
+// Where the CPU has oneDNN's bf16 micro-kernels (brgemm on AMX) and the rows are bf16 numbers
+// (bf16_exact: bf16 inputs, widened), they run there, with fp32 accumulation: S is then the fp32
+// product up to summation order, and A = A_hi + A_lo is split into two bf16 numbers (A_lo the
+// rounding error of A_hi) so that A Y carries a relative error of 2^-17 per weight, not bf16's 2^-9
+// (docs/design.md, "bf16 dot products on the CPU"). The rows are packed once per call into the
+// layouts brgemm reads (VNNI pairs, 64-column panels, D padded to 64, rows to kTile). Elsewhere
+// (fp64, fp32 rows that are not bf16 numbers, CPUs without AMX, FASTSSL_CPU_BF16_DOTS=0) ATen's
+// mm. Tiles start at multiples of kTile (reduce_tiles and NT-Xent's upper tiles do).
+class TileProducts {
+ public:
+  TileProducts(const at::Tensor& x, const at::Tensor& y, bool weighted);
+  at::Tensor scores(int64_t i0, int64_t i1, int64_t j0, int64_t j1, double alpha) const;
+  std::pair<at::Tensor, at::Tensor> weighted(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                                             bool cols) const;
+  bool bf16() const { return bf16_; }
+  // Zeros [n, D] laid out as weighted's column parts come (transposed on the micro-kernels), so
+  // that adding those parts runs along contiguous memory.
+  at::Tensor cols_like(int64_t n) const;
+  // Whether this CPU has the bf16 micro-kernels (and FASTSSL_CPU_BF16_DOTS is not 0).
+  static bool available();
+
+  struct Packed {
+    at::Tensor rows;    // [N', D'] bf16, zero-padded: left operand of scores
+    at::Tensor right;   // Y^T in VNNI panels of 64 rows [N'/64, D', 64]: right operand of scores
+    at::Tensor sums;    // Y in VNNI blocks of kTile rows x 64 columns: right operand of A Y_J
+    at::Tensor rows_t;  // X^T per block of kTile rows [N'/kTile, D', kTile]: left operand of X_I^T A
+  };
+
+ private:
+  at::Tensor x_, y_;
+  bool bf16_;
+  Packed px_, py_;
+};
+
+// Frees the AMX state that TileProducts' micro-kernels leave configured on the calling thread: the
+// parallel loops over tiles call it at the end of each thread's share.
+void release_tile_products();
+
 // The pair (r, r + drop) of a tile is left out (set to 0); kKeepAll leaves none out.
 constexpr int64_t kKeepAll = std::numeric_limits<int64_t>::min();
 
-// e_rc = exp(s_rc - shift) in place over a contiguous [R, C] fp32/fp64 tile, the left-out pair set
+// e_rc = exp(scale s_rc - shift) in place over a contiguous [R, C] fp32/fp64 tile, the left-out pair set
 // to 0 before the row sums and, when cols, the column sums: the fixed-shift forward of the tile
 // kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels").
 // Returns {[R, 1], [C, 1] or undefined}.
-std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double shift, int64_t drop, bool cols);
+std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols);
 
-// a_rc = exp(s_rc - shift) (u_r + v_c) in place (u_r alone when v is undefined), the left-out pair
+// a_rc = exp(scale s_rc - shift) (u_r + v_c) in place (u_r alone when v is undefined), the left-out pair
 // set to 0: the fixed-shift backward's weights A in one pass. u [R], v [C].
-void exp_weights(at::Tensor& s, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop);
+void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop);
 
 // Edge of the square tiles reduce_tiles visits.
 constexpr int64_t kTile = 256;
@@ -131,6 +176,7 @@ void reduce_tiles(int64_t m, int64_t n, at::Tensor& rows, at::Tensor& cols, Comb
           if (cols.defined()) combine_into(cols.narrow(0, j0, j1 - j0), parts.second, op);
         }
       }
+      release_tile_products();
     });
     at::Tensor out = rows.narrow(0, r0, r1 - r0);
     combine_into(out, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);

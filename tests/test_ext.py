@@ -50,17 +50,34 @@ def _kernels():
     return _ext._C
 
 
-def test_bf16_dots_forward_equals_the_fp32_kernel():
-    """bf16 rows: the InfoNCE kernel's tile products (bf16 dot products where the CPU has them,
-    csrc/tiles.h Bf16Dots) are exact, so its row and column LSEs equal the fp32 kernel's on the same
-    numbers up to fp32 summation order."""
+@pytest.mark.parametrize("inv_tau", [1 / 0.07, 1 / 0.01])  # the fixed shift, and the per-row shifts
+def test_bf16_rows_match_the_fp64_kernels(inv_tau):
+    """Rows that are bf16 numbers: the InfoNCE and NT-Xent kernels multiply their tiles on bf16
+    micro-kernels where the CPU has them (csrc/tiles.h, TileProducts): S exactly (fp32 accumulation),
+    A·K with A split into two bf16 parts (relative error 2^-17 per weight). Forward and backward
+    against the fp64 kernels on the same numbers, over partial tiles (700 × 555 rows, D = 96) and the
+    left-out pairs of gather (A rounded to bf16 alone errs by 2e-3 of the scale here, 50× the bound)."""
     ops = _kernels()
     g = torch.Generator().manual_seed(0)
-    q, k = (torch.nn.functional.normalize(torch.randn(700, 96, generator=g), dim=1).bfloat16() for _ in range(2))
-    low = ops.info_nce_lse_fwd_cpu(q, k, 1 / 0.07, True, -1)
-    full = ops.info_nce_lse_fwd_cpu(q.float(), k.float(), 1 / 0.07, True, -1)
-    for a, b in zip(low, full, strict=True):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-5)
+    q, k = (torch.nn.functional.normalize(torch.randn(n, 96, generator=g), dim=1).bfloat16() for n in (700, 555))
+    grads = [torch.randn(n, generator=g) for n in (700, 555)]
+    for self_offset in (-1, 3):
+        low = ops.info_nce_lse_fwd_cpu(q, k, inv_tau, True, self_offset)
+        full = ops.info_nce_lse_fwd_cpu(q.double(), k.double(), inv_tau, True, self_offset)
+        for a, b in zip(low, full, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-5)
+        low = ops.info_nce_lse_bwd_cpu(*grads, q.float(), k.float(), *low, inv_tau, self_offset)
+        wide = (x.double() for x in (*grads, q, k))
+        full = ops.info_nce_lse_bwd_cpu(*wide, *full, inv_tau, self_offset)
+        for a, b in zip(low, full, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=4e-5 * b.abs().max().item())
+    z = q.float()
+    lse = ops.ntxent_lse_fwd_cpu(z, inv_tau)
+    lse64 = ops.ntxent_lse_fwd_cpu(z.double(), inv_tau)
+    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-5)
+    dz = ops.ntxent_lse_bwd_cpu(grads[0], z, lse, inv_tau)
+    dz64 = ops.ntxent_lse_bwd_cpu(grads[0].double(), z.double(), lse64, inv_tau)
+    torch.testing.assert_close(dz.double(), dz64, rtol=0, atol=4e-5 * dz64.abs().max().item())
 
 
 def test_bf16_dots_restore_the_matmul_precision():
@@ -77,7 +94,7 @@ def test_bf16_dots_restore_the_matmul_precision():
 
 def test_bf16_dots_off_gives_the_same_numbers():
     """FASTSSL_CPU_BF16_DOTS=0 (fp32 products of the widened rows) gives bf16 InfoNCE's loss and
-    gradient to their rounding (only the forward's products take bf16 dot products, and exactly)."""
+    gradient to their rounding (the bf16 products are exact forward and within 2^-17 backward)."""
     code = """
 import torch, fastssl
 g = torch.Generator().manual_seed(0)

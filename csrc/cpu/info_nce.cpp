@@ -20,10 +20,10 @@
 // and column's max s_ij and (1) uses those shifts; (2) then takes P and C from their own
 // exponentials.
 //
-// bf16 rows: the forward's tile products run as bf16 dot products with fp32 accumulation where the
-// CPU has them (fastssl::Bf16Dots), exact since the rows are bf16 numbers. The backward keeps fp32
-// products: rounding A to bf16 there would put a 2^-9 relative error on A K, which the positive
-// term nearly cancels when the softmax is peaked (measured: dL/d(1/tau) off by 1.5e-3 at tau = 0.01).
+// bf16 rows: the tile products run on bf16 micro-kernels with fp32 accumulation where the CPU has
+// them (fastssl::TileProducts): S exactly, since the rows are bf16 numbers, and A K with A split into
+// two bf16 parts (rounding A to bf16 alone would put a 2^-9 relative error on A K, which the positive
+// term nearly cancels when the softmax is peaked: dL/d(1/tau) was off by 1.5e-3 at tau = 0.01).
 //
 // Threads: see reduce_tiles. Work memory: a tile per thread and per-thread row partials of at
 // most 64 MiB in all (beyond that the rows are processed in blocks); never M x N.
@@ -42,17 +42,13 @@ using fastssl::fixed_shift_is_exact;
 using fastssl::reduce_tiles;
 using fastssl::unit_rows;
 
-at::Tensor tile_scores(const at::Tensor& q, const at::Tensor& k, double inv_tau, int64_t i0, int64_t i1,
-                       int64_t j0, int64_t j1) {
-  return fastssl::gemm(q.slice(0, i0, i1), k.slice(0, j0, j1).t(), inv_tau);
-}
-
 // Sets the pairs (i, i + self_offset) of tile (i0.., j0..) to value: a diagonal of the tile.
 void drop_self(at::Tensor& tile, int64_t self_offset, int64_t i0, int64_t j0, double value) {
   if (self_offset >= 0) tile.diagonal(i0 + self_offset - j0).fill_(value);
 }
 
-// Rows read from bf16: their tiles may be multiplied with bf16 dot products (fastssl::Bf16Dots).
+// Rows read from bf16: where the micro-kernels are missing, the forward's tile products may still take
+// oneDNN's bf16 dot products (fastssl::Bf16Dots).
 bool bf16_rows(const at::Tensor& q, const at::Tensor& k) {
   return q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16;
 }
@@ -75,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
               "info_nce_lse_fwd_cpu: q and k must have the same D and dtype");
   const int64_t m = q.size(0), n = k.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
-  const fastssl::Bf16Dots dots(bf16_rows(q_in, k_in));
+  const fastssl::TileProducts products(q, k, false);
+  const fastssl::Bf16Dots dots(!products.bf16() && bf16_rows(q_in, k_in));
   // shift of row i and column j: m for all (fixed), or the row's / column's own max s
   at::Tensor row_shift = at::full({m, 1}, inv_tau, q.options());
   at::Tensor col_shift = with_cols ? at::full({n, 1}, inv_tau, q.options()) : at::Tensor();
@@ -85,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
     if (with_cols) col_shift.fill_(lowest);
     reduce_tiles(m, n, row_shift, col_shift, Combine::kMax, lowest,
                  [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-                   at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
+                   at::Tensor s = products.scores(i0, i1, j0, j1, inv_tau);
                    drop_self(s, self_offset, i0, j0, lowest);
                    return std::make_pair(std::get<0>(s.max(1, true)),
                                          with_cols ? std::get<0>(s.max(0)).unsqueeze(1) : at::Tensor());
@@ -94,9 +91,10 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
   at::Tensor row_sums = at::zeros({m, 1}, q.options());
   at::Tensor col_sums = with_cols ? at::zeros({n, 1}, q.options()) : at::Tensor();
   reduce_tiles(m, n, row_sums, col_sums, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    at::Tensor s = tile_scores(q, k, inv_tau, i0, i1, j0, j1);
     // fixed shift: e_ij is the same number for row i and for column j, summed both ways in one pass
-    if (fixed) return fastssl::exp_sums(s, inv_tau, tile_drop(self_offset, i0, j0), with_cols);
+    // (the scale 1/tau applied there)
+    at::Tensor s = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);
+    if (fixed) return fastssl::exp_sums(s, inv_tau, inv_tau, tile_drop(self_offset, i0, j0), with_cols);
     at::Tensor e_row = at::exp(s - row_shift.slice(0, i0, i1));
     drop_self(e_row, self_offset, i0, j0, 0.0);
     if (!with_cols) return std::make_pair(e_row.sum(1, true), at::Tensor());
@@ -128,12 +126,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   // fixed shift: A_ij = e_ij (u_i + v_j) with u_i = g_i c_i, v_j = h_j d_j
   const at::Tensor u = fixed ? g * (inv_tau - row_lse).exp() : at::Tensor();
   const at::Tensor v = fixed && with_cols ? h * (inv_tau - col_lse).exp() : at::Tensor();
+  const fastssl::TileProducts products(q, k, true);
   at::Tensor dq = at::zeros({m, q.size(1)}, q.options());
-  at::Tensor dk = at::zeros({n, k.size(1)}, k.options());
+  at::Tensor dk = products.cols_like(n);
   reduce_tiles(m, n, dq, dk, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    at::Tensor a = tile_scores(q, k, inv_tau, i0, i1, j0, j1);  // s, then A of (2) in place
+    at::Tensor a = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);  // (s), then A of (2) in place
     if (fixed) {
-      fastssl::exp_weights(a, inv_tau, u.slice(0, i0, i1), with_cols ? v.slice(0, j0, j1) : at::Tensor(),
+      fastssl::exp_weights(a, inv_tau, inv_tau, u.slice(0, i0, i1), with_cols ? v.slice(0, j0, j1) : at::Tensor(),
                            tile_drop(self_offset, i0, j0));
     } else {
       const at::Tensor s = a;
@@ -141,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
       if (with_cols) a.add_(at::exp(s - row(col_lse, j0, j1)).mul_(row(h, j0, j1)));
       drop_self(a, self_offset, i0, j0, 0.0);
     }
-    return std::make_pair(fastssl::gemm(a, k.slice(0, j0, j1)), fastssl::gemm(a.t(), q.slice(0, i0, i1)));
+    return products.weighted(a, i0, i1, j0, j1, true);
   });
   at::Tensor grad_inv_tau = (q * dq).sum();  // (3)
-  return {dq.mul_(inv_tau).to(q_in.scalar_type()), dk.mul_(inv_tau).to(k_in.scalar_type()), grad_inv_tau};
+  return {dq.mul_(inv_tau).to(q_in.scalar_type()), dk.mul_(inv_tau).to(k_in.scalar_type()).contiguous(), grad_inv_tau};
 }

@@ -57,30 +57,28 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
         combine_into(mine, parts.first, op);
         if (I != J) combine_into(out.narrow(0, j0, j1 - j0), parts.second, op);
       }
+      fastssl::release_tile_products();
     });
     at::Tensor rows = out.narrow(0, i0, i1 - i0);
     combine_into(rows, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);
   }
 }
 
-// s_ij - shift_i for the tile, with the scale and the shift folded into the GEMM:
-// -shift + inv_tau Z_I Z_J^T.
-at::Tensor tile_scores(const at::Tensor& z, double inv_tau, int64_t i0, int64_t i1, int64_t j0,
+// s_ij - shift_i for the tile: inv_tau Z_I Z_J^T - shift_i.
+at::Tensor tile_scores(const fastssl::TileProducts& products, double inv_tau, int64_t i0, int64_t i1, int64_t j0,
                        int64_t j1, const at::Tensor& neg_shift_i) {
-  at::Tensor s = neg_shift_i.expand({i1 - i0, j1 - j0}).contiguous();
-  fastssl::gemm_into(s, z.slice(0, i0, i1), z.slice(0, j0, j1).t(), 1.0, inv_tau);
-  return s;
+  return products.scores(i0, i1, j0, j1, inv_tau).add_(neg_shift_i);
 }
 
 // max_{j != i} s_ij for every row: the per-row shift when the fixed one may underflow.
-at::Tensor row_max(const at::Tensor& z, double inv_tau) {
+at::Tensor row_max(const at::Tensor& z, const fastssl::TileProducts& products, double inv_tau) {
   const int64_t n = z.size(0);
   const double lowest = -std::numeric_limits<double>::infinity();
   at::Tensor out = at::full({n, 1}, lowest, z.options());
   const at::Tensor zero = at::zeros({1, 1}, z.options());
   reduce_upper_tiles(n, out, Combine::kMax, lowest,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, zero);
+                       at::Tensor s = tile_scores(products, inv_tau, i0, i1, j0, j1, zero);
                        if (diagonal) s.fill_diagonal_(lowest);
                        return std::make_pair(std::get<0>(s.max(1, true)),
                                              std::get<0>(s.max(0)).unsqueeze(1));
@@ -102,19 +100,20 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z_in, double inv_tau) {
   const int64_t n = z.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
   // shift_i = m for every row (a), or the row's own max (b).
-  const at::Tensor shift = fixed ? at::full({n}, inv_tau, z.options()) : row_max(z, inv_tau);
+  const fastssl::TileProducts products(z, z, false);
+  const at::Tensor shift = fixed ? at::full({n}, inv_tau, z.options()) : row_max(z, products, inv_tau);
   const at::Tensor neg_shift = -shift.unsqueeze(1);
   at::Tensor sums = at::zeros({n, 1}, z.options());
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
                        if (fixed) {  // e_ij = exp(s_ij - m) serves row i and row j: one pass
-                         at::Tensor e = fastssl::gemm(z.slice(0, i0, i1), z.slice(0, j0, j1).t(), inv_tau);
-                         auto sums_ij = fastssl::exp_sums(e, inv_tau, diagonal ? 0 : fastssl::kKeepAll, !diagonal);
+                         at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
+                         auto sums_ij = fastssl::exp_sums(e, inv_tau, inv_tau, diagonal ? 0 : fastssl::kKeepAll, !diagonal);
                          if (diagonal) return std::make_pair(sums_ij.first, sums_ij.first);
                          return sums_ij;
                        }
                        // s_ij - shift_i
-                       at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+                       at::Tensor s = tile_scores(products, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
                        at::Tensor e_row = s.exp();
                        if (diagonal) e_row.fill_diagonal_(0);
                        at::Tensor row = e_row.sum(1, true);
@@ -136,24 +135,25 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z_in
   // (b): P_ij = e_ij c_i with c_i = exp(m - lse_i) <= exp(2/tau), finite under the same bound.
   const at::Tensor u = fixed ? g * (inv_tau - lse).exp() : g;
   const at::Tensor neg_shift = fixed ? at::full({n, 1}, -inv_tau, z.options()) : -lse.unsqueeze(1);
-  at::Tensor grad = at::zeros({n, z.size(1)}, z.options());
+  const fastssl::TileProducts products(z, z, true);
+  at::Tensor grad = products.cols_like(n);
   reduce_upper_tiles(
       n, grad, Combine::kSum, 0.0,
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
         // A_ij = g_i P_ij + g_j P_ji, from (2)
         at::Tensor a;
         if (fixed) {  // P_ij = e_ij c_i, P_ji = e_ij c_j: A_ij = e_ij (u_i + u_j) in one pass
-          a = fastssl::gemm(z.slice(0, i0, i1), z.slice(0, j0, j1).t(), inv_tau);
-          fastssl::exp_weights(a, inv_tau, u.slice(0, i0, i1), u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll);
+          a = products.scores(i0, i1, j0, j1, 1.0);
+          fastssl::exp_weights(a, inv_tau, inv_tau, u.slice(0, i0, i1), u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll);
         } else {  // P_ij = exp(s_ij - lse_i), P_ji = exp(s_ij - lse_j); s is s_ij - shift_i
-          at::Tensor s = tile_scores(z, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+          at::Tensor s = tile_scores(products, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
           at::Tensor p_ji = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
           a = s.exp_().mul_(u.slice(0, i0, i1).unsqueeze(1)).add_(p_ji.mul_(u.slice(0, j0, j1).unsqueeze(0)));
           if (diagonal) a.fill_diagonal_(0);
         }
-        at::Tensor row = fastssl::gemm(a, z.slice(0, j0, j1));
-        if (diagonal) return std::make_pair(row, row);
-        return std::make_pair(row, fastssl::gemm(a.t(), z.slice(0, i0, i1)));
+        auto parts = products.weighted(a, i0, i1, j0, j1, !diagonal);
+        if (diagonal) return std::make_pair(parts.first, parts.first);
+        return parts;
       });
-  return grad.mul_(inv_tau).to(z_in.scalar_type());
+  return grad.mul_(inv_tau).to(z_in.scalar_type()).contiguous();
 }
