@@ -17,6 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   // csrc/tiles.h: whether bf16 kernels may multiply their tiles with bf16 dot products
   m.def("bf16_dots_enabled", &fastssl::Bf16Dots::enabled);
+  m.def("bf16_micro_kernels", &fastssl::TileProducts::available);
   m.def("ntxent_lse_fwd_cpu", &ntxent_lse_fwd_cpu, nogil);
   m.def("ntxent_lse_bwd_cpu", &ntxent_lse_bwd_cpu, nogil);
   m.def("masking_rank_cpu", &masking_rank_cpu, nogil);

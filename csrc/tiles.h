@@ -28,9 +28,9 @@ inline void combine_into(at::Tensor dst, const at::Tensor& src, Combine op) {
   }
 }
 
-// out = beta * out + alpha * a . b: every tile GEMM of the C++ kernels goes through here (and gemm
-// below), so that the products are one call whose backend Bf16Dots can switch. out contiguous; a and
-// b may be transposed views.
+// out = beta * out + alpha * a . b: the tile GEMMs of the C++ kernels go through here (and gemm
+// below, and TileProducts' fallback), so that the products are one call whose backend Bf16Dots can
+// switch. out contiguous; a and b may be transposed views.
 inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
   if (beta == 0.0) {
     at::mm_out(out, a, b);
@@ -42,7 +42,8 @@ inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 // While alive, and when on, fp32 matmuls run on oneDNN with bf16 dot products and fp32
 // accumulation (ATen's mkldnn fp32 precision "bf16"), where the CPU has them (AVX512-BF16 or AMX;
-// elsewhere ATen ignores the mode and the fp32 path runs). For a kernel whose rows came from bf16
+// elsewhere ATen ignores the mode and the fp32 path runs). TileProducts' micro-kernels replace it
+// where they run (AMX); it remains for the InfoNCE forward on CPUs with AVX512-BF16 alone. For a kernel whose rows came from bf16
 // inputs, rounding the rows to bf16 is exact, so S = Q K^T is the fp32 path's up to summation order
 // (docs/design.md, "Tile kernels": bf16 dot products on the CPU). The mode is process-wide: it is
 // restored on return or on an exception, and FASTSSL_CPU_BF16_DOTS=0 keeps the fp32 path.

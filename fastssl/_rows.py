@@ -36,12 +36,13 @@ def unit_rows(x: Tensor) -> Tensor:
     return F.normalize(x * power_of_two_scales(x)[:, None], dim=1)
 
 
-def inverse_norms(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def inverse_norms(x: Tensor, dtype: torch.dtype | None = None, scale: Tensor | None = None) -> Tensor:
     """1 / ‖x_i‖ [N] for the rows of x [N, D] at any scale, 0 for a zero row (x_i times it is the
     unit row); not differentiable. Computed in `dtype` (x's by default), over chunks of rows so
-    that a widened copy of a large x (a MoCo queue) never exists whole."""
+    that a widened copy of a large x (a MoCo queue) never exists whole. `scale`: x's
+    power_of_two_scales in `dtype`, when the caller has them."""
     dtype = dtype or x.dtype
-    scale = power_of_two_scales(x, dtype)
+    scale = power_of_two_scales(x, dtype) if scale is None else scale
     norm = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     step = max(1, _CHUNK // max(1, x.shape[1]))
     for r0 in range(0, x.shape[0], step):

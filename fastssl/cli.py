@@ -36,9 +36,11 @@ def _compiler() -> str:
 
 
 def _bf16_dots() -> str:
-    """How the C++ kernels multiply tiles of bf16 rows (csrc/tiles.h, Bf16Dots)."""
+    """How the C++ kernels multiply tiles of bf16 rows (csrc/tiles.h, TileProducts and Bf16Dots)."""
     if not _ext._C.bf16_dots_enabled():
         return "fp32 dot products (FASTSSL_CPU_BF16_DOTS=0 or no oneDNN)"
+    if _ext._C.bf16_micro_kernels():
+        return "bf16 micro-kernels, fp32 accumulation (oneDNN brgemm, AMX)"
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "fp32 dot products (this CPU has no bf16 dot products for oneDNN)"
     return "bf16 dot products, fp32 accumulation (oneDNN)"

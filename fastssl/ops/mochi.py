@@ -305,23 +305,24 @@ def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, im
     return q, k, queue, n_hard, draw, inv_tau, impl
 
 
-def _normalised(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q̂, k̂ and 1/‖n_k‖ [K] in fp32 (fp64 for fp64), scale-safe (fastssl/_rows.py).
+def _normalised(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q̂, k̂, 1/‖n_k‖ [K] and the queue rows' power-of-two scales [K], in fp32 (fp64 for fp64),
+    scale-safe (fastssl/_rows.py; the scales are found once, one pass over the queue).
 
     The query side stays in fp32 for bf16/fp16 inputs, so that the gradients of the three terms
     of (1) are summed in fp32; the matmul and the kernel read q̂ rounded to the queue's dtype.
     """
     acc = _checks.accumulate_dtype(q.dtype)
     qn, kn = (unit_rows(x.to(acc)) for x in (q, k))
-    return qn, kn, inverse_norms(queue, acc)
+    row_scale = power_of_two_scales(queue, acc)
+    return qn, kn, inverse_norms(queue, acc, row_scale), row_scale
 
 
-def _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl) -> tuple[Tensor, Tensor]:
+def _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl) -> tuple[Tensor, Tensor]:
     """q̂·k̂/τ [B] and the synthetic logits [B, S] of (2)-(4), drawn from the hard sets; 1/τ (a
     tensor temperature's gradient included) enters outside the kernel."""
     first, second, weight = draw(hard)
     q_rows = qn.to(queue.dtype)
-    row_scale = power_of_two_scales(queue, _checks.accumulate_dtype(qn.dtype))
     mixed, _ = mochi_mix(q_rows, q_rows.detach(), queue, first, second, weight, row_scale, impl)
     return (qn * kn).sum(1) * inv_tau, mixed * inv_tau
 
@@ -331,13 +332,13 @@ def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_ta
     queue = queue.detach()
     if impl == "reference":
         return reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
-    qn, kn, scale = _normalised(q, k, queue)
+    qn, kn, scale, row_scale = _normalised(q, k, queue)
     # q̂·n̂/τ [B, K], by the same chunks as _QueueLogSumExp (so the same hard sets as mochi_loss);
     # the queue is never normalised in memory
     step = _chunk_rows(queue.shape[0])
     neg = torch.cat([queue_scores(c, queue, scale) for c in (qn * inv_tau).split(step)])
     hard = torch.cat([hard_negatives(c, n_hard, impl) for c in neg.split(step)])
-    pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
+    pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
     return torch.cat([pos[:, None], neg, mixed], dim=1)
 
 
@@ -349,7 +350,7 @@ def _loss_rows(
     if impl == "reference":
         logits = reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
         return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
-    qn, kn, scale = _normalised(q, k, queue)
+    qn, kn, scale, row_scale = _normalised(q, k, queue)
     lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
-    pos, mixed = _positive_and_mixed(qn, kn, queue, hard, draw, inv_tau, impl)
+    pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
     return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos
