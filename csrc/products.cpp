@@ -140,8 +140,8 @@ bool bf16_exact(const at::Tensor& x) {
 }
 
 bool TileProducts::available() {
-  static const bool on = Bf16Dots::enabled() && cpublas::could_pack(at::kBFloat16);
-  return on;
+  // not cached: could_pack also reads torch.backends.mkldnn.enabled, which brgemm obeys
+  return Bf16Dots::enabled() && cpublas::could_pack(at::kBFloat16);
 }
 
 TileProducts::TileProducts(const at::Tensor& x, const at::Tensor& y, bool weighted)

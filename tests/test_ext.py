@@ -111,3 +111,18 @@ print(" ".join(repr(v) for v in [loss.item()] + q.grad.float().flatten()[:200].t
         runs.append(torch.tensor([float(v) for v in done.stdout.split()]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(runs[0][1:], runs[1][1:], rtol=8e-3, atol=1e-6)  # bf16 gradients: 1 ulp
+
+
+def test_bf16_rows_with_onednn_disabled():
+    """torch.backends.mkldnn.enabled = False after the micro-kernels ran: the kernels fall back to
+    ATen's products (same numbers to fp32 rounding) instead of failing inside brgemm."""
+    import fastssl
+
+    _kernels()
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(300, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    on = fastssl.info_nce(q, k, symmetric=True, impl="cpp")
+    with torch.backends.mkldnn.flags(enabled=False):
+        off = fastssl.info_nce(q, k, symmetric=True, impl="cpp")
+        off.backward()
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
