@@ -5,9 +5,10 @@
 
 #include <tuple>
 
-// ntxent: lse_i = log sum_{j != i} exp(inv_tau * z_i . z_j) over unit rows z [N, D].
-at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z, double inv_tau);
-at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z,
+// ntxent: lse_i = log sum_{j != i} exp(inv_tau * z_i . z_j) over the unit rows z_i = r_i x_i, given as
+// rows x [N, D] and inverse norms r [N]; the backward returns dL/dx_i = r_i dL/dz_i.
+at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& x, const at::Tensor& r, double inv_tau);
+at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& r,
                               const at::Tensor& lse, double inv_tau);
 
 // masking: MAE's random masking (rank of the noise, gather of the visible tokens), the decoder's

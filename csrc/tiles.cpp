@@ -13,12 +13,20 @@ namespace {
 
 bool left_out(int64_t i, int64_t drop, int64_t c) { return drop != kKeepAll && i + drop >= 0 && i + drop < c; }
 
+// The optional row and column scales w, wc (nullptr: 1) enter the exponent as scale w_i wc_j s_ij.
 template <class T>
-FASTSSL_ROW_KERNEL void exp_sums_rows(T* e, int64_t r, int64_t c, T scale, T shift, int64_t drop, T* row, T* col) {
+FASTSSL_ROW_KERNEL void exp_sums_rows(T* e, int64_t r, int64_t c, T scale, T shift, int64_t drop, T* row, T* col,
+                                      const T* w, const T* wc) {
   for (int64_t i = 0; i < r; ++i) {
     T* p = e + i * c;
+    const T si = w != nullptr ? scale * w[i] : scale;
+    if (wc != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(scale * p[j] - shift);
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * wc[j] * p[j] - shift);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * p[j] - shift);
+    }
     // zeroed before the sums: subtracting it after would cancel the row's small terms
     if (left_out(i, drop, c)) p[i + drop] = 0;
     row[i] = lane_sum(p, c);
@@ -29,20 +37,36 @@ FASTSSL_ROW_KERNEL void exp_sums_rows(T* e, int64_t r, int64_t c, T scale, T shi
   }
 }
 
+// As exp_sums_rows, times (u_i + v_j) and, with scales, w_i wc_j.
 template <class T>
-FASTSSL_ROW_KERNEL void exp_weights_rows(T* a, int64_t r, int64_t c, T scale, T shift, const T* u, const T* v, int64_t drop) {
+FASTSSL_ROW_KERNEL void exp_weights_rows(T* a, int64_t r, int64_t c, T scale, T shift, const T* u, const T* v, int64_t drop,
+                                         const T* w, const T* wc) {
   for (int64_t i = 0; i < r; ++i) {
     T* p = a + i * c;
     const T ui = u[i];
-    if (v != nullptr) {
+    const T wi = w != nullptr ? w[i] : T(1);
+    const T si = scale * wi;
+    if (wc != nullptr) {  // NT-Xent's rows that are not unit: v and wc both defined
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(scale * p[j] - shift) * (ui + v[j]);
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * wc[j] * p[j] - shift) * (ui + v[j]) * (wi * wc[j]);
+    } else if (v != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * p[j] - shift) * (ui + v[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(scale * p[j] - shift) * ui;
+      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * p[j] - shift) * ui;
     }
     if (left_out(i, drop, c)) p[i + drop] = 0;
   }
+}
+
+// t's data as T* (nullptr when undefined), after a contiguous copy in s's dtype kept alive in hold.
+template <class T>
+const T* scales_ptr(const at::Tensor& t, const at::Tensor& s, int64_t n, at::Tensor& hold) {
+  if (!t.defined()) return nullptr;
+  hold = t.to(s.scalar_type()).contiguous();
+  TORCH_INTERNAL_ASSERT(hold.numel() == n);
+  return hold.data_ptr<T>();
 }
 
 void check_tile(const at::Tensor& s) {
@@ -52,34 +76,32 @@ void check_tile(const at::Tensor& s) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols) {
+std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols,
+                                           const at::Tensor& w, const at::Tensor& w_cols) {
   check_tile(s);
   const int64_t r = s.size(0), c = s.size(1);
   at::Tensor row = at::empty({r, 1}, s.options());
   at::Tensor col = cols ? at::zeros({c, 1}, s.options()) : at::Tensor();
-  if (s.scalar_type() == at::kFloat) {
-    exp_sums_rows(s.data_ptr<float>(), r, c, static_cast<float>(scale), static_cast<float>(shift), drop, row.data_ptr<float>(),
-                 cols ? col.data_ptr<float>() : nullptr);
-  } else {
-    exp_sums_rows(s.data_ptr<double>(), r, c, scale, shift, drop, row.data_ptr<double>(),
-                  cols ? col.data_ptr<double>() : nullptr);
-  }
+  at::Tensor hold_w, hold_wc;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "exp_sums", [&] {
+    exp_sums_rows(s.data_ptr<scalar_t>(), r, c, static_cast<scalar_t>(scale), static_cast<scalar_t>(shift), drop,
+                  row.data_ptr<scalar_t>(), cols ? col.data_ptr<scalar_t>() : nullptr,
+                  scales_ptr<scalar_t>(w, s, r, hold_w), scales_ptr<scalar_t>(w_cols, s, c, hold_wc));
+  });
   return {row, col};
 }
 
-void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop) {
+void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop,
+                 const at::Tensor& w, const at::Tensor& w_cols) {
   check_tile(s);
   const int64_t r = s.size(0), c = s.size(1);
-  const at::Tensor uc = u.to(s.scalar_type()).contiguous();
-  const at::Tensor vc = v.defined() ? v.to(s.scalar_type()).contiguous() : at::Tensor();
-  TORCH_INTERNAL_ASSERT(uc.numel() == r && (!vc.defined() || vc.numel() == c));
-  if (s.scalar_type() == at::kFloat) {
-    exp_weights_rows(s.data_ptr<float>(), r, c, static_cast<float>(scale), static_cast<float>(shift), uc.data_ptr<float>(),
-                    vc.defined() ? vc.data_ptr<float>() : nullptr, drop);
-  } else {
-    exp_weights_rows(s.data_ptr<double>(), r, c, scale, shift, uc.data_ptr<double>(),
-                     vc.defined() ? vc.data_ptr<double>() : nullptr, drop);
-  }
+  TORCH_INTERNAL_ASSERT(!w_cols.defined() || v.defined());
+  at::Tensor hold_u, hold_v, hold_w, hold_wc;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "exp_weights", [&] {
+    exp_weights_rows(s.data_ptr<scalar_t>(), r, c, static_cast<scalar_t>(scale), static_cast<scalar_t>(shift),
+                     scales_ptr<scalar_t>(u, s, r, hold_u), scales_ptr<scalar_t>(v, s, c, hold_v), drop,
+                     scales_ptr<scalar_t>(w, s, r, hold_w), scales_ptr<scalar_t>(w_cols, s, c, hold_wc));
+  });
 }
 
 }  // namespace fastssl

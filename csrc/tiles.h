@@ -129,15 +129,19 @@ void release_tile_products();
 // The pair (r, r + drop) of a tile is left out (set to 0); kKeepAll leaves none out.
 constexpr int64_t kKeepAll = std::numeric_limits<int64_t>::min();
 
-// e_rc = exp(scale s_rc - shift) in place over a contiguous [R, C] fp32/fp64 tile, the left-out pair set
-// to 0 before the row sums and, when cols, the column sums: the fixed-shift forward of the tile
-// kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels").
-// Returns {[R, 1], [C, 1] or undefined}.
-std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols);
+// e_rc = exp(scale w_r w'_c s_rc - shift) in place over a contiguous [R, C] fp32/fp64 tile, the
+// left-out pair set to 0 before the row sums and, when cols, the column sums: the fixed-shift forward
+// of the tile kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels").
+// w [R] and w' [C] are the rows' inverse norms where the tile holds products of rows that are not
+// unit (NT-Xent's bf16 numbers); undefined means 1. Returns {[R, 1], [C, 1] or undefined}.
+std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols,
+                                           const at::Tensor& w = {}, const at::Tensor& w_cols = {});
 
-// a_rc = exp(scale s_rc - shift) (u_r + v_c) in place (u_r alone when v is undefined), the left-out pair
-// set to 0: the fixed-shift backward's weights A in one pass. u [R], v [C].
-void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop);
+// a_rc = exp(scale w_r w'_c s_rc - shift) (u_r + v_c) w_r w'_c in place (u_r alone when v is undefined),
+// the left-out pair set to 0: the fixed-shift backward's weights A in one pass, times the inverse
+// norms that turn A Z into A' X for the rows X = Z / w. u, w [R]; v, w' [C]; w, w' as in exp_sums.
+void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop,
+                 const at::Tensor& w = {}, const at::Tensor& w_cols = {});
 
 // Edge of the square tiles reduce_tiles visits.
 constexpr int64_t kTile = 256;

@@ -36,6 +36,16 @@ def unit_rows(x: Tensor) -> Tensor:
     return F.normalize(x * power_of_two_scales(x)[:, None], dim=1)
 
 
+def scaled_rows(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(x̃, r) with x̃_i = x_i·2^{−e_i} in `dtype` (power_of_two_scales: exact) and
+    r_i = 1/max(‖x̃_i‖, 1e-12), both differentiable, so that r_i·x̃_i is unit_rows(x)_i (F.normalize's
+    formula, to one rounding). A kernel handed x̃ and r multiplies x's own numbers: rows of a bf16 x
+    stay bf16 numbers, which the CPU kernels multiply on bf16 dot products with nothing rounded, and
+    apply r to the fp32 products (docs/design.md, "bf16 dot products on the CPU")."""
+    scaled = x.to(dtype) * power_of_two_scales(x, dtype)[:, None]
+    return scaled, 1.0 / torch.linalg.vector_norm(scaled, dim=1).clamp_min(1e-12)
+
+
 def inverse_norms(x: Tensor, dtype: torch.dtype | None = None, scale: Tensor | None = None) -> Tensor:
     """1 / ‖x_i‖ [N] for the rows of x [N, D] at any scale, 0 for a zero row (x_i times it is the
     unit row); not differentiable. Computed in `dtype` (x's by default), over chunks of rows so

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import _checks, _ext
-from fastssl._rows import unit_rows
+from fastssl._rows import scaled_rows
 from fastssl.ops.ntxent import ntxent_lse
 from fastssl.ops.siglip import siglip_loss
 
@@ -110,8 +110,9 @@ def _uniformity(x: Tensor, t: float) -> Tensor:
     symmetry) is log Σ_i exp(lse_i) − log N(N−1) − 2t with lse_i = LSE_{j≠i} 2t·x̂_i·x̂_j, the
     NT-Xent LSE at 1/τ = 2t (docs/design.md, "Uniformity")."""
     n, acc = x.shape[0], _checks.accumulate_dtype(x.dtype)
-    xn = unit_rows(x.to(acc))  # 16-bit input in fp32: unit rows rounded to bf16 would move U by ~1e-3
-    lse = ntxent_lse(xn, 2.0 * t, _ext.resolve_impl("auto", x.device))
+    # 16-bit input in fp32 (unit rows rounded to bf16 would move U by ~1e-3), handed to the kernel
+    # as x's own numbers and inverse norms
+    lse = ntxent_lse(*scaled_rows(x, acc), 2.0 * t, _ext.resolve_impl("auto", x.device))
     return lse.logsumexp(0) - math.log(n * (n - 1)) - 2.0 * t
 
 

@@ -286,12 +286,27 @@ def _grid(n: int, block_n: int, device: torch.device) -> tuple[int, int]:
 
 
 @launcher
-def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
-    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] fp32 (fp64 for fp64 z).
-
-    A single row gives −inf (an empty sum).
+def ntxent_lse_fwd(x: Tensor, r: Tensor, inv_tau: float) -> Tensor:
+    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for the unit rows z_i = r_i·x_i, given as rows x [N, D]
+    and inverse norms r [N]; [N] fp32 (fp64 for fp64 x). The kernels take the unit rows, formed here
+    (O(N·D)). A single row gives −inf (an empty sum).
     """
-    check_matrix("ntxent_lse_fwd", z)
+    check_matrix("ntxent_lse_fwd", x)
+    _check_rows("ntxent_lse_fwd", "r", r, x)
+    return _unit_lse_fwd(x * r.to(x.dtype)[:, None], inv_tau)
+
+
+@launcher
+def ntxent_lse_bwd(grad_lse: Tensor, x: Tensor, r: Tensor, lse: Tensor, inv_tau: float) -> Tensor:
+    """dL/dx_i = r_i·dL/dz_i for the unit rows z_i = r_i·x_i (see ntxent_lse_fwd); x's dtype."""
+    check_matrix("ntxent_lse_bwd", x)
+    _check_rows("ntxent_lse_bwd", "r", r, x)
+    r = r.to(x.dtype)[:, None]
+    return _unit_lse_bwd(grad_lse, x * r, lse, inv_tau).mul_(r)
+
+
+def _unit_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
+    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] fp32 (fp64 for fp64 z)."""
     inv_tau = float(inv_tau)
     n, d = z.shape
     acc_dtype, dtypes = dot_dtypes(z)
@@ -312,10 +327,8 @@ def ntxent_lse_fwd(z: Tensor, inv_tau: float) -> Tensor:
     return sums.log_().add_(row_max)
 
 
-@launcher
-def ntxent_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> Tensor:
+def _unit_lse_bwd(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float) -> Tensor:
     """dL/dz_i = inv_tau Σ_{j≠i} (g_i P_ij + g_j P_ji) z_j, P_ij = exp(inv_tau·z_i·z_j − lse_i); z's dtype."""
-    check_matrix("ntxent_lse_bwd", z)
     _check_rows("ntxent_lse_bwd", "grad_lse", grad_lse, z)
     _check_rows("ntxent_lse_bwd", "lse", lse, z)
     inv_tau = float(inv_tau)

@@ -71,13 +71,15 @@ def test_bf16_rows_match_the_fp64_kernels(inv_tau):
         full = ops.info_nce_lse_bwd_cpu(*wide, *full, inv_tau, self_offset)
         for a, b in zip(low, full, strict=True):
             torch.testing.assert_close(a.double(), b, rtol=0, atol=4e-5 * b.abs().max().item())
-    z = q.float()
-    lse = ops.ntxent_lse_fwd_cpu(z, inv_tau)
-    lse64 = ops.ntxent_lse_fwd_cpu(z.double(), inv_tau)
+    # NT-Xent gets rows that are not unit (bf16 numbers) and their inverse norms r
+    x = torch.randn(700, 96, generator=g).bfloat16().float()
+    r = 1 / x.norm(dim=1)
+    lse = ops.ntxent_lse_fwd_cpu(x, r, inv_tau)
+    lse64 = ops.ntxent_lse_fwd_cpu(x.double(), r.double(), inv_tau)
     torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-5)
-    dz = ops.ntxent_lse_bwd_cpu(grads[0], z, lse, inv_tau)
-    dz64 = ops.ntxent_lse_bwd_cpu(grads[0].double(), z.double(), lse64, inv_tau)
-    torch.testing.assert_close(dz.double(), dz64, rtol=0, atol=4e-5 * dz64.abs().max().item())
+    dx = ops.ntxent_lse_bwd_cpu(grads[0], x, r, lse, inv_tau)
+    dx64 = ops.ntxent_lse_bwd_cpu(grads[0].double(), x.double(), r.double(), lse64, inv_tau)
+    torch.testing.assert_close(dx.double(), dx64, rtol=0, atol=4e-5 * dx64.abs().max().item())
 
 
 def test_bf16_dots_restore_the_matmul_precision():

@@ -5,6 +5,10 @@
 // is the only part of the NT-Xent / SupCon loss that needs all N^2 pairs; the positive term is
 // O(N D) and lives in fastssl/ops/ntxent.py. Given g_i = dL/dlse_i and P_ij = exp(s_ij - lse_i),
 //   dL/dz_i = (1/tau) sum_j (g_i P_ij + g_j P_ji) z_j.                             (2)
+// The kernels get z_i = r_i x_i as rows x and inverse norms r (x is the input's own numbers, which
+// are bf16 numbers for bf16 input: TileProducts multiplies them exactly on bf16 dot products), so
+// the tiles hold x_i . x_j and r_i r_j enters the exponential pass; the backward returns
+// dL/dx_i = r_i dL/dz_i (docs/design.md, "bf16 dot products on the CPU").
 //
 // Two facts shape the kernel (Chen et al. 2020, SimCLR; docs/design.md, "Tile kernels"):
 //  a. S is symmetric, so only tiles (I, J) with J >= I are visited. One tile feeds the row sums
@@ -64,21 +68,24 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
   }
 }
 
-// s_ij - shift_i for the tile: inv_tau Z_I Z_J^T - shift_i.
-at::Tensor tile_scores(const fastssl::TileProducts& products, double inv_tau, int64_t i0, int64_t i1, int64_t j0,
-                       int64_t j1, const at::Tensor& neg_shift_i) {
-  return products.scores(i0, i1, j0, j1, inv_tau).add_(neg_shift_i);
+// s_ij - shift_i for the tile: inv_tau r_i r_j X_I X_J^T - shift_i.
+at::Tensor tile_scores(const fastssl::TileProducts& products, const at::Tensor& r, double inv_tau, int64_t i0, int64_t i1,
+                       int64_t j0, int64_t j1, const at::Tensor& neg_shift_i) {
+  return products.scores(i0, i1, j0, j1, inv_tau)
+      .mul_(r.slice(0, i0, i1).unsqueeze(1))
+      .mul_(r.slice(0, j0, j1).unsqueeze(0))
+      .add_(neg_shift_i);
 }
 
 // max_{j != i} s_ij for every row: the per-row shift when the fixed one may underflow.
-at::Tensor row_max(const at::Tensor& z, const fastssl::TileProducts& products, double inv_tau) {
-  const int64_t n = z.size(0);
+at::Tensor row_max(const fastssl::TileProducts& products, const at::Tensor& r, double inv_tau) {
+  const int64_t n = r.size(0);
   const double lowest = -std::numeric_limits<double>::infinity();
-  at::Tensor out = at::full({n, 1}, lowest, z.options());
-  const at::Tensor zero = at::zeros({1, 1}, z.options());
+  at::Tensor out = at::full({n, 1}, lowest, r.options());
+  const at::Tensor zero = at::zeros({1, 1}, r.options());
   reduce_upper_tiles(n, out, Combine::kMax, lowest,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-                       at::Tensor s = tile_scores(products, inv_tau, i0, i1, j0, j1, zero);
+                       at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, zero);
                        if (diagonal) s.fill_diagonal_(lowest);
                        return std::make_pair(std::get<0>(s.max(1, true)),
                                              std::get<0>(s.max(0)).unsqueeze(1));
@@ -86,34 +93,35 @@ at::Tensor row_max(const at::Tensor& z, const fastssl::TileProducts& products, d
   return out.squeeze(1);
 }
 
-// Unit rows [N, D] as a contiguous fp32 tensor (fp64 for fp64 input: gradcheck).
-at::Tensor unit_rows(const at::Tensor& z, const char* fn) {
-  TORCH_CHECK(z.dim() == 2, fn, ": z must be [N, D], got ", z.sizes());
-  TORCH_CHECK(z.device().is_cpu(), fn, ": z must be a CPU tensor");
-  return z.to(z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+// r [N] in x's dtype, contiguous.
+at::Tensor inverse_norms(const at::Tensor& r, const at::Tensor& x, const char* fn) {
+  TORCH_CHECK(r.dim() == 1 && r.size(0) == x.size(0), fn, ": r must be [", x.size(0), "], got ", r.sizes());
+  return r.to(x.scalar_type()).contiguous();
 }
 
 }  // namespace
 
-at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z_in, double inv_tau) {
-  const at::Tensor z = unit_rows(z_in, "ntxent_lse_fwd_cpu");
-  const int64_t n = z.size(0);
+at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& x_in, const at::Tensor& r_in, double inv_tau) {
+  const at::Tensor x = fastssl::unit_rows(x_in, "ntxent_lse_fwd_cpu", "x");
+  const at::Tensor r = inverse_norms(r_in, x, "ntxent_lse_fwd_cpu");
+  const int64_t n = x.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
   // shift_i = m for every row (a), or the row's own max (b).
-  const fastssl::TileProducts products(z, z, false);
-  const at::Tensor shift = fixed ? at::full({n}, inv_tau, z.options()) : row_max(z, products, inv_tau);
+  const fastssl::TileProducts products(x, x, false);
+  const at::Tensor shift = fixed ? at::full({n}, inv_tau, x.options()) : row_max(products, r, inv_tau);
   const at::Tensor neg_shift = -shift.unsqueeze(1);
-  at::Tensor sums = at::zeros({n, 1}, z.options());
+  at::Tensor sums = at::zeros({n, 1}, x.options());
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
                        if (fixed) {  // e_ij = exp(s_ij - m) serves row i and row j: one pass
                          at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
-                         auto sums_ij = fastssl::exp_sums(e, inv_tau, inv_tau, diagonal ? 0 : fastssl::kKeepAll, !diagonal);
+                         auto sums_ij = fastssl::exp_sums(e, inv_tau, inv_tau, diagonal ? 0 : fastssl::kKeepAll, !diagonal,
+                                                          r.slice(0, i0, i1), r.slice(0, j0, j1));
                          if (diagonal) return std::make_pair(sums_ij.first, sums_ij.first);
                          return sums_ij;
                        }
                        // s_ij - shift_i
-                       at::Tensor s = tile_scores(products, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+                       at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
                        at::Tensor e_row = s.exp();
                        if (diagonal) e_row.fill_diagonal_(0);
                        at::Tensor row = e_row.sum(1, true);
@@ -125,35 +133,40 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& z_in, double inv_tau) {
   return shift + sums.squeeze(1).log();
 }
 
-at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& z_in,
+// dL/dx_i = r_i dL/dz_i = inv_tau sum_j B_ij x_j with B_ij = r_i r_j A_ij, symmetric like A.
+at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x_in, const at::Tensor& r_in,
                               const at::Tensor& lse_in, double inv_tau) {
-  const at::Tensor z = unit_rows(z_in, "ntxent_lse_bwd_cpu");
-  const at::Tensor g = grad_lse.to(z.scalar_type()).contiguous();
-  const at::Tensor lse = lse_in.to(z.scalar_type()).contiguous();
-  const int64_t n = z.size(0);
+  const at::Tensor x = fastssl::unit_rows(x_in, "ntxent_lse_bwd_cpu", "x");
+  const at::Tensor r = inverse_norms(r_in, x, "ntxent_lse_bwd_cpu");
+  const at::Tensor g = grad_lse.to(x.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(x.scalar_type()).contiguous();
+  const int64_t n = x.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
   // (b): P_ij = e_ij c_i with c_i = exp(m - lse_i) <= exp(2/tau), finite under the same bound.
   const at::Tensor u = fixed ? g * (inv_tau - lse).exp() : g;
-  const at::Tensor neg_shift = fixed ? at::full({n, 1}, -inv_tau, z.options()) : -lse.unsqueeze(1);
-  const fastssl::TileProducts products(z, z, true);
+  const at::Tensor neg_shift = fixed ? at::full({n, 1}, -inv_tau, x.options()) : -lse.unsqueeze(1);
+  const fastssl::TileProducts products(x, x, true);
   at::Tensor grad = products.cols_like(n);
   reduce_upper_tiles(
       n, grad, Combine::kSum, 0.0,
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
-        // A_ij = g_i P_ij + g_j P_ji, from (2)
-        at::Tensor a;
+        const at::Tensor r_i = r.slice(0, i0, i1), r_j = r.slice(0, j0, j1);
+        // B_ij = r_i r_j (g_i P_ij + g_j P_ji), from (2)
+        at::Tensor b;
         if (fixed) {  // P_ij = e_ij c_i, P_ji = e_ij c_j: A_ij = e_ij (u_i + u_j) in one pass
-          a = products.scores(i0, i1, j0, j1, 1.0);
-          fastssl::exp_weights(a, inv_tau, inv_tau, u.slice(0, i0, i1), u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll);
+          b = products.scores(i0, i1, j0, j1, 1.0);
+          fastssl::exp_weights(b, inv_tau, inv_tau, u.slice(0, i0, i1), u.slice(0, j0, j1),
+                               diagonal ? 0 : fastssl::kKeepAll, r_i, r_j);
         } else {  // P_ij = exp(s_ij - lse_i), P_ji = exp(s_ij - lse_j); s is s_ij - shift_i
-          at::Tensor s = tile_scores(products, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
+          at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
           at::Tensor p_ji = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
-          a = s.exp_().mul_(u.slice(0, i0, i1).unsqueeze(1)).add_(p_ji.mul_(u.slice(0, j0, j1).unsqueeze(0)));
-          if (diagonal) a.fill_diagonal_(0);
+          b = s.exp_().mul_(u.slice(0, i0, i1).unsqueeze(1)).add_(p_ji.mul_(u.slice(0, j0, j1).unsqueeze(0)));
+          b.mul_(r_i.unsqueeze(1)).mul_(r_j.unsqueeze(0));
+          if (diagonal) b.fill_diagonal_(0);
         }
-        auto parts = products.weighted(a, i0, i1, j0, j1, !diagonal);
+        auto parts = products.weighted(b, i0, i1, j0, j1, !diagonal);
         if (diagonal) return std::make_pair(parts.first, parts.first);
         return parts;
       });
-  return grad.mul_(inv_tau).to(z_in.scalar_type()).contiguous();
+  return grad.mul_(inv_tau).to(x_in.scalar_type()).contiguous();
 }

@@ -20,43 +20,51 @@ from torch import Tensor
 
 from fastssl import _checks, _ext, distributed
 from fastssl._reductions import check_reduction, reduce_rows
-from fastssl._rows import unit_rows
+from fastssl._rows import scaled_rows
 from fastssl.ops.info_nce import info_nce_lse
 from fastssl.reference import ntxent as reference
 
 
 @torch.library.custom_op("fastssl::ntxent_lse", mutates_args=())
-def ntxent_lse(z: Tensor, inv_tau: float, impl: str) -> Tensor:
-    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for unit rows z [N, D]; [N] in fp32 (fp64 for fp64 z)."""
-    return _ext.kernel(impl, z.device, cpp="ntxent_lse_fwd_cpu", triton="ntxent.ntxent_lse_fwd")(z, inv_tau)
+def ntxent_lse(x: Tensor, r: Tensor, inv_tau: float, impl: str) -> Tensor:
+    """lse_i = log Σ_{j≠i} exp(inv_tau·z_i·z_j) for the unit rows z_i = r_i·x_i given as rows x [N, D]
+    and their inverse norms r [N] (fastssl/_rows.py, scaled_rows): the kernels multiply x's own
+    numbers and scale the products by r_i·r_j. [N] in fp32 (fp64 for fp64 x)."""
+    return _ext.kernel(impl, x.device, cpp="ntxent_lse_fwd_cpu", triton="ntxent.ntxent_lse_fwd")(x, r, inv_tau)
 
 
 @ntxent_lse.register_fake
-def _(z, inv_tau, impl):
-    return z.new_empty(z.shape[0], dtype=_checks.accumulate_dtype(z.dtype))
+def _(x, r, inv_tau, impl):
+    return x.new_empty(x.shape[0], dtype=_checks.accumulate_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastssl::ntxent_lse_backward", mutates_args=())
-def ntxent_lse_backward(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_tau: float, impl: str) -> Tensor:
-    """dL/dz_i = inv_tau Σ_j (g_i P_ij + g_j P_ji) z_j with P_ij = exp(s_ij − lse_i); dtype of z."""
-    kernel = _ext.kernel(impl, z.device, cpp="ntxent_lse_bwd_cpu", triton="ntxent.ntxent_lse_bwd")
-    return kernel(grad_lse, z, lse, inv_tau)
+def ntxent_lse_backward(grad_lse: Tensor, x: Tensor, r: Tensor, lse: Tensor, inv_tau: float, impl: str) -> Tensor:
+    """dL/dx_i = inv_tau Σ_j r_i r_j (g_i P_ij + g_j P_ji) x_j with P_ij = exp(s_ij − lse_i): r_i times
+    dL/dz_i; dtype of x."""
+    kernel = _ext.kernel(impl, x.device, cpp="ntxent_lse_bwd_cpu", triton="ntxent.ntxent_lse_bwd")
+    return kernel(grad_lse, x, r, lse, inv_tau)
 
 
 @ntxent_lse_backward.register_fake
-def _(grad_lse, z, lse, inv_tau, impl):
-    return torch.empty_like(z)
+def _(grad_lse, x, r, lse, inv_tau, impl):
+    return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
-    z, inv_tau, impl = inputs
-    ctx.save_for_backward(z, output)
+    x, r, inv_tau, impl = inputs
+    ctx.save_for_backward(x, r, output)
     ctx.inv_tau, ctx.impl = inv_tau, impl
 
 
 def _backward(ctx, grad_lse):
-    z, lse = ctx.saved_tensors
-    return ntxent_lse_backward(grad_lse.contiguous(), z, lse, ctx.inv_tau, ctx.impl), None, None
+    x, r, lse = ctx.saved_tensors
+    grad_x = ntxent_lse_backward(grad_lse.contiguous(), x, r, lse, ctx.inv_tau, ctx.impl)
+    grad_r = None
+    if ctx.needs_input_grad[1]:
+        # dL/dr_i = dL/dz_i · x_i = (grad_x_i · x_i)/r_i (0 where r_i = 0: z_i = 0 does not move)
+        grad_r = torch.where(r != 0, (grad_x * x).sum(1) / r, 0.0).to(r.dtype)
+    return grad_x, grad_r, None, None
 
 
 ntxent_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -122,8 +130,11 @@ def nt_xent(
     else:
         # fp32 rows for every input dtype: the two terms of the gradient (softmax and positives)
         # nearly cancel, so they must meet in fp32 and be rounded to the input dtype once, after.
-        # (A bf16 tensor-core path for the Triton kernel would cast the tiles in registers.)
-        zn = unit_rows(z.to(_checks.accumulate_dtype(z.dtype)))
+        # The LSE kernels get the input's own numbers x̃ and r = 1/‖x̃‖ rather than the unit rows,
+        # which are no longer bf16 numbers: a bf16 input is multiplied on bf16 dot products exactly
+        # (docs/design.md, "bf16 dot products on the CPU").
+        x, r = scaled_rows(z, _checks.accumulate_dtype(z.dtype))
+        zn = x * r[:, None]
         zn_all = distributed.all_gather(zn, counts) if gather else zn
         if gather or isinstance(inv_tau, Tensor):
             # this rank's rows against all, leaving out each row's own copy at first + i; the
@@ -131,7 +142,7 @@ def nt_xent(
             # symmetric kernel's halved work is traded for that gradient)
             lse = info_nce_lse(zn, zn_all, inv_tau, False, first, impl)[0]
         else:
-            lse = ntxent_lse(zn, inv_tau, impl)
+            lse = ntxent_lse(x, r, inv_tau, impl)
         rows = lse - inv_tau * _positive_mean(zn, classes, n_pos, zn_all, classes_all)
     if labels is not None and z.device.type == "cpu" and not torch.compiler.is_compiling():
         # reading the counts waits for them: done on CPU tensors only (on CUDA, and under
