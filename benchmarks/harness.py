@@ -234,8 +234,13 @@ def _gpu_peak(device: str) -> tuple[dict, float] | None:
 
 
 def _bound_case(case: Case) -> Case | None:
-    """The measurement of the case's bound: one torch.mm of ``case.gemm``, or a copy of half of
-    ``case.bytes_moved`` (a copy reads and writes each byte once)."""
+    """The measurement of the case's bound: one torch.mm of ``case.gemm`` into a preallocated
+    output, or a copy of half of ``case.bytes_moved`` (a copy reads and writes each byte once).
+
+    The output is allocated once: on the CPU an output above glibc's mmap threshold (32 MB) is
+    mapped afresh on every call and its first write faults one page at a time, which is the
+    allocator's work, not the GEMM's (it made the bound of [256, 128] × [128, 65536] 1.5 × and of
+    [8192, 128] × [8192, 128]ᵀ in bf16 3.6 × slower; docs/design.md, "Bounds")."""
     if case.gemm and case.flops:
         m, k, n = case.gemm
 
@@ -243,7 +248,8 @@ def _bound_case(case: Case) -> Case | None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             a = torch.randn(m, k, dtype=case.dtype, device=device)
             b = torch.randn(k, n, dtype=case.dtype, device=device)
-            return lambda: torch.mm(a, b)
+            out = torch.empty(m, n, dtype=case.dtype, device=device)
+            return lambda: torch.mm(a, b, out=out)
 
         return Case("bound", "mm", case.dtype, {"m": m, "k": k, "n": n}, build_mm)
     if case.bytes_moved:

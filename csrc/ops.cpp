@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mochi_mix_fwd_cpu", &mochi_mix_fwd_cpu, nogil);
   m.def("mochi_mix_bwd_cpu", &mochi_mix_bwd_cpu, nogil);
   m.def("mochi_hard_set_cpu", &mochi_hard_set_cpu, nogil);
+  m.def("mochi_queue_rows_cpu", &mochi_queue_rows_cpu, nogil);
+  m.def("row_scales_cpu", &row_scales_cpu, nogil);
   m.def("info_nce_lse_fwd_cpu", &info_nce_lse_fwd_cpu, nogil);
   m.def("info_nce_lse_bwd_cpu", &info_nce_lse_bwd_cpu, nogil);
   m.def("dino_teacher_lse_cpu", &dino_teacher_lse_cpu, nogil);

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastssl import _ext
+
 # rows per chunk of `inverse_norms`' widened copy: about 4M elements (16 MB in fp32)
 _CHUNK = 1 << 22
 
@@ -44,6 +46,20 @@ def scaled_rows(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     apply r to the fp32 products (docs/design.md, "bf16 dot products on the CPU")."""
     scaled = x.to(dtype) * power_of_two_scales(x, dtype)[:, None]
     return scaled, 1.0 / torch.linalg.vector_norm(scaled, dim=1).clamp_min(1e-12)
+
+
+@torch.library.custom_op("fastssl::row_scales", mutates_args=())
+def row_scales(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(power_of_two_scales(x, acc), inverse_norms(x, acc)) for the rows of a CPU tensor x [N, D] in one
+    pass (csrc/rows.cpp), acc = fp32 (fp64 for fp64 x): MoCHi's queue, which the two would read three
+    times. Not differentiable."""
+    return _ext.kernel("cpp", x.device, cpp="row_scales_cpu")(x)
+
+
+@row_scales.register_fake
+def _(x):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
 def inverse_norms(x: Tensor, dtype: torch.dtype | None = None, scale: Tensor | None = None) -> Tensor:

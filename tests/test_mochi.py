@@ -18,7 +18,7 @@ from _assertions import assert_lowprec_close, assert_training_matches_reference,
 
 import fastssl
 from fastssl import _checks
-from fastssl._rows import power_of_two_scales
+from fastssl._rows import inverse_norms, power_of_two_scales, row_scales
 from fastssl.ops import mochi as ops
 
 
@@ -97,6 +97,15 @@ def test_cpp_against_reference(b, k, d, n_hard, n_mix, n_mix_query):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpp_low_precision(dtype):
     _check_against_reference("cpp", 13, 211, 48, 23, 40, 7, dtype=dtype, atol=2e-2)
+
+
+def test_cpp_fused_queue_rows():
+    """The C++ loss takes each row of the queue products through scale, hard set, exp and weights in
+    one pass (csrc/cpu/mochi.cpp, mochi_queue_rows_cpu): against the reference past the sampled
+    selection's size (K > 16384) and below τ = 0.025, where the fixed shift ‖q̂‖/τ would underflow
+    and the row's max is found first."""
+    _check_against_reference("cpp", 3, 20000, 8, 50, 20, 4)
+    _check_against_reference("cpp", 5, 300, 16, 20, 10, 3, temperature=0.01)
 
 
 def test_cpp_fp64_tight():
@@ -342,6 +351,27 @@ def test_opcheck(impl):
     torch.library.opcheck(
         ops.mochi_mix, (q.clone().requires_grad_(), q, queue, first, second, weight, power_of_two_scales(queue), impl)
     )
+
+
+def test_opcheck_cpp_queue_ops():
+    """The C++ queue passes as ops (torch.compile reaches them): registration, fake shapes, and the
+    values against the eager formulas they replace."""
+    g = torch.Generator().manual_seed(3)
+    queue = torch.randn(70, 9, generator=g) * torch.logspace(-20, 20, 70)[:, None]
+    queue[5] = 0
+    torch.library.opcheck(row_scales, (queue,))
+    scale, inverse = row_scales(queue)
+    torch.testing.assert_close(scale, power_of_two_scales(queue), rtol=0, atol=0)
+    torch.testing.assert_close(inverse, inverse_norms(queue), rtol=1e-6, atol=0)
+    qs = F.normalize(torch.randn(4, 9, generator=g), dim=1) * 5
+    s = qs @ queue.T
+    bound = qs.norm(dim=1)
+    torch.library.opcheck(ops.mochi_queue_rows, (s.clone(), bound, inverse, 6, "cpp"))
+    logits = s * inverse
+    lse, hard = ops.mochi_queue_rows(s, bound, inverse, 6, "cpp")
+    torch.testing.assert_close(lse, logits.logsumexp(1))
+    torch.testing.assert_close(s, logits.softmax(1) * inverse)
+    assert torch.equal(hard.sort(1).values, logits.topk(6, dim=1).indices.sort(1).values)
 
 
 def test_no_double_backward():

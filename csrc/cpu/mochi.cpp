@@ -21,24 +21,39 @@
 //
 // The hard sets H(q), the n largest scores of each row, come from mochi_hard_set_cpu, a
 // selection in O(K) per row that beats torch.topk (which builds and sorts (value, index) pairs):
-//  a. the value t of rank ~1.25 n + margin among a strided sample of the row (one entry in
-//     K / 4096) bounds the n-th largest from below with high probability;
+//  a. the value t of rank ~1.25 n + margin among a sample of the row (4096 entries, in 256 runs of
+//     16 adjacent ones spread evenly) bounds the n-th largest from below with high probability;
 //  b. one pass keeps the columns with s >= t (about 1.5 n of them); std::nth_element then picks
 //     the n largest among those. When fewer than n pass (ties, or an unlucky sample) the
 //     selection runs over the whole row instead, so the result is always exact.
 // NaN ranks above every number, as in torch.topk.
+//
+// The queue's log-sum-exp, lse_b = log sum_k exp(s_bk) over a chunk of its logits, the hard sets,
+// and the weights p_bk = exp(s_bk - lse_b) scale_k of the gradient direction sum_k p_bk n_k come
+// from mochi_queue_rows_cpu, which takes each row of the raw products q_b . n_k through all of it
+// (the column scale 1/|n_k|, the selection, exp and sum, the weights) while the row is in cache:
+// the chunk [rows, K] is larger than the caches, and the ATen passes it replaces (scale, top-n,
+// max, subtract, exp, sum, divide, scale) each streamed it from memory. s_bk = qs_b . n^_k <= |qs_b|,
+// so the fixed shift m_b = |qs_b| is an upper bound and exp(s_bk - m_b) >= exp(-2 m_b) is a normal
+// float while 2 m_b <= 80 (the tile kernels' fixed shift, csrc/tiles.h); beyond that the row's
+// max is found first.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>  // at::vec::convert
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -66,7 +81,7 @@ struct Dots {
 
 // The five dot products of q, x = a sa and y = n sn (the rows times their scales).
 template <typename acc_t>
-Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, const acc_t* n, acc_t sn, int64_t d) {
+FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, const acc_t* n, acc_t sn, int64_t d) {
   acc_t qa[kLanes] = {}, qn[kLanes] = {}, aa[kLanes] = {}, nn[kLanes] = {}, an[kLanes] = {};
   const auto add = [&](int64_t i, int64_t l) {
     const acc_t x = a[i] * sa, y = n[i] * sn;
@@ -90,7 +105,7 @@ Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, const acc_t* n, acc_t
 
 // out += x a + y n
 template <typename acc_t>
-void axpy2(acc_t* out, acc_t x, const acc_t* a, acc_t y, const acc_t* n, int64_t d) {
+FASTSSL_ROW_KERNEL void axpy2(acc_t* out, acc_t x, const acc_t* a, acc_t y, const acc_t* n, int64_t d) {
   for (int64_t i = 0; i < d; ++i) out[i] += x * a[i] + y * n[i];
 }
 
@@ -161,39 +176,136 @@ bool ranks_before(T x, T y) {
   return (std::isnan(x) && !std::isnan(y)) || x > y;
 }
 
+// (b) of the selection: writes the columns i with !(v[i] < t) (v[i] >= t, or NaN) to keep, returns
+// their count; keep has room for k + 16. Without a branch per column; for fp32 on CPUs with
+// AVX-512, 16 columns per comparison, the passing ones compressed in a register and stored whole
+// (a compressing store to memory is microcoded on some CPUs).
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f"))) int64_t keep_at_or_above_avx512(const float* v, int64_t k, float t, int64_t* keep) {
+  const __m512 threshold = _mm512_set1_ps(t);
+  __m512i lo = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm512_add_epi64(lo, _mm512_set1_epi64(8));
+  const __m512i step = _mm512_set1_epi64(16);
+  int64_t kept = 0, i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), threshold, _CMP_NLT_UQ);
+    _mm512_storeu_si512(keep + kept, _mm512_maskz_compress_epi64(__mmask8(m), lo));
+    kept += __builtin_popcount(m & 0xFF);
+    _mm512_storeu_si512(keep + kept, _mm512_maskz_compress_epi64(__mmask8(m >> 8), hi));
+    kept += __builtin_popcount(m >> 8);
+    lo = _mm512_add_epi64(lo, step), hi = _mm512_add_epi64(hi, step);
+  }
+  for (; i < k; ++i) {
+    keep[kept] = i;
+    kept += !(v[i] < t);
+  }
+  return kept;
+}
+#endif
+
+template <typename T>
+int64_t keep_at_or_above(const T* v, int64_t k, T t, int64_t* keep) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) return keep_at_or_above_avx512(v, k, t, keep);
+  }
+#endif
+  int64_t kept = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    keep[kept] = i;
+    kept += !(v[i] < t);
+  }
+  return kept;
+}
+
 // Writes the columns of the n largest entries of row v[0, k) to out[0, n), in no particular order.
 template <typename T>
 void select_largest(const T* v, int64_t k, int64_t n, int64_t* out, std::vector<T>& sample,
                     std::vector<int64_t>& keep) {
   const auto by_value = [v](int64_t i, int64_t j) { return ranks_before(v[i], v[j]); };
-  keep.resize(k);
+  keep.resize(k + 16);
   int64_t kept = 0;
   constexpr int64_t kSample = 4096;
   if (k > 4 * kSample && n * 8 < k) {
-    // (a) threshold from a strided sample: expected n * m / k of it lie above the n-th largest
-    const int64_t stride = k / kSample, m = k / stride;
+    // (a) threshold from a sample: expected n * m / k of it lie above the n-th largest. The sample
+    // is kSample / 16 runs of 16 adjacent columns spread evenly over the row (a MoCo queue is in
+    // order of age), so that it reads one cache line per run rather than one per entry
+    const int64_t runs = kSample / 16, stride = k / runs, m = runs * 16;
     sample.resize(m);
-    for (int64_t i = 0; i < m; ++i) sample[i] = v[i * stride];
+    for (int64_t r = 0; r < runs; ++r) std::copy(v + r * stride, v + r * stride + 16, sample.begin() + r * 16);
     const double expected = double(n) * m / k;
     const int64_t rank =
         std::min<int64_t>(m - 1, int64_t(1.25 * expected + 4 * std::sqrt(expected) + 8));
-    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), ranks_before<T>);
-    const T t = sample[rank];
-    // (b) the columns at or above t (all of them when t is NaN), without a branch per column
-    for (int64_t i = 0; i < k; ++i) {
-      keep[kept] = i;
-      kept += !(v[i] < t);
-    }
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(),
+                     [](T x, T y) { return ranks_before(x, y); });
+    // (b) the columns at or above t (all of them when t is NaN)
+    kept = keep_at_or_above(v, k, sample[rank], keep.data());
   }
   if (kept < n) {
-    std::iota(keep.begin(), keep.end(), int64_t(0));
+    std::iota(keep.begin(), keep.begin() + k, int64_t(0));
     kept = k;
   }
   std::nth_element(keep.begin(), keep.begin() + (n - 1), keep.begin() + kept, by_value);
   std::copy(keep.begin(), keep.begin() + n, out);
 }
 
+// s_j <- s_j scale_j: queue_scores' column scaling (the same products, so the same hard sets).
+template <typename T>
+FASTSSL_ROW_KERNEL void scale_columns(T* s, int64_t k, const T* scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) s[j] *= scale[j];
+}
+
+// For one row of logits p [k]: e = exp(p - m), p <- (e / sum e) scale, returns lse = m + log sum e;
+// m = bound when the fixed shift is exact, else the row's max (NaN propagates through the sum).
+template <typename T>
+FASTSSL_ROW_KERNEL T softmax_weights(T* p, int64_t k, T bound, const T* scale) {
+  T m = bound;
+  if (!(2 * m <= T(80))) {
+    m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < k; ++j) m = p[j] > m ? p[j] : m;
+    if (!std::isfinite(m)) m = 0;  // an all -inf row, or +inf: the sum then says so
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) p[j] = fastssl::exp_tile(p[j] - m);
+  const T total = fastssl::lane_sum(p, k);
+  const T inv_total = T(1) / total;
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) p[j] *= inv_total * scale[j];
+  return m + std::log(total);
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::Tensor& bound_in,
+                                                        const at::Tensor& scale_in, int64_t n) {
+  TORCH_CHECK(s.dim() == 2 && s.device().is_cpu() && s.is_contiguous() &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "mochi_queue_rows_cpu: s must be a contiguous 2-D fp32/fp64 CPU tensor, got ", s.sizes());
+  const int64_t r = s.size(0), k = s.size(1);
+  const at::Tensor bound = bound_in.to(s.scalar_type()).contiguous();
+  const at::Tensor scale = scale_in.to(s.scalar_type()).contiguous();
+  TORCH_CHECK(bound.numel() == r && scale.numel() == k, "mochi_queue_rows_cpu: bound must be [", r, "] and scale [", k,
+              "], got ", bound.sizes(), " and ", scale.sizes());
+  TORCH_CHECK(n >= 0 && n <= k, "mochi_queue_rows_cpu: n must be in [0, ", k, "], got ", n);
+  at::Tensor lse = at::empty({r}, s.options());
+  at::Tensor hard = at::empty({r, n}, s.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mochi_queue_rows_cpu", [&] {
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sample;
+      std::vector<int64_t> keep;
+      for (int64_t row = begin; row < end; ++row) {  // the three steps while the row is in cache
+        scalar_t* p = sp + row * k;
+        scale_columns(p, k, sc);
+        if (n > 0) select_largest(p, k, n, hard.data_ptr<int64_t>() + row * n, sample, keep);
+        lse.data_ptr<scalar_t>()[row] = softmax_weights(p, k, bound.data_ptr<scalar_t>()[row], sc);
+      }
+    });
+  });
+  return {lse, hard};
+}
 
 at::Tensor mochi_hard_set_cpu(const at::Tensor& scores_in, int64_t n) {
   TORCH_CHECK(scores_in.dim() == 2 && scores_in.device().is_cpu(),

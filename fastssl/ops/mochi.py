@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fastssl import _checks, _ext
 from fastssl._reductions import check_reduction, reduce_rows
-from fastssl._rows import inverse_norms, power_of_two_scales, unit_rows
+from fastssl._rows import inverse_norms, power_of_two_scales, row_scales, unit_rows
 from fastssl.reference import mochi as reference
 
 # draw(hard [B, n_hard]) -> (first, second, weight), each [B, S]; see draw_negatives
@@ -98,12 +98,13 @@ def _backward(ctx, grad_logits, grad_coef):
 mochi_mix.register_autograd(_backward, setup_context=_setup_context)
 
 
-def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
     """s_bk = qs_b·n_k·scale_k in scale's dtype: the queue logits of (1) for qs = q̂/τ, scale = 1/‖n‖.
 
     The product runs in the queue's dtype (qs rounded to it) with the matmul's fp32 accumulation.
 
-    Into `out` when given (no autograd there), else a new tensor (autograd-friendly); same values.
+    Into `out` when given (no autograd there; scale None leaves the products unscaled), else a new
+    tensor (autograd-friendly); same values.
     """
     qs = qs.to(queue.dtype)
     if out is None:
@@ -112,7 +113,7 @@ def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor, out: Tensor | None = 
         torch.mm(qs, queue.T, out=out)
     else:
         out.copy_(torch.mm(qs, queue.T))
-    return out.mul_(scale)
+    return out if scale is None else out.mul_(scale)
 
 
 @torch.library.custom_op("fastssl::mochi_hard_set", mutates_args=())
@@ -124,6 +125,20 @@ def mochi_hard_set(scores: Tensor, n_hard: int, impl: str) -> Tensor:
 @mochi_hard_set.register_fake
 def _(scores, n_hard, impl):
     return scores.new_empty((scores.shape[0], n_hard), dtype=torch.long)
+
+
+@torch.library.custom_op("fastssl::mochi_queue_rows", mutates_args=("s",))
+def mochi_queue_rows(s: Tensor, bound: Tensor, scale: Tensor, n_hard: int, impl: str) -> tuple[Tensor, Tensor]:
+    """For the raw queue products s [R, K] = qs·queueᵀ (C++ only): the logits l = s·scale, their lse [R]
+    and n_hard largest columns [R, n_hard] (as mochi_hard_set), and s ← softmax(l)·scale in place,
+    each row taken through all of it while it is in cache; bound_r ≥ max_k l_rk (‖qs_r‖) is the
+    exponentials' shift where it is exact (csrc/cpu/mochi.cpp)."""
+    return _ext.kernel(impl, s.device, cpp="mochi_queue_rows_cpu")(s, bound, scale, n_hard)
+
+
+@mochi_queue_rows.register_fake
+def _(s, bound, scale, n_hard, impl):
+    return s.new_empty(s.shape[0]), s.new_empty((s.shape[0], n_hard), dtype=torch.long)
 
 
 def hard_negatives(scores: Tensor, n_hard: int, impl: str) -> Tensor:
@@ -165,14 +180,22 @@ class _QueueLogSumExp(torch.autograd.Function):
         buf = scale.new_empty((min(step, b), k))
         for r0 in range(0, b, step):
             r1 = min(b, r0 + step)
-            s = queue_scores(qs[r0:r1], queue, scale, out=buf[: r1 - r0])
-            hard[r0:r1] = hard_negatives(s, n_hard, impl)
-            # lse = m + log Σ exp(s − m), m the row max; s becomes exp(s − m) in place
-            m = s.amax(1, keepdim=True)
-            total = s.sub_(m).exp_().sum(1, keepdim=True)
-            lse[r0:r1] = (total.log() + m).squeeze(1)
-            if grad_dir is not None:
+            if impl == "cpp":
+                # the raw products, then each row through scale, hard set, exp and weights while it is
+                # in cache, ‖qs_b‖ its shift (csrc/cpu/mochi.cpp); the same logits as queue_scores
+                s = queue_scores(qs[r0:r1], queue, None, out=buf[: r1 - r0])
+                bound = torch.linalg.vector_norm(qs[r0:r1], dim=1)
+                lse[r0:r1], hard[r0:r1] = mochi_queue_rows(s, bound, scale, n_hard, impl)
+                p = s  # softmax·scale
+            else:
+                s = queue_scores(qs[r0:r1], queue, scale, out=buf[: r1 - r0])
+                hard[r0:r1] = hard_negatives(s, n_hard, impl)
+                # lse = m + log Σ exp(s − m), m the row max; s becomes exp(s − m) in place
+                m = s.amax(1, keepdim=True)
+                total = s.sub_(m).exp_().sum(1, keepdim=True)
+                lse[r0:r1] = (total.log() + m).squeeze(1)
                 p = s.div_(total).mul_(scale)  # softmax·scale
+            if grad_dir is not None:
                 torch.mm(p.to(queue.dtype), queue, out=grad_dir[r0:r1])
         if grad_dir is not None:
             ctx.save_for_backward(grad_dir)
@@ -305,7 +328,7 @@ def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, im
     return q, k, queue, n_hard, draw, inv_tau, impl
 
 
-def _normalised(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _normalised(q: Tensor, k: Tensor, queue: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q̂, k̂, 1/‖n_k‖ [K] and the queue rows' power-of-two scales [K], in fp32 (fp64 for fp64),
     scale-safe (fastssl/_rows.py; the scales are found once, one pass over the queue).
 
@@ -314,6 +337,9 @@ def _normalised(q: Tensor, k: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Te
     """
     acc = _checks.accumulate_dtype(q.dtype)
     qn, kn = (unit_rows(x.to(acc)) for x in (q, k))
+    if impl == "cpp":  # both in one pass over the queue (in acc, as the queue has q's dtype)
+        row_scale, inverse = row_scales(queue)
+        return qn, kn, inverse, row_scale
     row_scale = power_of_two_scales(queue, acc)
     return qn, kn, inverse_norms(queue, acc, row_scale), row_scale
 
@@ -332,7 +358,7 @@ def _logits(q: Tensor, k: Tensor, queue: Tensor, n_hard: int, draw: Draw, inv_ta
     queue = queue.detach()
     if impl == "reference":
         return reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
-    qn, kn, scale, row_scale = _normalised(q, k, queue)
+    qn, kn, scale, row_scale = _normalised(q, k, queue, impl)
     # q̂·n̂/τ [B, K], by the same chunks as _QueueLogSumExp (so the same hard sets as mochi_loss);
     # the queue is never normalised in memory
     step = _chunk_rows(queue.shape[0])
@@ -350,7 +376,7 @@ def _loss_rows(
     if impl == "reference":
         logits = reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
         return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
-    qn, kn, scale, row_scale = _normalised(q, k, queue)
+    qn, kn, scale, row_scale = _normalised(q, k, queue, impl)
     lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
     pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
     return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos
