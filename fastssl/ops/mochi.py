@@ -20,7 +20,9 @@ five dot products of the rows involved, O(D) per synthetic negative. h is detach
 ∂(q̂·h)/∂q̂ = h = (c_a a + c_n n)/‖v‖, formed again in backward from a and n. The custom op
 `fastssl::mochi_mix` (csrc/cpu/mochi.cpp, kernels/mochi.py) computes (4) and that backward. The
 top-n selection is `fastssl::mochi_hard_set` on CPU (an O(K) selection in C++) and torch.topk on
-GPU. The positive, the queue logits (one matmul, the queue's 1/‖n‖ applied to its columns) and
+GPU; in the C++ loss, `fastssl::mochi_queue_rows` takes each row of a chunk of queue products through
+the scale, the selection and the queue's softmax at once (docs/design.md, "MoCHi": the C++ queue
+pass). The positive, the queue logits (one matmul, the queue's 1/‖n‖ applied to its columns) and
 the loss are plain PyTorch here. The loss is LSE(row) − logit₀ per query, with the
 queue's LSE and its gradient computed by chunks of rows (_QueueLogSumExp), so that beyond the
 [B, K] queue logits no [B, K] buffer is held: the [B, 1 + K + S] logits exist only in mochi_logits.
