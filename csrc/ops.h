@@ -51,6 +51,14 @@ std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::
 // inverse norm, 0 for a zero or NaN row, as fastssl/_rows.py's power_of_two_scales and inverse_norms,
 // in one pass (csrc/rows.cpp).
 std::tuple<at::Tensor, at::Tensor> row_scales_cpu(const at::Tensor& x);
+// mochi: for the loss, lse_b = log sum_s exp(inv_tau logit_bs) over mochi_mix_fwd_cpu's logits, with the
+// direction sum_s softmax_bs h_bs [B, D] (dlse_b/dq_b = inv_tau direction_b) and mean_b =
+// sum_s softmax_bs logit_bs (dlse_b/dinv_tau) in one pass over the rows; inv_tau a one-element tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mochi_mix_lse_cpu(const at::Tensor& q, const at::Tensor& q_bar,
+                                                                 const at::Tensor& queue, const at::Tensor& first,
+                                                                 const at::Tensor& second, const at::Tensor& weight,
+                                                                 const at::Tensor& row_scale,
+                                                                 const at::Tensor& inv_tau);
 // mochi: the columns of the n largest scores of every row of scores [B, K], [B, n] int64, unordered.
 at::Tensor mochi_hard_set_cpu(const at::Tensor& scores, int64_t n);
 // info_nce: row_i = log sum_j exp(inv_tau * q_i . k_j) and, with with_cols, col_j = log sum_i exp(...)

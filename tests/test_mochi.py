@@ -372,6 +372,21 @@ def test_opcheck_cpp_queue_ops():
     torch.testing.assert_close(lse, logits.logsumexp(1))
     torch.testing.assert_close(s, logits.softmax(1) * inverse)
     assert torch.equal(hard.sort(1).values, logits.topk(6, dim=1).indices.sort(1).values)
+    # the mix's LSE with its gradient factors, against mochi_mix's logits through autograd
+    q, queue, first, second, weight = _mix_args(dtype=torch.float64)
+    inv_tau = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    scales = power_of_two_scales(queue)
+    torch.library.opcheck(ops.mochi_mix_lse, (q, q, queue, first, second, weight, scales, inv_tau.detach(), "cpp"))
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    lse = ops.mochi_mix_lse(q1, q.detach(), queue, first, second, weight, scales, inv_tau, "cpp")[0]
+    mixed = ops.mochi_mix(q2, q.detach(), queue, first, second, weight, scales, "cpp")[0]
+    expected = (mixed * inv_tau).logsumexp(1)
+    torch.testing.assert_close(lse, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(lse.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(lse, (q1, inv_tau), upstream)
+    want = torch.autograd.grad(expected, (q2, inv_tau), upstream)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_no_double_backward():

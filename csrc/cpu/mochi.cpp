@@ -275,6 +275,38 @@ FASTSSL_ROW_KERNEL T softmax_weights(T* p, int64_t k, T bound, const T* scale) {
   return m + std::log(total);
 }
 
+// Query `row`'s S negatives: logits out[s] = q.h_s by (4) and the coefficients out_coef[2s, 2s + 1]
+// of h_s relative to the rows as stored. qr: the query, widened; w, out, out_coef: the row's slices;
+// buf: 2 d scratch.
+template <typename scalar_t, typename acc_t>
+void mix_logits_row(const Mix& mix, int64_t row, const acc_t* qr, const acc_t* w, const acc_t* scale, acc_t* out,
+                    acc_t* out_coef, acc_t* buf) {
+  const int64_t d = mix.d;
+  mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw, int64_t i, int64_t j) {
+    const acc_t sa = i < 0 ? acc_t(1) : scale[i], sn = scale[j];  // the query is a unit row
+    const acc_t* a = widen(a_raw, d, buf);
+    const Dots<acc_t> p = dots(qr, a, sa, widen(n_raw, d, buf + d), sn, d);
+    const acc_t c_a = w[col] * clamped_inverse_sqrt(p.aa);
+    const acc_t c_n = (1 - w[col]) * clamped_inverse_sqrt(p.nn);
+    const acc_t r = clamped_inverse_sqrt(c_a * c_a * p.aa + c_n * c_n * p.nn + 2 * c_a * c_n * p.an);
+    out[col] = (c_a * p.qa + c_n * p.qn) * r;
+    out_coef[2 * col] = c_a * r * sa;
+    out_coef[2 * col + 1] = c_n * r * sn;
+  });
+}
+
+// out[d] = sum_s g[s] h_s for query `row`, h_s = coef[2s] a + coef[2s + 1] n; g, coef: the row's slices.
+template <typename scalar_t, typename acc_t>
+void mix_grad_row(const Mix& mix, int64_t row, const acc_t* g, const acc_t* coef, acc_t* out, acc_t* buf) {
+  const int64_t d = mix.d;
+  std::fill(out, out + d, acc_t(0));
+  mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw, int64_t, int64_t) {
+    const acc_t c = g[col];
+    const acc_t* a = widen(a_raw, d, buf);
+    axpy2(out, c * coef[2 * col], a, c * coef[2 * col + 1], widen(n_raw, d, buf + d), d);
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::Tensor& bound_in,
@@ -329,91 +361,120 @@ at::Tensor mochi_hard_set_cpu(const at::Tensor& scores_in, int64_t n) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in,
-                                                     const at::Tensor& q_bar,
-                                                     const at::Tensor& queue,
-                                                     const at::Tensor& first,
-                                                     const at::Tensor& second,
-                                                     const at::Tensor& weight_in,
+namespace {
+
+// The checked weight and row scales of a forward, in the accumulation dtype of q.
+struct MixForward {
+  at::Tensor q, weight, row_scale;
+  at::ScalarType acc;
+
+  MixForward(const Mix& mix, const at::Tensor& q_in, const at::Tensor& weight_in, const at::Tensor& row_scale_in,
+             const char* fn)
+      : q(q_in.contiguous()), acc(q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) {
+    TORCH_CHECK(q_in.sizes() == mix.q_bar.sizes() && q_in.scalar_type() == mix.q_bar.scalar_type(), fn,
+                ": q and q_bar must match, got ", q_in.sizes(), " and ", mix.q_bar.sizes());
+    TORCH_CHECK(weight_in.sizes() == mix.first.sizes(), fn, ": weight must be [B, S] like first, got ",
+                weight_in.sizes());
+    TORCH_CHECK(row_scale_in.dim() == 1 && row_scale_in.size(0) == mix.k, fn, ": row_scale must be [K] with K = ",
+                mix.k, ", got ", row_scale_in.sizes());
+    weight = weight_in.to(acc).contiguous();
+    row_scale = row_scale_in.to(acc).contiguous();
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in, const at::Tensor& q_bar,
+                                                     const at::Tensor& queue, const at::Tensor& first,
+                                                     const at::Tensor& second, const at::Tensor& weight_in,
                                                      const at::Tensor& row_scale_in) {
   const Mix mix(q_bar, queue, first, second, "mochi_mix_fwd_cpu");
-  TORCH_CHECK(q_in.sizes() == mix.q_bar.sizes() && q_in.scalar_type() == mix.q_bar.scalar_type(),
-              "mochi_mix_fwd_cpu: q and q_bar must match, got ", q_in.sizes(), " and ",
-              mix.q_bar.sizes());
-  TORCH_CHECK(weight_in.sizes() == mix.first.sizes(),
-              "mochi_mix_fwd_cpu: weight must be [B, S] like first, got ", weight_in.sizes());
-  const at::Tensor q = q_in.contiguous();
-  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor weight = weight_in.to(acc_type).contiguous();
-  TORCH_CHECK(row_scale_in.dim() == 1 && row_scale_in.size(0) == mix.k,
-              "mochi_mix_fwd_cpu: row_scale must be [K] with K = ", mix.k, ", got ", row_scale_in.sizes());
-  const at::Tensor row_scale = row_scale_in.to(acc_type).contiguous();
-  at::Tensor logits = at::empty({mix.b, mix.s}, q.options().dtype(acc_type));
+  const MixForward in(mix, q_in, weight_in, row_scale_in, "mochi_mix_fwd_cpu");
+  at::Tensor logits = at::empty({mix.b, mix.s}, in.q.options().dtype(in.acc));
   at::Tensor coef = at::empty({mix.b, mix.s, 2}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mochi_mix_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.q.scalar_type(), "mochi_mix_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t d = mix.d, s = mix.s;
-    const acc_t* w = weight.data_ptr<acc_t>();
-    const acc_t* scale = row_scale.data_ptr<acc_t>();
-    const scalar_t* q_rows = q.data_ptr<scalar_t>();
-    acc_t* out = logits.data_ptr<acc_t>();
-    acc_t* out_coef = coef.data_ptr<acc_t>();
     at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(3 * d);
       for (int64_t row = begin; row < end; ++row) {
-        const acc_t* qr = widen(q_rows + row * d, d, buf.data());
-        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw,
-                                        int64_t i, int64_t j) {
-          const int64_t idx = row * s + col;
-          const acc_t sa = i < 0 ? acc_t(1) : scale[i], sn = scale[j];  // the query is a unit row
-          const acc_t* a = widen(a_raw, d, buf.data() + d);
-          const Dots<acc_t> p = dots(qr, a, sa, widen(n_raw, d, buf.data() + 2 * d), sn, d);
-          const acc_t c_a = w[idx] * clamped_inverse_sqrt(p.aa);
-          const acc_t c_n = (1 - w[idx]) * clamped_inverse_sqrt(p.nn);
-          const acc_t r =
-              clamped_inverse_sqrt(c_a * c_a * p.aa + c_n * c_n * p.nn + 2 * c_a * c_n * p.an);
-          out[idx] = (c_a * p.qa + c_n * p.qn) * r;
-          out_coef[2 * idx] = c_a * r * sa;
-          out_coef[2 * idx + 1] = c_n * r * sn;
-        });
+        const acc_t* qr = widen(in.q.data_ptr<scalar_t>() + row * d, d, buf.data());
+        mix_logits_row<scalar_t>(mix, row, qr, in.weight.data_ptr<acc_t>() + row * s, in.row_scale.data_ptr<acc_t>(),
+                                 logits.data_ptr<acc_t>() + row * s, coef.data_ptr<acc_t>() + 2 * row * s,
+                                 buf.data() + d);
       }
     });
   });
   return {logits, coef};
 }
 
-at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar,
-                             const at::Tensor& queue, const at::Tensor& first,
-                             const at::Tensor& second, const at::Tensor& coef_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mochi_mix_lse_cpu(const at::Tensor& q_in, const at::Tensor& q_bar,
+                                                                 const at::Tensor& queue, const at::Tensor& first,
+                                                                 const at::Tensor& second, const at::Tensor& weight_in,
+                                                                 const at::Tensor& row_scale_in,
+                                                                 const at::Tensor& inv_tau_in) {
+  const Mix mix(q_bar, queue, first, second, "mochi_mix_lse_cpu");
+  const MixForward in(mix, q_in, weight_in, row_scale_in, "mochi_mix_lse_cpu");
+  TORCH_CHECK(inv_tau_in.numel() == 1, "mochi_mix_lse_cpu: inv_tau must have one element, got ", inv_tau_in.sizes());
+  const double inv_tau = inv_tau_in.item<double>();
+  at::Tensor lse = at::empty({mix.b}, in.q.options().dtype(in.acc));
+  at::Tensor direction = at::empty({mix.b, mix.d}, lse.options());
+  at::Tensor mean = at::empty({mix.b}, lse.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.q.scalar_type(), "mochi_mix_lse", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t d = mix.d, s = mix.s;
+    const acc_t k = static_cast<acc_t>(inv_tau);
+    at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(3 * d), logits(s), coef(2 * s), p(s);
+      for (int64_t row = begin; row < end; ++row) {
+        acc_t* dir = direction.data_ptr<acc_t>() + row * d;
+        if (s == 0) {  // no synthetic negative: an empty sum
+          lse.data_ptr<acc_t>()[row] = -std::numeric_limits<acc_t>::infinity();
+          mean.data_ptr<acc_t>()[row] = 0;
+          std::fill(dir, dir + d, acc_t(0));
+          continue;
+        }
+        const acc_t* qr = widen(in.q.data_ptr<scalar_t>() + row * d, d, buf.data());
+        mix_logits_row<scalar_t>(mix, row, qr, in.weight.data_ptr<acc_t>() + row * s, in.row_scale.data_ptr<acc_t>(),
+                                 logits.data(), coef.data(), buf.data() + d);
+        // p = softmax(k m), lse = log sum exp(k m), mean = sum p m: the row's rows are still in cache
+        acc_t top = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t c = 0; c < s; ++c) top = std::max(top, k * logits[c]);
+        acc_t total = 0, first_moment = 0;
+        for (int64_t c = 0; c < s; ++c) {
+          p[c] = std::exp(k * logits[c] - top);
+          total += p[c];
+          first_moment += p[c] * logits[c];
+        }
+        for (int64_t c = 0; c < s; ++c) p[c] /= total;
+        lse.data_ptr<acc_t>()[row] = top + std::log(total);
+        mean.data_ptr<acc_t>()[row] = first_moment / total;
+        mix_grad_row<scalar_t>(mix, row, p.data(), coef.data(), dir, buf.data() + d);
+      }
+    });
+  });
+  return {lse, direction, mean};
+}
+
+at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar, const at::Tensor& queue,
+                             const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef_in) {
   const Mix mix(q_bar, queue, first, second, "mochi_mix_bwd_cpu");
   const auto acc_type = mix.q_bar.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor grad = grad_in.to(acc_type).contiguous();
   const at::Tensor coef = coef_in.to(acc_type).contiguous();
-  TORCH_CHECK(grad.sizes() == mix.first.sizes(),
-              "mochi_mix_bwd_cpu: grad must be [B, S] like first, got ", grad.sizes());
-  TORCH_CHECK(
-      coef.dim() == 3 && coef.size(0) == mix.b && coef.size(1) == mix.s && coef.size(2) == 2,
-      "mochi_mix_bwd_cpu: coef must be [B, S, 2], got ", coef.sizes());
+  TORCH_CHECK(grad.sizes() == mix.first.sizes(), "mochi_mix_bwd_cpu: grad must be [B, S] like first, got ",
+              grad.sizes());
+  TORCH_CHECK(coef.dim() == 3 && coef.size(0) == mix.b && coef.size(1) == mix.s && coef.size(2) == 2,
+              "mochi_mix_bwd_cpu: coef must be [B, S, 2], got ", coef.sizes());
   at::Tensor grad_q = at::empty({mix.b, mix.d}, mix.q_bar.options().dtype(acc_type));
-  const auto dtype = mix.q_bar.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mochi_mix_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mix.q_bar.scalar_type(), "mochi_mix_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t d = mix.d, s = mix.s;
-    const acc_t* g = grad.data_ptr<acc_t>();
-    const acc_t* k = coef.data_ptr<acc_t>();
-    acc_t* out_rows = grad_q.data_ptr<acc_t>();
     at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(2 * d);
       for (int64_t row = begin; row < end; ++row) {
-        acc_t* out = out_rows + row * d;
-        std::fill(out, out + d, acc_t(0));
-        mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw,
-                                        int64_t, int64_t) {
-          const int64_t idx = row * s + col;
-          const acc_t c = g[idx];
-          const acc_t* a = widen(a_raw, d, buf.data());
-          axpy2(out, c * k[2 * idx], a, c * k[2 * idx + 1], widen(n_raw, d, buf.data() + d), d);
-        });
+        mix_grad_row<scalar_t>(mix, row, grad.data_ptr<acc_t>() + row * s, coef.data_ptr<acc_t>() + 2 * row * s,
+                               grad_q.data_ptr<acc_t>() + row * d, buf.data());
       }
     });
   });

@@ -100,6 +100,53 @@ def _backward(ctx, grad_logits, grad_coef):
 mochi_mix.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastssl::mochi_mix_lse", mutates_args=())
+def mochi_mix_lse(
+    q: Tensor,
+    q_bar: Tensor,
+    queue: Tensor,
+    first: Tensor,
+    second: Tensor,
+    weight: Tensor,
+    row_scale: Tensor,
+    inv_tau: Tensor,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """lse_b = log Σ_s exp(inv_tau·q_b·h_bs) over mochi_mix's synthetic negatives (C++ only: the loss's
+    path), with direction_b = Σ_s softmax_bs h_bs [B, D] and mean_b = Σ_s softmax_bs q_b·h_bs [B], the
+    gradient's factors (∂lse_b/∂q_b = inv_tau·direction_b, h detached; ∂lse_b/∂inv_tau = mean_b), from
+    one pass over the mixed rows while each query's are in cache: the backward reads no row again.
+    Arguments as mochi_mix; inv_tau a one-element tensor. In fp32 (fp64 for fp64 q); −inf for S = 0."""
+    kernel = _ext.kernel(impl, q.device, cpp="mochi_mix_lse_cpu")
+    return kernel(q, q_bar, queue, first, second, weight, row_scale, inv_tau)
+
+
+@mochi_mix_lse.register_fake
+def _(q, q_bar, queue, first, second, weight, row_scale, inv_tau, impl):
+    acc = _checks.accumulate_dtype(q.dtype)
+    b, d = q.shape
+    return q.new_empty(b, dtype=acc), q.new_empty((b, d), dtype=acc), q.new_empty(b, dtype=acc)
+
+
+def _setup_mix_lse(ctx, inputs, output):
+    q, queue, inv_tau = inputs[0], inputs[2], inputs[7]
+    # the queue is saved though the backward does not read it, so that enqueueing before backward
+    # raises as on every other path (fastssl.MemoryQueue's contract)
+    ctx.save_for_backward(output[1], output[2], inv_tau, queue)
+    ctx.q_dtype = q.dtype
+
+
+def _mix_lse_backward(ctx, grad_lse, _grad_direction, _grad_mean):
+    direction, mean, inv_tau, _queue = ctx.saved_tensors
+    g = grad_lse.to(direction.dtype)
+    grad_q = (g[:, None] * (inv_tau.to(direction.dtype).reshape(()) * direction)).to(ctx.q_dtype)
+    grad_tau = (g * mean).sum().to(inv_tau.dtype).reshape(inv_tau.shape) if ctx.needs_input_grad[7] else None
+    return grad_q, None, None, None, None, None, None, grad_tau, None
+
+
+mochi_mix_lse.register_autograd(_mix_lse_backward, setup_context=_setup_mix_lse)
+
+
 def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
     """s_bk = qs_b·n_k·scale_k in scale's dtype: the queue logits of (1) for qs = q̂/τ, scale = 1/‖n‖.
 
@@ -380,5 +427,13 @@ def _loss_rows(
         return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
     qn, kn, scale, row_scale = _normalised(q, k, queue, impl)
     lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
-    pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
-    return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos
+    if impl == "cpp":  # the mix's LSE and its gradient direction in one pass over the rows
+        first, second, weight = draw(hard)
+        q_rows = qn.to(queue.dtype)
+        tau_t = inv_tau if isinstance(inv_tau, Tensor) else torch.tensor(inv_tau, dtype=qn.dtype)
+        lse_mix = mochi_mix_lse(q_rows, q_rows.detach(), queue, first, second, weight, row_scale, tau_t, impl)[0]
+        pos = (qn * kn).sum(1) * inv_tau
+    else:
+        pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
+        lse_mix = mixed.logsumexp(1)
+    return torch.stack([pos, lse_neg, lse_mix]).logsumexp(0) - pos
