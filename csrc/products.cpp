@@ -119,15 +119,15 @@ TileProducts::Packed pack_rows(const at::Tensor& x, bool left, bool right, bool 
   return out;
 }
 
-// c [m, D'] (ld D') = a [m, kTile] (bf16 hi and lo parts) . the packed block of sums
-void weighted_block(int64_t m, const uint16_t* hi, const uint16_t* lo, const at::Tensor& sums, int64_t block,
-                    float* c) {
-  const int64_t panels = sums.size(1), ld_c = panels * kPanel;
-  for (int64_t panel = 0; panel < panels; ++panel) {
+// c [m, d] (ld ld_c) += a [m, kTile] (bf16 hi and lo parts) . the packed block of sums (d <= D')
+void weighted_block(int64_t m, int64_t d, const uint16_t* hi, const uint16_t* lo, const at::Tensor& sums,
+                    int64_t block, float* c, int64_t ld_c) {
+  const int64_t panels = sums.size(1);
+  for (int64_t panel = 0; panel * kPanel < d; ++panel) {
     const at::BFloat16* b = sums.data_ptr<at::BFloat16>() + (block * panels + panel) * kTile * kPanel;
     for (const uint16_t* part : {hi, lo}) {
-      cpublas::brgemm(m, kPanel, kTile, kTile, kPanel, ld_c, part == lo, reinterpret_cast<const at::BFloat16*>(part),
-                      b, c + panel * kPanel);
+      cpublas::brgemm(m, std::min(kPanel, d - panel * kPanel), kTile, kTile, kPanel, ld_c, true,
+                      reinterpret_cast<const at::BFloat16*>(part), b, c + panel * kPanel);
     }
   }
 }
@@ -173,14 +173,24 @@ at::Tensor TileProducts::scores(int64_t i0, int64_t i1, int64_t j0, int64_t j1, 
   return s;
 }
 
-std::pair<at::Tensor, at::Tensor> TileProducts::weighted(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0,
-                                                         int64_t j1, bool cols) const {
+// out.rows is [r, D] with unit column stride; out.cols, a row block of cols_like, is [c, D] with unit
+// row stride on the micro-kernels (X_I^T A lands there as it comes), any strides on mm.
+void TileProducts::weighted(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                            const TileOut& out) const {
+  const bool cols = out.cols.defined();
   if (!bf16_) {
-    return {gemm(a, y_.slice(0, j0, j1)), cols ? gemm(a.t(), x_.slice(0, i0, i1)) : at::Tensor()};
+    out.rows.addmm_(a, y_.slice(0, j0, j1));
+    if (cols) out.cols.addmm_(a.t(), x_.slice(0, i0, i1));
+    return;
   }
-  TORCH_INTERNAL_ASSERT(a.is_contiguous() && a.scalar_type() == at::kFloat && i0 % kTile == 0 && j0 % kTile == 0);
+  const int64_t r = i1 - i0, c = j1 - j0, d = x_.size(1);
+  TORCH_INTERNAL_ASSERT(a.is_contiguous() && a.scalar_type() == at::kFloat && out.rows.stride(1) == 1 &&
+                        (!cols || out.cols.stride(0) == 1) && i0 % kTile == 0 && j0 % kTile == 0);
+  float* rows = out.rows.data_ptr<float>();
+  float* cols_t = cols ? out.cols.data_ptr<float>() : nullptr;  // X_I^T A [D, c], ld out.cols.stride(1)
+  const int64_t ld_rows = out.rows.stride(0), ld_cols = cols ? out.cols.stride(1) : 0;
   const Packed& py = py_.sums.defined() ? py_ : px_;
-  const int64_t r = i1 - i0, c = j1 - j0, d = x_.size(1), d_pad = px_.rows.size(1);
+  const int64_t d_pad = px_.rows.size(1);
   // hi and lo row-major, then in VNNI panels, [kTile, kTile] each; zero beyond the tile (K is kTile)
   thread_local std::vector<uint16_t> buffer(4 * kTile * kTile);
   uint16_t *hi = buffer.data(), *lo = hi + kTile * kTile;
@@ -188,20 +198,18 @@ std::pair<at::Tensor, at::Tensor> TileProducts::weighted(const at::Tensor& a, in
   uint32_t* v_lo = v_hi + kTile * kTile / 2;
   if (r < kTile || c < kTile) std::memset(buffer.data(), 0, buffer.size() * sizeof(uint16_t));
   split_tile(a.data_ptr<float>(), r, c, hi, lo, cols ? v_hi : nullptr, cols ? v_lo : nullptr);
-  at::Tensor row = at::empty({r, d_pad}, x_.options());
-  weighted_block(r, hi, lo, py.sums, j0 / kTile, row.data_ptr<float>());
-  if (!cols) return {row.narrow(1, 0, d), at::Tensor()};
-  // A^T X_I = (X_I^T A)^T: X_I^T [D', kTile] is packed per block, A as B in its VNNI panels
-  at::Tensor col_t = at::empty({d_pad, kTile}, x_.options());
+  weighted_block(r, d, hi, lo, py.sums, j0 / kTile, rows, ld_rows);
+  if (!cols) return;
+  // A^T X_I = (X_I^T A)^T: X_I^T [D', kTile] is packed per block (its first D rows used), A as B in
+  // its VNNI panels
   const at::BFloat16* x_t = px_.rows_t.data_ptr<at::BFloat16>() + (i0 / kTile) * d_pad * kTile;
   for (int64_t panel = 0; panel * kPanel < c; ++panel) {
     for (const uint32_t* part : {v_hi, v_lo}) {
-      cpublas::brgemm(d_pad, kPanel, kTile, kTile, kPanel, kTile, part == v_lo, x_t,
+      cpublas::brgemm(d, std::min(kPanel, c - panel * kPanel), kTile, kTile, kPanel, ld_cols, true, x_t,
                       reinterpret_cast<const at::BFloat16*>(part + panel * kTile * kPanel / 2),
-                      col_t.data_ptr<float>() + panel * kPanel);
+                      cols_t + panel * kPanel);
     }
   }
-  return {row.narrow(1, 0, d), col_t.narrow(0, 0, d).narrow(1, 0, c).t()};
 }
 
 at::Tensor TileProducts::cols_like(int64_t n) const {

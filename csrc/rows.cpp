@@ -39,13 +39,15 @@ FASTSSL_ROW_KERNEL void row_scales(const scalar_t* x, int64_t n, int64_t d, acc_
     int e = 0;
     if (std::isfinite(top) && top > 0) std::frexp(top, &e);
     acc_t s = std::ldexp(acc_t(1), std::min(-e, largest));
-    acc_t part[fastssl::kLanes] = {};
+    fastssl::Lanes<acc_t> part = {};
     int64_t k = 0;
-    for (; k + fastssl::kLanes <= d; k += fastssl::kLanes)
-      for (int l = 0; l < fastssl::kLanes; ++l) part[l] += (row[k + l] * s) * (row[k + l] * s);
-    acc_t sq = 0;
-    for (; k < d; ++k) sq += (row[k] * s) * (row[k] * s);
-    for (int l = 0; l < fastssl::kLanes; ++l) sq += part[l];
+    for (; k + fastssl::kLanes <= d; k += fastssl::kLanes) {
+      const fastssl::Lanes<acc_t> v = fastssl::load_lanes(row + k) * s;
+      part += v * v;
+    }
+    acc_t tail[fastssl::kLanes];
+    for (int64_t j = k; j < d; ++j) tail[j - k] = (row[j] * s) * (row[j] * s);
+    const acc_t sq = fastssl::lanes_total(part, tail, d - k);
     if (sq != sq) s = 1;  // a NaN in the row: its scale is 1, as torch.frexp(NaN) gives
     const acc_t norm = std::sqrt(sq);
     scale[i] = s;

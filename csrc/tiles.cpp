@@ -14,26 +14,40 @@ namespace {
 bool left_out(int64_t i, int64_t drop, int64_t c) { return drop != kKeepAll && i + drop >= 0 && i + drop < c; }
 
 // The optional row and column scales w, wc (nullptr: 1) enter the exponent as scale w_i wc_j s_ij.
+// One pass per row, kLanes columns at a time: each e_ij goes into the row's partial sums (a register)
+// and the column sum, and is not stored (the sums are all the forward needs), so the tile is read once.
+// The sums are added to row and col.
 template <class T>
-FASTSSL_ROW_KERNEL void exp_sums_rows(T* e, int64_t r, int64_t c, T scale, T shift, int64_t drop, T* row, T* col,
-                                      const T* w, const T* wc) {
+FASTSSL_ROW_KERNEL void exp_sums_rows(const T* s, int64_t r, int64_t c, T scale, T shift, int64_t drop, T* row,
+                                      T* col, const T* w, const T* wc) {
   for (int64_t i = 0; i < r; ++i) {
-    T* p = e + i * c;
+    const T* p = s + i * c;
     const T si = w != nullptr ? scale * w[i] : scale;
-    if (wc != nullptr) {
+    // the left-out pair is zeroed before the sums: subtracting it after would cancel the row's small terms
+    const int64_t skip = left_out(i, drop, c) ? i + drop : -1;
+    T e[kLanes];  // one chunk of e_ij, for j0 <= j < j0 + n
+    const auto chunk = [&](int64_t j0, int64_t n) {
+      if (wc != nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * wc[j] * p[j] - shift);
-    } else {
+        for (int64_t l = 0; l < n; ++l) e[l] = exp_tile(si * wc[j0 + l] * p[j0 + l] - shift);
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) p[j] = exp_tile(si * p[j] - shift);
+        for (int64_t l = 0; l < n; ++l) e[l] = exp_tile(si * p[j0 + l] - shift);
+      }
+      if (j0 <= skip && skip < j0 + n) e[skip - j0] = 0;
+      if (col != nullptr) {
+#pragma omp simd
+        for (int64_t l = 0; l < n; ++l) col[j0 + l] += e[l];
+      }
+    };
+    Lanes<T> part = {};
+    int64_t k = 0;
+    for (; k + kLanes <= c; k += kLanes) {
+      chunk(k, kLanes);
+      part += load_lanes(e);
     }
-    // zeroed before the sums: subtracting it after would cancel the row's small terms
-    if (left_out(i, drop, c)) p[i + drop] = 0;
-    row[i] = lane_sum(p, c);
-    if (col != nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) col[j] += p[j];
-    }
+    chunk(k, c - k);
+    row[i] += lanes_total(part, e, c - k);
   }
 }
 
@@ -76,19 +90,20 @@ void check_tile(const at::Tensor& s) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols,
-                                           const at::Tensor& w, const at::Tensor& w_cols) {
+void exp_sums(const at::Tensor& s, double scale, double shift, int64_t drop, const TileOut& out, const at::Tensor& w,
+              const at::Tensor& w_cols) {
   check_tile(s);
   const int64_t r = s.size(0), c = s.size(1);
-  at::Tensor row = at::empty({r, 1}, s.options());
-  at::Tensor col = cols ? at::zeros({c, 1}, s.options()) : at::Tensor();
+  const bool cols = out.cols.defined();
+  TORCH_INTERNAL_ASSERT(out.op == Combine::kSum && out.rows.is_contiguous() && out.rows.numel() == r &&
+                        out.rows.scalar_type() == s.scalar_type() &&
+                        (!cols || (out.cols.is_contiguous() && out.cols.numel() == c)));
   at::Tensor hold_w, hold_wc;
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "exp_sums", [&] {
-    exp_sums_rows(s.data_ptr<scalar_t>(), r, c, static_cast<scalar_t>(scale), static_cast<scalar_t>(shift), drop,
-                  row.data_ptr<scalar_t>(), cols ? col.data_ptr<scalar_t>() : nullptr,
+    exp_sums_rows(s.const_data_ptr<scalar_t>(), r, c, static_cast<scalar_t>(scale), static_cast<scalar_t>(shift), drop,
+                  out.rows.data_ptr<scalar_t>(), cols ? out.cols.data_ptr<scalar_t>() : nullptr,
                   scales_ptr<scalar_t>(w, s, r, hold_w), scales_ptr<scalar_t>(w_cols, s, c, hold_wc));
   });
-  return {row, col};
 }
 
 void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop,

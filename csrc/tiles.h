@@ -28,6 +28,19 @@ inline void combine_into(at::Tensor dst, const at::Tensor& src, Combine op) {
   }
 }
 
+// Where one tile's parts go: rows i0..i1 of the calling thread's row partials and, when defined (not
+// on NT-Xent's diagonal tiles, nor without column results), rows j0..j1 of the column result, which
+// this thread alone writes. Tile functions accumulate into them in place (exp_sums, TileProducts::
+// weighted), or add a part they made with combine.
+struct TileOut {
+  at::Tensor rows, cols;
+  Combine op;
+  void combine(const at::Tensor& row_part, const at::Tensor& col_part) const {
+    combine_into(rows, row_part, op);
+    if (cols.defined()) combine_into(cols, col_part, op);
+  }
+};
+
 // out = beta * out + alpha * a . b: the tile GEMMs of the C++ kernels go through here (and gemm
 // below, and TileProducts' fallback), so that the products are one call whose backend Bf16Dots can
 // switch. out contiguous; a and b may be transposed views.
@@ -87,7 +100,8 @@ bool bf16_exact(const at::Tensor& x);
 
 // The products of the tile kernels over rows X [M, D] and Y [N, D] (contiguous fp32 or fp64):
 //   scores(I, J)       = alpha X_I Y_J^T                  [R, C]
-//   weighted(A, I, J)  = {A Y_J [R, D], A^T X_I [C, D]}    for a tile A [R, C] of fp32 weights.
+//   weighted(A, I, J)  adds A Y_J [R, D] to out.rows and, when out.cols is defined, A^T X_I [C, D]
+//                      to out.cols (rows of a cols_like tensor), for a tile A [R, C] of fp32 weights.
 // Where the CPU has oneDNN's bf16 micro-kernels (brgemm on AMX) and the rows are bf16 numbers
 // (bf16_exact: bf16 inputs, widened), they run there, with fp32 accumulation: S is then the fp32
 // product up to summation order, and A = A_hi + A_lo is split into two bf16 numbers (A_lo the
@@ -100,11 +114,10 @@ class TileProducts {
  public:
   TileProducts(const at::Tensor& x, const at::Tensor& y, bool weighted);
   at::Tensor scores(int64_t i0, int64_t i1, int64_t j0, int64_t j1, double alpha) const;
-  std::pair<at::Tensor, at::Tensor> weighted(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
-                                             bool cols) const;
+  void weighted(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const TileOut& out) const;
   bool bf16() const { return bf16_; }
   // Zeros [n, D] laid out as weighted's column parts come (transposed on the micro-kernels), so
-  // that adding those parts runs along contiguous memory.
+  // that adding those parts runs along contiguous memory; weighted's out.cols are rows of it.
   at::Tensor cols_like(int64_t n) const;
   // Whether this CPU has the bf16 micro-kernels (and FASTSSL_CPU_BF16_DOTS is not 0).
   static bool available();
@@ -129,13 +142,14 @@ void release_tile_products();
 // The pair (r, r + drop) of a tile is left out (set to 0); kKeepAll leaves none out.
 constexpr int64_t kKeepAll = std::numeric_limits<int64_t>::min();
 
-// e_rc = exp(scale w_r w'_c s_rc - shift) in place over a contiguous [R, C] fp32/fp64 tile, the
-// left-out pair set to 0 before the row sums and, when cols, the column sums: the fixed-shift forward
-// of the tile kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels").
-// w [R] and w' [C] are the rows' inverse norms where the tile holds products of rows that are not
-// unit (NT-Xent's bf16 numbers); undefined means 1. Returns {[R, 1], [C, 1] or undefined}.
-std::pair<at::Tensor, at::Tensor> exp_sums(at::Tensor& s, double scale, double shift, int64_t drop, bool cols,
-                                           const at::Tensor& w = {}, const at::Tensor& w_cols = {});
+// Adds the row sums of e_rc = exp(scale w_r w'_c s_rc - shift) over a contiguous [R, C] fp32/fp64
+// tile s (left as it is) to out.rows [R, 1] and, when out.cols is defined, the column sums to
+// out.cols [C, 1] (both contiguous), the left-out pair counted as 0: the fixed-shift forward of the
+// tile kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels"). w [R]
+// and w' [C] are the rows' inverse norms where the tile holds products of rows that are not unit
+// (NT-Xent's bf16 numbers); undefined means 1.
+void exp_sums(const at::Tensor& s, double scale, double shift, int64_t drop, const TileOut& out,
+              const at::Tensor& w = {}, const at::Tensor& w_cols = {});
 
 // a_rc = exp(scale w_r w'_c s_rc - shift) (u_r + v_c) w_r w'_c in place (u_r alone when v is undefined),
 // the left-out pair set to 0: the fixed-shift backward's weights A in one pass, times the inverse
@@ -148,9 +162,8 @@ constexpr int64_t kTile = 256;
 // Bound on the per-thread row partials of reduce_tiles.
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
 
-// Visits every tile (I, J) of the M x N matrix and accumulates
-// tile(i0, i1, j0, j1) -> {part for rows i0..i1, part for columns j0..j1} into rows (M x R) and,
-// when defined, cols (N x C).
+// Visits every tile (I, J) of the M x N matrix: tile(i0, i1, j0, j1, out) accumulates its parts into
+// out (TileOut), rows of rows (M x R) and, when defined, of cols (N x C).
 //
 // Threads take column tiles J from a shared counter (a thread that gets less CPU takes fewer) and
 // run each down all the rows of a row block: the columns of J are written by that thread alone,
@@ -176,9 +189,8 @@ void reduce_tiles(int64_t m, int64_t n, at::Tensor& rows, at::Tensor& cols, Comb
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
         for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
           const int64_t i1 = std::min(r1, i0 + kTile);
-          auto parts = tile(i0, i1, j0, j1);
-          combine_into(mine.narrow(0, i0 - r0, i1 - i0), parts.first, op);
-          if (cols.defined()) combine_into(cols.narrow(0, j0, j1 - j0), parts.second, op);
+          tile(i0, i1, j0, j1,
+               TileOut{mine.narrow(0, i0 - r0, i1 - i0), cols.defined() ? cols.narrow(0, j0, j1 - j0) : at::Tensor(), op});
         }
       }
       release_tile_products();

@@ -81,27 +81,32 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
     row_shift.fill_(lowest);
     if (with_cols) col_shift.fill_(lowest);
     reduce_tiles(m, n, row_shift, col_shift, Combine::kMax, lowest,
-                 [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+                 [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, const fastssl::TileOut& parts) {
                    at::Tensor s = products.scores(i0, i1, j0, j1, inv_tau);
                    drop_self(s, self_offset, i0, j0, lowest);
-                   return std::make_pair(std::get<0>(s.max(1, true)),
-                                         with_cols ? std::get<0>(s.max(0)).unsqueeze(1) : at::Tensor());
+                   parts.combine(std::get<0>(s.max(1, true)), with_cols ? std::get<0>(s.max(0)).unsqueeze(1) : at::Tensor());
                  });
   }
   at::Tensor row_sums = at::zeros({m, 1}, q.options());
   at::Tensor col_sums = with_cols ? at::zeros({n, 1}, q.options()) : at::Tensor();
-  reduce_tiles(m, n, row_sums, col_sums, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    // fixed shift: e_ij is the same number for row i and for column j, summed both ways in one pass
-    // (the scale 1/tau applied there)
-    at::Tensor s = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);
-    if (fixed) return fastssl::exp_sums(s, inv_tau, inv_tau, tile_drop(self_offset, i0, j0), with_cols);
-    at::Tensor e_row = at::exp(s - row_shift.slice(0, i0, i1));
-    drop_self(e_row, self_offset, i0, j0, 0.0);
-    if (!with_cols) return std::make_pair(e_row.sum(1, true), at::Tensor());
-    at::Tensor e_col = at::exp(s - col_shift.slice(0, j0, j1).t());
-    drop_self(e_col, self_offset, i0, j0, 0.0);
-    return std::make_pair(e_row.sum(1, true), e_col.sum(0).unsqueeze(1));
-  });
+  reduce_tiles(m, n, row_sums, col_sums, Combine::kSum, 0.0,
+               [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, const fastssl::TileOut& parts) {
+                 // fixed shift: e_ij is the same number for row i and for column j, summed both ways in
+                 // one pass (the scale 1/tau applied there)
+                 at::Tensor s = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);
+                 if (fixed) {
+                   fastssl::exp_sums(s, inv_tau, inv_tau, tile_drop(self_offset, i0, j0), parts);
+                   return;
+                 }
+                 at::Tensor e_row = at::exp(s - row_shift.slice(0, i0, i1));
+                 drop_self(e_row, self_offset, i0, j0, 0.0);
+                 at::Tensor e_col;
+                 if (with_cols) {
+                   e_col = at::exp(s - col_shift.slice(0, j0, j1).t());
+                   drop_self(e_col, self_offset, i0, j0, 0.0);
+                 }
+                 parts.combine(e_row.sum(1, true), with_cols ? e_col.sum(0).unsqueeze(1) : at::Tensor());
+               });
   at::Tensor row_lse = (row_shift + row_sums.log()).squeeze(1);
   at::Tensor col_lse = with_cols ? (col_shift + col_sums.log()).squeeze(1) : at::empty({0}, q.options());
   return {row_lse, col_lse};
@@ -129,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   const fastssl::TileProducts products(q, k, true);
   at::Tensor dq = at::zeros({m, q.size(1)}, q.options());
   at::Tensor dk = products.cols_like(n);
-  reduce_tiles(m, n, dq, dk, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  reduce_tiles(m, n, dq, dk, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                                                      const fastssl::TileOut& parts) {
     at::Tensor a = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);  // (s), then A of (2) in place
     if (fixed) {
       fastssl::exp_weights(a, inv_tau, inv_tau, u.slice(0, i0, i1), with_cols ? v.slice(0, j0, j1) : at::Tensor(),
@@ -140,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
       if (with_cols) a.add_(at::exp(s - row(col_lse, j0, j1)).mul_(row(h, j0, j1)));
       drop_self(a, self_offset, i0, j0, 0.0);
     }
-    return products.weighted(a, i0, i1, j0, j1, true);
+    products.weighted(a, i0, i1, j0, j1, parts);
   });
   at::Tensor grad_inv_tau = (q * dq).sum();  // (3)
   return {dq.mul_(inv_tau).to(q_in.scalar_type()), dk.mul_(inv_tau).to(k_in.scalar_type()).contiguous(), grad_inv_tau};

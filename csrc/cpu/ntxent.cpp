@@ -40,10 +40,10 @@ using fastssl::fixed_shift_is_exact;
 
 constexpr int64_t kTile = 256;
 
-// Visits every tile (I, J), J >= I, of the N x N matrix over rows of z and accumulates
-// tile(i0, i1, j0, j1, diagonal) -> {part for rows i0..i1, part for rows j0..j1} into out
-// (N x K). On a diagonal tile only the row part is used: it already covers both orders of
-// every pair in the tile.
+// Visits every tile (I, J), J >= I, of the N x N matrix over rows of z: tile(i0, i1, j0, j1,
+// diagonal, parts) accumulates into parts (fastssl::TileOut) its part for rows i0..i1 and, off the
+// diagonal, for rows j0..j1 of out (N x K). A diagonal tile has no column part (parts.cols
+// undefined): its row part already covers both orders of every pair in the tile.
 template <class TileFn>
 void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity, TileFn tile) {
   const int64_t num_tiles = (n + kTile - 1) / kTile;
@@ -57,9 +57,7 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
       at::Tensor mine = partial[at::get_thread_num()];
       for (int64_t J = begin; J < end; ++J) {
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
-        auto parts = tile(i0, i1, j0, j1, I == J);
-        combine_into(mine, parts.first, op);
-        if (I != J) combine_into(out.narrow(0, j0, j1 - j0), parts.second, op);
+        tile(i0, i1, j0, j1, I == J, fastssl::TileOut{mine, I == J ? at::Tensor() : out.narrow(0, j0, j1 - j0), op});
       }
       fastssl::release_tile_products();
     });
@@ -84,11 +82,10 @@ at::Tensor row_max(const fastssl::TileProducts& products, const at::Tensor& r, d
   at::Tensor out = at::full({n, 1}, lowest, r.options());
   const at::Tensor zero = at::zeros({1, 1}, r.options());
   reduce_upper_tiles(n, out, Combine::kMax, lowest,
-                     [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
+                     [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
                        at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, zero);
                        if (diagonal) s.fill_diagonal_(lowest);
-                       return std::make_pair(std::get<0>(s.max(1, true)),
-                                             std::get<0>(s.max(0)).unsqueeze(1));
+                       parts.combine(std::get<0>(s.max(1, true)), diagonal ? at::Tensor() : std::get<0>(s.max(0)).unsqueeze(1));
                      });
   return out.squeeze(1);
 }
@@ -112,23 +109,24 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& x_in, const at::Tensor& r_in, do
   const at::Tensor neg_shift = -shift.unsqueeze(1);
   at::Tensor sums = at::zeros({n, 1}, x.options());
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
-                     [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
+                     [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
                        if (fixed) {  // e_ij = exp(s_ij - m) serves row i and row j: one pass
-                         at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
-                         auto sums_ij = fastssl::exp_sums(e, inv_tau, inv_tau, diagonal ? 0 : fastssl::kKeepAll, !diagonal,
-                                                          r.slice(0, i0, i1), r.slice(0, j0, j1));
-                         if (diagonal) return std::make_pair(sums_ij.first, sums_ij.first);
-                         return sums_ij;
+                         const at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
+                         fastssl::exp_sums(e, inv_tau, inv_tau, diagonal ? 0 : fastssl::kKeepAll, parts,
+                                           r.slice(0, i0, i1), r.slice(0, j0, j1));
+                         return;
                        }
                        // s_ij - shift_i
                        at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
                        at::Tensor e_row = s.exp();
-                       if (diagonal) e_row.fill_diagonal_(0);
-                       at::Tensor row = e_row.sum(1, true);
-                       if (diagonal) return std::make_pair(row, row);
+                       if (diagonal) {
+                         e_row.fill_diagonal_(0);
+                         parts.combine(e_row.sum(1, true), at::Tensor());
+                         return;
+                       }
                        // s_ij - shift_j = (s_ij - shift_i) + shift_i - shift_j
                        at::Tensor e_col = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
-                       return std::make_pair(row, e_col.sum(0).unsqueeze(1));
+                       parts.combine(e_row.sum(1, true), e_col.sum(0).unsqueeze(1));
                      });
   return shift + sums.squeeze(1).log();
 }
@@ -149,7 +147,7 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x_in
   at::Tensor grad = products.cols_like(n);
   reduce_upper_tiles(
       n, grad, Combine::kSum, 0.0,
-      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal) {
+      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
         const at::Tensor r_i = r.slice(0, i0, i1), r_j = r.slice(0, j0, j1);
         // B_ij = r_i r_j (g_i P_ij + g_j P_ji), from (2)
         at::Tensor b;
@@ -164,9 +162,7 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x_in
           b.mul_(r_i.unsqueeze(1)).mul_(r_j.unsqueeze(0));
           if (diagonal) b.fill_diagonal_(0);
         }
-        auto parts = products.weighted(b, i0, i1, j0, j1, !diagonal);
-        if (diagonal) return std::make_pair(parts.first, parts.first);
-        return parts;
+        products.weighted(b, i0, i1, j0, j1, parts);
       });
   return grad.mul_(inv_tau).to(x_in.scalar_type()).contiguous();
 }

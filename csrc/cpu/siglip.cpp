@@ -135,7 +135,7 @@ at::Tensor siglip_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const 
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "siglip_fwd_cpu", [&] {
     using T = scalar_t;
     const T sc = T(in.scale), bi = T(in.bias);
-    reduce_tiles(m, n, rows, no_cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    reduce_tiles(m, n, rows, no_cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, const fastssl::TileOut& parts) {
       const at::Tensor s = scores(s_buf, in, i0, i1, j0, j1);
       const at::Tensor part = row_buf.view(i1 - i0, 1);
       const int64_t nc = j1 - j0;
@@ -148,7 +148,7 @@ at::Tensor siglip_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const 
         const auto positive = [&](int64_t j) { return softplus(-(sc * r[j] + bi)); };
         out[i] = around_positive<T>(nc, i0 + i + offset - j0, negatives, positive);
       }
-      return std::make_pair(part, at::Tensor());
+      parts.combine(part, at::Tensor());
     });
   });
   return rows.squeeze(1);
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_gr
     using T = scalar_t;
     const T sc = T(in.scale), bi = T(in.bias);
     const T* pg = fused ? nullptr : g.const_data_ptr<T>();
-    reduce_tiles(m, n, rows, cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    reduce_tiles(m, n, rows, cols, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, const fastssl::TileOut& parts) {
       const at::Tensor a = scores(a_buf, in, i0, i1, j0, j1);
       at::Tensor row_part = row_buf.view(i1 - i0, d + 2), col_part = col_buf.view(j1 - j0, d);
       const int64_t nc = j1 - j0;
@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_gr
       at::Tensor ay = row_part.narrow(1, 0, d);
       at::mm_out(ay, a, in.y.slice(0, j0, j1));
       at::mm_out(col_part, a.t(), in.x.slice(0, i0, i1));
-      return std::make_pair(row_part, col_part);
+      parts.combine(row_part, col_part);
     });
   });
   const at::Tensor ay = rows.narrow(1, 0, d);

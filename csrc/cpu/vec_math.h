@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 // FASTSSL_ROW_KERNEL functions are also compiled for AVX2+FMA and AVX-512 and picked at load time
 // (GCC's target_clones), so that an extension built for baseline x86-64 still runs its row loops 8
@@ -18,7 +19,7 @@
 
 namespace fastssl {
 
-constexpr int kLanes = 8;  // independent partial sums, which the compiler keeps in vector registers
+constexpr int kLanes = 16;  // independent partial sums: one AVX-512 register, two AVX2 ones
 
 // exp of fp32 tiles: Cephes' expf (x = n ln2 + r with ln2 in two parts, a degree-6 polynomial in r,
 // then 2^n through the exponent bits), within 2 ulp and branch-free, so that the row loops
@@ -56,17 +57,40 @@ inline float log1p_tile(float e) {
 }
 inline double log1p_tile(double e) { return std::log1p(e); }
 
-// Σ_k a_k over kLanes partial sums
+// kLanes values of T as one GCC vector: arithmetic on it is elementwise, and an accumulator of this
+// type stays in registers across a loop (one zmm for fp32 on AVX-512), where an array of kLanes
+// partial sums is loaded and stored back on every step.
+template <class T>
+struct LanesOf {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+template <class T>
+using Lanes = typename LanesOf<T>::type;
+
+template <class T>
+Lanes<T> load_lanes(const T* p) {
+  Lanes<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The kLanes partial sums, then the tail a[0..n) (n < kLanes), in a fixed order.
+template <class T>
+T lanes_total(const Lanes<T>& part, const T* tail, int64_t n) {
+  T s = 0;
+  for (int j = 0; j < kLanes; ++j) s += part[j];
+  for (int64_t k = 0; k < n; ++k) s += tail[k];
+  return s;
+}
+
+// Σ_k a_k over kLanes partial sums, lane l summing a_l, a_{l+kLanes}, ... in order: the same bits on
+// every ISA and clone.
 template <class T>
 T lane_sum(const T* a, int64_t n) {
-  T part[kLanes] = {};
+  Lanes<T> part = {};
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += a[k + j];
-  T s = 0;
-  for (; k < n; ++k) s += a[k];
-  for (int j = 0; j < kLanes; ++j) s += part[j];
-  return s;
+  for (; k + kLanes <= n; k += kLanes) part += load_lanes(a + k);
+  return lanes_total(part, a + k, n - k);
 }
 
 }  // namespace fastssl

@@ -143,7 +143,11 @@ def nt_xent(
             lse = info_nce_lse(zn, zn_all, inv_tau, False, first, impl)[0]
         else:
             lse = ntxent_lse(x, r, inv_tau, impl)
-        rows = lse - inv_tau * _positive_mean(zn, classes, n_pos, zn_all, classes_all)
+        if labels is None:  # SimCLR: each row's one positive is its other view, B rows away
+            pos = (zn * zn.roll(z1.shape[0], 0)).sum(1)
+        else:
+            pos = _positive_mean(zn, classes, n_pos, zn_all, classes_all)
+        rows = lse - inv_tau * pos
     if labels is not None and z.device.type == "cpu" and not torch.compiler.is_compiling():
         # reading the counts waits for them: done on CPU tensors only (on CUDA, and under
         # torch.compile, such a batch gives a NaN mean instead, 0/0)
@@ -184,4 +188,5 @@ def _positive_mean(zn: Tensor, classes: Tensor, n_pos: Tensor, zn_all: Tensor, c
     """(1/|P(i)|) Σ_{p∈P(i)} z_i·z_p by (2) for the rows zn, with the class sums taken over all rows
     zn_all (every rank's under gather); 0 where |P(i)| = 0."""
     class_sums = torch.zeros_like(zn_all).index_add_(0, classes_all, zn_all)
-    return (zn * (class_sums[classes] - zn)).sum(1) / n_pos.clamp(min=1)
+    # index_select, whose backward is an index_add (advanced indexing's is an accumulating index_put, 5 × slower)
+    return (zn * (class_sums.index_select(0, classes) - zn)).sum(1) / n_pos.clamp(min=1)
