@@ -59,9 +59,9 @@ namespace {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
-// Inner loops run over kLanes independent accumulators, which the compiler turns into SIMD
-// (a plain sum would need -ffast-math to be reordered); the lanes are added at the end.
-constexpr int64_t kLanes = 16;
+using fastssl::kLanes;
+using fastssl::Lanes;
+using fastssl::load_lanes;
 
 // A row of x in acc_t: the row itself when x already is acc_t, else widened into buf.
 template <typename scalar_t, typename acc_t>
@@ -79,23 +79,29 @@ struct Dots {
   acc_t qa, qn, aa, nn, an;
 };
 
-// The five dot products of q, x = a sa and y = n sn (the rows times their scales).
+// The five dot products of q, x = a sa and y = n sn (the rows times their scales), over kLanes
+// partial sums held in registers (GCC vectors), the tail zero-padded into one more step.
 template <typename acc_t>
 FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, const acc_t* n, acc_t sn, int64_t d) {
-  acc_t qa[kLanes] = {}, qn[kLanes] = {}, aa[kLanes] = {}, nn[kLanes] = {}, an[kLanes] = {};
-  const auto add = [&](int64_t i, int64_t l) {
-    const acc_t x = a[i] * sa, y = n[i] * sn;
-    qa[l] += q[i] * x;
-    qn[l] += q[i] * y;
-    aa[l] += x * x;
-    nn[l] += y * y;
-    an[l] += x * y;
+  using V = Lanes<acc_t>;
+  V qa = {}, qn = {}, aa = {}, nn = {}, an = {};
+  const auto add = [&](const V& qv, const V& av, const V& nv) {
+    const V x = av * sa, y = nv * sn;
+    qa += qv * x;
+    qn += qv * y;
+    aa += x * x;
+    nn += y * y;
+    an += x * y;
   };
   int64_t i0 = 0;
-  for (; i0 + kLanes <= d; i0 += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) add(i0 + l, l);
+  for (; i0 + kLanes <= d; i0 += kLanes) add(load_lanes(q + i0), load_lanes(a + i0), load_lanes(n + i0));
+  if (i0 < d) {
+    acc_t tail[3][kLanes] = {};
+    std::copy(q + i0, q + d, tail[0]);
+    std::copy(a + i0, a + d, tail[1]);
+    std::copy(n + i0, n + d, tail[2]);
+    add(load_lanes(tail[0]), load_lanes(tail[1]), load_lanes(tail[2]));
   }
-  for (int64_t l = 0; i0 + l < d; ++l) add(i0 + l, l);  // the tail, into the first lanes
   Dots<acc_t> r{0, 0, 0, 0, 0};
   for (int64_t l = 0; l < kLanes; ++l) {
     r.qa += qa[l], r.qn += qn[l], r.aa += aa[l], r.nn += nn[l], r.an += an[l];
