@@ -7,7 +7,10 @@ which knows how to build one iteration (forward, or forward+backward) for one pr
 * measures peak memory over the timed repetitions (after one warm-up call): on CUDA
   ``torch.cuda.max_memory_allocated``; on the CPU the growth of the peak resident set (VmHWM) of a
   process forked for that case alone from a parent that has run nothing, with glibc's mmap
-  threshold fixed (4 MiB) so that every large buffer the case allocates, N×N ones included, is counted,
+  threshold fixed (4 MiB) so that every large buffer the case allocates, N×N ones included, is counted;
+  on the CPU the time comes from a second child, under glibc's steady state instead (_malloc_steady):
+  the fixed threshold that makes the RSS honest also maps, faults and unmaps every buffer over 4 MiB
+  on every call, which a training loop under glibc's defaults does not do after its first steps,
 * records out-of-memory as ``OOM`` (CPU children run under an address-space limit of the physical memory, so a too-large
   case fails to allocate instead of being killed) and a case past its time limit as ``timeout``;
   once a provider fails at a size, its larger sizes are recorded as ``skipped``,
@@ -132,8 +135,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "can't allocate" in text
 
 
-def _measure(case: Case, device: str, budget_s: float) -> dict:
-    """Runs in the process that owns the case (a forked child on CPU)."""
+def _measure(case: Case, device: str, budget_s: float, memory: bool | None = None) -> dict:
+    """Runs in the process that owns the case (a forked child on CPU). memory: None measures time and
+    peak memory together (CUDA), True peak memory over min_reps calls, False time alone."""
     try:
         fn = case.build()
         if case.min_reps > 1:  # warm-up (compilation, autotuning), outside the memory window
@@ -146,7 +150,7 @@ def _measure(case: Case, device: str, budget_s: float) -> dict:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             base = _rss_kb("VmRSS") * 1024
-        times = _time(fn, device, budget_s, min_reps=case.min_reps, max_reps=50)
+        times = _time(fn, device, budget_s, min_reps=case.min_reps, max_reps=case.min_reps if memory else 50)
         peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else _rss_kb("VmHWM") * 1024 - base
         extra = getattr(fn, "note", "")  # what the timed function measured (e.g. an attack's accuracy)
         return {
@@ -171,22 +175,25 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _child(case: Case, budget_s: float, mem_limit: int, conn) -> None:
+def _child(case: Case, budget_s: float, mem_limit: int, conn, memory: bool) -> None:
+    """One measurement of a case in a forked child. The memory child gives every allocation over
+    4 MiB its own mapping, returned to the OS when freed: glibc otherwise raises its mmap threshold
+    (up to 32 MiB) after the first large free and keeps later buffers in its heap, so a warm-up's
+    buffers would be reused without showing in the RSS. Smaller buffers stay in the heap, trimmed
+    above 128 KiB of free space (tiled kernels allocate thousands of tile-sized temporaries; a
+    threshold below their size made each one an mmap, page faults and an munmap). The timing child
+    runs under _malloc_steady."""
     resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
-    conn.send(_measure(case, "cpu", budget_s))
+    if memory:
+        _malloc_thresholds(4 << 20, 128 << 10)
+    else:
+        _malloc_steady()
+    conn.send(_measure(case, "cpu", budget_s, memory=memory))
     conn.close()
 
 
-def _fixed_mmap_threshold() -> None:
-    """Every allocation over 4 MiB gets its own mapping, returned to the OS when freed.
-
-    glibc otherwise raises its mmap threshold (up to 32 MiB) after the first large free, and keeps
-    later buffers in its heap: a warm-up's buffers would then be reused without showing in the RSS.
-    Smaller buffers stay in the heap, which is trimmed above 128 KiB of free space: tiled kernels
-    allocate thousands of tile-sized temporaries, and a threshold below their size (it was 128 KiB)
-    made each one an mmap, page faults and an munmap, doubling their time. Children forked after
-    this inherit it.
-    """
+def _malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
+    """glibc's mmap and trim thresholds for this process (setting them ends its own adjustment)."""
     import ctypes
 
     try:
@@ -194,16 +201,37 @@ def _fixed_mmap_threshold() -> None:
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 4 << 20)
-    libc.mallopt(m_trim_threshold, 128 * 1024)
+    libc.mallopt(m_mmap_threshold, mmap_bytes)
+    libc.mallopt(m_trim_threshold, trim_bytes)
+
+
+def _malloc_steady() -> None:
+    """The timing child: glibc's thresholds as its own adjustment leaves them once a process has freed
+    a buffer of 32 MiB (its DEFAULT_MMAP_THRESHOLD_MAX; the trim threshold follows at twice the mmap
+    one): buffers up to 32 MiB are reused from the heap, larger ones mapped per call. Under the
+    memory child's 4 MiB threshold, an op whose [N, D] temporaries are 4 MiB each (NT-Xent at
+    N = 8192, D = 128) paid a map, 1024 page faults and an unmap per temporary per call: 245 ms
+    against 206 ms (docs/design.md, "Bounds")."""
+    _malloc_thresholds(32 << 20, 64 << 20)
 
 
 def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
-    """A fresh child per case: its peak RSS is the case's alone, and an OOM cannot hurt the parent."""
+    """Fresh children per case: one for its peak RSS (the case's alone; an OOM cannot hurt the
+    parent), then one for its time (see _malloc_steady)."""
+    memory = _run_child(case, budget_s, timeout_s, memory=True)
+    if memory["status"] != "ok":
+        return memory
+    timed = _run_child(case, budget_s, timeout_s, memory=False)
+    if timed["status"] == "ok":
+        timed["peak_mem_mb"] = memory["peak_mem_mb"]
+    return timed
+
+
+def _run_child(case: Case, budget_s: float, timeout_s: float, memory: bool) -> dict:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(case, budget_s, total, send))
+    proc = ctx.Process(target=_child, args=(case, budget_s, total, send, memory))
     proc.start()
     send.close()
     result = {"status": "timeout"} if not recv.poll(timeout_s) else None
@@ -313,8 +341,6 @@ def run(
 ) -> list[dict]:
     """Measures ``cases`` in order, appends them to the CSV, prints a table and draws the plot."""
     import torch._dynamo
-
-    _fixed_mmap_threshold()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = device_name()
