@@ -3,7 +3,7 @@ pytorch-metric-learning's NTXentLoss, forward and forward+backward, time and pea
 
     python benchmarks/bench_ntxent.py [--quick] [--B 4096 16384] [--D 128] [--providers fastssl reference]
 
-TFLOP/s counts 3·N²·D per iteration (N = 2B), the work of the fused forward+backward.
+The bound (and TFLOP/s) counts N²·D per forward and 4·N²·D per forward+backward (N = 2B; docs/design.md, "Bounds").
 """
 
 from __future__ import annotations
