@@ -20,13 +20,15 @@
 //     neighbour is far away would underflow, so a first pass finds each row's max s_ij and
 //     the sums use that per-row shift (two exponentials per pair instead of one).
 //
-// Threads: stripe I is processed tile by tile, J = I..T-1, with the J tiles split among threads.
-// Rows of J are then written by one thread only; rows of I go to per-thread partials that are
-// reduced after the stripe. Work memory is O(threads * tile * (tile + D)), never N x N.
+// Threads: stripes I and T-1-I are processed together, column by column, the columns J shared among
+// threads (reduce_upper_tiles). Rows of J are then written by one thread only; rows of the stripes go
+// to per-thread partials that are reduced after them. Work memory is O(threads * tile * (tile + D)),
+// never N x N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <atomic>
 #include <limits>
 
 #include "../ops.h"
@@ -44,25 +46,45 @@ constexpr int64_t kTile = 256;
 // diagonal, parts) accumulates into parts (fastssl::TileOut) its part for rows i0..i1 and, off the
 // diagonal, for rows j0..j1 of out (N x K). A diagonal tile has no column part (parts.cols
 // undefined): its row part already covers both orders of every pair in the tile.
+//
+// Stripes I and T - 1 - I share one parallel region (T + 1 tiles between them, whatever I), so that
+// a region's last tile leaves less of a thread idle than a stripe's shrinking tail did. Threads take
+// columns J from a shared counter, last column first; a column carries the tiles (I, J) of both
+// stripes, so the rows j0..j1 of out are written by one thread alone; rows of the stripes go to
+// per-thread partials, reduced after the region.
 template <class TileFn>
 void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity, TileFn tile) {
   const int64_t num_tiles = (n + kTile - 1) / kTile;
   const int64_t num_threads = at::get_num_threads();
-  for (int64_t I = 0; I < num_tiles; ++I) {
-    const int64_t i0 = I * kTile, i1 = std::min(n, i0 + kTile);
-    at::Tensor partial = at::full({num_threads, i1 - i0, out.size(1)}, identity, out.options());
+  for (int64_t lo = 0, hi = num_tiles - 1; lo <= hi; ++lo, --hi) {
+    const int64_t stripes[2] = {lo, hi}, count = lo == hi ? 1 : 2;
+    // the rows of both stripes, stacked: stripe s's rows start at offset[s] in the partials
+    int64_t rows_of[2], offset[2] = {0, 0};
+    for (int64_t k = 0; k < count; ++k) rows_of[k] = std::min(n, (stripes[k] + 1) * kTile) - stripes[k] * kTile;
+    offset[1] = rows_of[0];
+    at::Tensor partial = at::full({num_threads, offset[count - 1] + rows_of[count - 1], out.size(1)}, identity,
+                                  out.options());
+    std::atomic<int64_t> next{num_tiles - 1};
     const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
-    at::parallel_for(I, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_threads, 1, [&](int64_t slot, int64_t) {
       at::ThreadLocalStateGuard guard(caller);
-      at::Tensor mine = partial[at::get_thread_num()];
-      for (int64_t J = begin; J < end; ++J) {
+      at::Tensor mine = partial[slot];
+      for (int64_t J = next--; J >= lo; J = next--) {
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
-        tile(i0, i1, j0, j1, I == J, fastssl::TileOut{mine, I == J ? at::Tensor() : out.narrow(0, j0, j1 - j0), op});
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t I = stripes[k];
+          if (J < I) continue;
+          tile(I * kTile, I * kTile + rows_of[k], j0, j1, I == J,
+               fastssl::TileOut{mine.narrow(0, offset[k], rows_of[k]),
+                                I == J ? at::Tensor() : out.narrow(0, j0, j1 - j0), op});
+        }
       }
       fastssl::release_tile_products();
     });
-    at::Tensor rows = out.narrow(0, i0, i1 - i0);
-    combine_into(rows, op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0)), op);
+    const at::Tensor total = op == Combine::kSum ? partial.sum(0) : std::get<0>(partial.max(0));
+    for (int64_t k = 0; k < count; ++k) {
+      combine_into(out.narrow(0, stripes[k] * kTile, rows_of[k]), total.narrow(0, offset[k], rows_of[k]), op);
+    }
   }
 }
 

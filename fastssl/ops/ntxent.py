@@ -134,18 +134,22 @@ def nt_xent(
         # which are no longer bf16 numbers: a bf16 input is multiplied on bf16 dot products exactly
         # (docs/design.md, "bf16 dot products on the CPU").
         x, r = scaled_rows(z, _checks.accumulate_dtype(z.dtype))
-        zn = x * r[:, None]
-        zn_all = distributed.all_gather(zn, counts) if gather else zn
+        zn = zn_all = None  # the unit rows r_i x̃_i, formed only where needed
         if gather or isinstance(inv_tau, Tensor):
             # this rank's rows against all, leaving out each row's own copy at first + i; the
             # two-tower op also carries ∂L/∂(1/τ) for a tensor temperature (without gather, the
             # symmetric kernel's halved work is traded for that gradient)
+            zn = x * r[:, None]
+            zn_all = distributed.all_gather(zn, counts) if gather else zn
             lse = info_nce_lse(zn, zn_all, inv_tau, False, first, impl)[0]
         else:
             lse = ntxent_lse(x, r, inv_tau, impl)
         if labels is None:  # SimCLR: each row's one positive is its other view, B rows away
-            pos = (zn * zn.roll(z1.shape[0], 0)).sum(1)
+            b = z1.shape[0]
+            pos = (x * x.roll(b, 0)).sum(1) * (r * r.roll(b, 0))  # z_i·z_i' = r_i r_i' x̃_i·x̃_i'
         else:
+            if zn is None:
+                zn = zn_all = x * r[:, None]
             pos = _positive_mean(zn, classes, n_pos, zn_all, classes_all)
         rows = lse - inv_tau * pos
     if labels is not None and z.device.type == "cpu" and not torch.compiler.is_compiling():
