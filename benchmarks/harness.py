@@ -122,6 +122,17 @@ def _time(fn: Callable[[], object], device: str, budget_s: float, min_reps: int,
     return times
 
 
+def median_ms(fn: Callable[[], object], n: int = 5) -> float:
+    """One warm-up call of fn, then the median of n timed calls, in ms (CPU; the profile scripts)."""
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def _rss_kb(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

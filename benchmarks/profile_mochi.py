@@ -7,25 +7,18 @@ benchmark's size, and the median of 5 calls against one GEMM of the queue's shap
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
+from benchmarks.harness import median_ms
 
 B, K, D = 256, 65536, 128
-
-
-def _median_ms(fn, n: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -47,8 +40,8 @@ def main() -> None:
         return torch.autograd.grad(loss, (q, key))
 
     a, out = torch.randn(B, D, dtype=dtype), torch.empty(B, K, dtype=dtype)
-    gemm = _median_ms(lambda: torch.mm(a, queue.T, out=out))
-    total = _median_ms(step)
+    gemm = median_ms(lambda: torch.mm(a, queue.T, out=out))
+    total = median_ms(step)
     print(f"mochi_loss forward+backward: {total:.1f} ms; one [B, D] x [D, K] GEMM {gemm:.1f} ms; "
           f"x_bound (two GEMMs) {total / (2 * gemm):.2f}")
     with profile(activities=[ProfilerActivity.CPU]) as prof:

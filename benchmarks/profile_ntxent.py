@@ -11,23 +11,18 @@ for the backward (the triangle again, then A·X_J and Aᵀ·X_I), two for both.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastssl
+from benchmarks.harness import median_ms
 from fastssl._rows import scaled_rows
 
-
-def _median_ms(fn, n: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+REPS = 7  # timed calls per median
 
 
 def main() -> None:
@@ -42,13 +37,13 @@ def main() -> None:
     z = torch.randn(n, d, generator=gen).to(dtype)
     x, r = scaled_rows(z, torch.float32)
     a, w, out = torch.randn(n, d).to(dtype), torch.randn(d, n).to(dtype), torch.empty(n, n, dtype=dtype)
-    gemm = _median_ms(lambda: torch.mm(a, w, out=out))
+    gemm = median_ms(lambda: torch.mm(a, w, out=out), REPS)
     lse = torch.ops.fastssl.ntxent_lse(x, r, inv_tau, "cpp")
     grad_lse = torch.rand(n, generator=gen)
-    forward = _median_ms(lambda: torch.ops.fastssl.ntxent_lse(x, r, inv_tau, "cpp"))
-    backward = _median_ms(lambda: torch.ops.fastssl.ntxent_lse_backward(grad_lse, x, r, lse, inv_tau, "cpp"))
+    forward = median_ms(lambda: torch.ops.fastssl.ntxent_lse(x, r, inv_tau, "cpp"), REPS)
+    backward = median_ms(lambda: torch.ops.fastssl.ntxent_lse_backward(grad_lse, x, r, lse, inv_tau, "cpp"), REPS)
     z1, z2 = z[:b].clone().requires_grad_(), z[b:].clone().requires_grad_()
-    total = _median_ms(lambda: torch.autograd.grad(fastssl.nt_xent(z1, z2, temperature=1 / inv_tau), (z1, z2)))
+    total = median_ms(lambda: torch.autograd.grad(fastssl.nt_xent(z1, z2, temperature=1 / inv_tau), (z1, z2)), REPS)
     print(f"NT-Xent B={b} D={d} {args.dtype}, {torch.get_num_threads()} threads; GEMM {gemm:.1f} ms")
     print(f"  kernel forward   {forward:7.1f} ms  {forward / (gemm / 2):.2f} x its bound (half a GEMM)")
     print(f"  kernel backward  {backward:7.1f} ms  {backward / (1.5 * gemm):.2f} x its bound (1.5 GEMMs)")
