@@ -25,7 +25,9 @@ FASTSSL_ROW_KERNEL void exp_sums_rows(const T* s, int64_t r, int64_t c, T scale,
     const T si = w != nullptr ? scale * w[i] : scale;
     // the left-out pair is zeroed before the sums: subtracting it after would cancel the row's small terms
     const int64_t skip = left_out(i, drop, c) ? i + drop : -1;
-    T e[kLanes];  // one chunk of e_ij, for j0 <= j < j0 + n
+    // one chunk of e_ij, for j0 <= j < j0 + n; aligned, so that reading it back as one vector is
+    // forwarded from the stores (a misaligned 64-byte reload stalls on them)
+    alignas(sizeof(Lanes<T>)) T e[kLanes];
     const auto chunk = [&](int64_t j0, int64_t n) {
       if (wc != nullptr) {
 #pragma omp simd
