@@ -10,7 +10,8 @@ which knows how to build one iteration (forward, or forward+backward) for one pr
   threshold fixed (4 MiB) so that every large buffer the case allocates, N×N ones included, is counted;
   on the CPU the time comes from a second child, under glibc's steady state instead (_malloc_steady):
   the fixed threshold that makes the RSS honest also maps, faults and unmaps every buffer over 4 MiB
-  on every call, which a training loop under glibc's defaults does not do after its first steps,
+  on every call, which a training loop under glibc's defaults does not do after its first steps
+  (cases measured in one call, ``min_reps = 1``, take both from that call in the memory child),
 * records out-of-memory as ``OOM`` (CPU children run under an address-space limit of the physical memory, so a too-large
   case fails to allocate instead of being killed) and a case past its time limit as ``timeout``;
   once a provider fails at a size, its larger sizes are recorded as ``skipped``,
@@ -186,7 +187,7 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _child(case: Case, budget_s: float, mem_limit: int, conn, memory: bool) -> None:
+def _child(case: Case, budget_s: float, mem_limit: int, conn, memory: bool | None) -> None:
     """One measurement of a case in a forked child. The memory child gives every allocation over
     4 MiB its own mapping, returned to the OS when freed: glibc otherwise raises its mmap threshold
     (up to 32 MiB) after the first large free and keeps later buffers in its heap, so a warm-up's
@@ -195,10 +196,10 @@ def _child(case: Case, budget_s: float, mem_limit: int, conn, memory: bool) -> N
     threshold below their size made each one an mmap, page faults and an munmap). The timing child
     runs under _malloc_steady."""
     resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
-    if memory:
-        _malloc_thresholds(4 << 20, 128 << 10)
-    else:
+    if memory is False:
         _malloc_steady()
+    else:
+        _malloc_thresholds(4 << 20, 128 << 10)
     conn.send(_measure(case, "cpu", budget_s, memory=memory))
     conn.close()
 
@@ -228,7 +229,11 @@ def _malloc_steady() -> None:
 
 def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
     """Fresh children per case: one for its peak RSS (the case's alone; an OOM cannot hurt the
-    parent), then one for its time (see _malloc_steady)."""
+    parent), then one for its time (see _malloc_steady). A case measured in one call (min_reps = 1:
+    seconds to minutes per call, e.g. an AutoAttack run or k-means) takes both from that call, under
+    the memory child's thresholds, rather than run twice."""
+    if case.min_reps == 1:
+        return _run_child(case, budget_s, timeout_s, memory=None)
     memory = _run_child(case, budget_s, timeout_s, memory=True)
     if memory["status"] != "ok":
         return memory
@@ -238,7 +243,7 @@ def _measure_forked(case: Case, budget_s: float, timeout_s: float) -> dict:
     return timed
 
 
-def _run_child(case: Case, budget_s: float, timeout_s: float, memory: bool) -> dict:
+def _run_child(case: Case, budget_s: float, timeout_s: float, memory: bool | None) -> dict:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
