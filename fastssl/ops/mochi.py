@@ -167,7 +167,7 @@ def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor | None, out: Tensor | 
 
 @torch.library.custom_op("fastssl::mochi_hard_set", mutates_args=())
 def mochi_hard_set(scores: Tensor, n_hard: int, impl: str) -> Tensor:
-    """The columns [B, n_hard] of each row's n_hard largest scores, unordered (C++: O(K) per row)."""
+    """The columns [B, n_hard] of each row's n_hard largest scores, in column order (C++: O(K) per row)."""
     return _ext.kernel(impl, scores.device, cpp="mochi_hard_set_cpu")(scores, n_hard)
 
 
@@ -191,15 +191,16 @@ def _(s, bound, scale, n_hard, impl):
 
 
 def hard_negatives(scores: Tensor, n_hard: int, impl: str) -> Tensor:
-    """H(q): the indices [B, min(n_hard, K)] of each row's largest scores, in no particular order.
+    """H(q): the indices [B, min(n_hard, K)] of each row's largest scores, in increasing column order,
+    so that the draws that index them (draw_negatives) are the same on every path for one seed.
 
     The C++ selection on CPU (torch.topk sorts (value, index) pairs, several times slower there);
-    torch.topk's radix select on GPU. NaN ranks above every number in both.
+    torch.topk's radix select on GPU, its indices then sorted. NaN ranks above every number in both.
     """
     n_hard = min(n_hard, scores.shape[1])
     if impl == "cpp":
         return mochi_hard_set(scores.detach(), n_hard, impl)
-    return torch.topk(scores.detach(), n_hard, dim=1, sorted=False).indices
+    return torch.topk(scores.detach(), n_hard, dim=1, sorted=False).indices.sort(dim=1).values
 
 
 def _chunk_rows(k: int) -> int:
@@ -309,8 +310,8 @@ def mochi_logits(
             it requires grad its gradient is exact; a tensor is never read on the host on CUDA
             (there a non-positive or non-finite one gives NaN).
         generator: a torch.Generator on q's device for the draws (hard-set positions, α, β);
-            the same seed gives the same logits (for one impl: the hard sets' order, which the
-            positions index, differs between the C++ selection and torch.topk).
+            the same seed gives the same logits, on every impl (the hard sets, which the positions
+            index, are in column order everywhere; they can differ only by ties at the n_hard-th score).
         impl: "auto", "reference", "cpp", "triton" or "cuda" (see README); $FASTSSL_IMPL overrides "auto".
 
     Rows of q, k and queue are L2-normalised inside, at any scale (a zero row stays zero).
