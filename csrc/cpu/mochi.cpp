@@ -221,17 +221,24 @@ FASTSSL_ROW_KERNEL K rth_largest_key(const K* keys, int64_t m, int64_t r) {
 }
 
 // (b) of the selection: writes the columns i with !(v[i] < t) (v[i] >= t, or NaN) to keep, returns
-// their count; keep has room for k + 16. Without a branch per column; for fp32 on CPUs with
-// AVX-512, 16 columns per comparison, the passing ones compressed in a register and stored whole
-// (a compressing store to memory is microcoded on some CPUs).
+// their count; keep has room for k + 16. With scale, v[i] <- v[i] scale[i] first, in the same pass.
+// Without a branch per column; for fp32 on CPUs with AVX-512, 16 columns per comparison, the passing
+// ones compressed in a register and stored whole (a compressing store to memory is microcoded on
+// some CPUs).
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx512f"))) int64_t keep_at_or_above_avx512(const float* v, int64_t k, float t, int64_t* keep) {
+__attribute__((target("avx512f"))) int64_t keep_at_or_above_avx512(float* v, int64_t k, float t, int64_t* keep,
+                                                                   const float* scale) {
   const __m512 threshold = _mm512_set1_ps(t);
   __m512i lo = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm512_add_epi64(lo, _mm512_set1_epi64(8));
   const __m512i step = _mm512_set1_epi64(16);
   int64_t kept = 0, i = 0;
   for (; i + 16 <= k; i += 16) {
-    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), threshold, _CMP_NLT_UQ);
+    __m512 x = _mm512_loadu_ps(v + i);
+    if (scale) {
+      x = _mm512_mul_ps(x, _mm512_loadu_ps(scale + i));
+      _mm512_storeu_ps(v + i, x);
+    }
+    const __mmask16 m = _mm512_cmp_ps_mask(x, threshold, _CMP_NLT_UQ);
     _mm512_storeu_si512(keep + kept, _mm512_maskz_compress_epi64(__mmask8(m), lo));
     kept += __builtin_popcount(m & 0xFF);
     _mm512_storeu_si512(keep + kept, _mm512_maskz_compress_epi64(__mmask8(m >> 8), hi));
@@ -239,6 +246,7 @@ __attribute__((target("avx512f"))) int64_t keep_at_or_above_avx512(const float* 
     lo = _mm512_add_epi64(lo, step), hi = _mm512_add_epi64(hi, step);
   }
   for (; i < k; ++i) {
+    if (scale) v[i] *= scale[i];
     keep[kept] = i;
     kept += !(v[i] < t);
   }
@@ -247,19 +255,27 @@ __attribute__((target("avx512f"))) int64_t keep_at_or_above_avx512(const float* 
 #endif
 
 template <typename T>
-int64_t keep_at_or_above(const T* v, int64_t k, T t, int64_t* keep) {
+int64_t keep_at_or_above(T* v, int64_t k, T t, int64_t* keep, const T* scale) {
 #if defined(__GNUC__) && defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return keep_at_or_above_avx512(v, k, t, keep);
+    if (avx512) return keep_at_or_above_avx512(v, k, t, keep, scale);
   }
 #endif
   int64_t kept = 0;
   for (int64_t i = 0; i < k; ++i) {
+    if (scale) v[i] *= scale[i];
     keep[kept] = i;
     kept += !(v[i] < t);
   }
   return kept;
+}
+
+// s_j <- s_j scale_j: queue_scores' column scaling (the same products, so the same hard sets).
+template <typename T>
+FASTSSL_ROW_KERNEL void scale_columns(T* s, int64_t k, const T* scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) s[j] *= scale[j];
 }
 
 // Work memory of select_largest, one per thread.
@@ -270,9 +286,10 @@ struct Selection {
 };
 
 // Writes the columns of the n largest entries of row v[0, k) to out[0, n) (0 < n <= k), in column
-// order; of equal values at the n-th place, the lowest columns.
+// order; of equal values at the n-th place, the lowest columns. With scale, the row is v_j scale_j:
+// v is scaled in place on the way (in the pass of (b) when there is one).
 template <typename T>
-void select_largest(const T* v, int64_t k, int64_t n, int64_t* out, Selection<T>& work) {
+void select_largest(T* v, int64_t k, int64_t n, int64_t* out, Selection<T>& work, const T* scale = nullptr) {
   auto& [keys, keep] = work;
   keep.resize(k + 16);
   int64_t kept = 0;
@@ -284,13 +301,15 @@ void select_largest(const T* v, int64_t k, int64_t n, int64_t* out, Selection<T>
     const int64_t runs = kSample / 16, stride = k / runs, m = runs * 16;
     keys.resize(m);
     for (int64_t r = 0; r < runs; ++r) {
-      for (int64_t i = 0; i < 16; ++i) keys[r * 16 + i] = order_key(v[r * stride + i]);
+      for (int64_t i = 0, c = r * stride; i < 16; ++i, ++c) keys[r * 16 + i] = order_key(scale ? v[c] * scale[c] : v[c]);
     }
     const double expected = double(n) * m / k;
     const int64_t rank = std::min<int64_t>(m, int64_t(1.25 * expected + 4 * std::sqrt(expected) + 9));
     // (b) the columns at or above the sample's rank-th largest (all of them when it is NaN)
-    kept = keep_at_or_above(v, k, from_key<T>(rth_largest_key(keys.data(), m, rank)), keep.data());
+    kept = keep_at_or_above(v, k, from_key<T>(rth_largest_key(keys.data(), m, rank)), keep.data(), scale);
+    scale = nullptr;  // v is scaled
   }
+  if (scale) scale_columns(v, k, scale);
   if (kept < n) {
     std::iota(keep.begin(), keep.begin() + k, int64_t(0));
     kept = k;
@@ -306,13 +325,6 @@ void select_largest(const T* v, int64_t k, int64_t n, int64_t* out, Selection<T>
   }
 }
 
-// s_j <- s_j scale_j: queue_scores' column scaling (the same products, so the same hard sets).
-template <typename T>
-FASTSSL_ROW_KERNEL void scale_columns(T* s, int64_t k, const T* scale) {
-#pragma omp simd
-  for (int64_t j = 0; j < k; ++j) s[j] *= scale[j];
-}
-
 // For one row of logits p [k]: e = exp(p - m), p <- (e / sum e) scale, returns lse = m + log sum e;
 // m = bound when the fixed shift is exact, else the row's max (NaN propagates through the sum).
 template <typename T>
@@ -323,9 +335,18 @@ FASTSSL_ROW_KERNEL T softmax_weights(T* p, int64_t k, T bound, const T* scale) {
     for (int64_t j = 0; j < k; ++j) m = p[j] > m ? p[j] : m;
     if (!std::isfinite(m)) m = 0;  // an all -inf row, or +inf: the sum then says so
   }
+  // e in one pass with its sum (lane_sum's kLanes partial sums and order), kLanes columns at a time
+  // through an aligned chunk, so that reading it back as one vector is forwarded from the stores
+  alignas(sizeof(Lanes<T>)) T e[kLanes];
+  Lanes<T> part = {};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= k; j0 += kLanes) {
 #pragma omp simd
-  for (int64_t j = 0; j < k; ++j) p[j] = fastssl::exp_tile(p[j] - m);
-  const T total = fastssl::lane_sum(p, k);
+    for (int64_t l = 0; l < kLanes; ++l) e[l] = p[j0 + l] = fastssl::exp_tile(p[j0 + l] - m);
+    part += load_lanes(e);
+  }
+  for (int64_t j = j0; j < k; ++j) p[j] = fastssl::exp_tile(p[j] - m);
+  const T total = fastssl::lanes_total(part, p + j0, k - j0);
   const T inv_total = T(1) / total;
 #pragma omp simd
   for (int64_t j = 0; j < k; ++j) p[j] *= inv_total * scale[j];
@@ -386,8 +407,11 @@ std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::
       Selection<scalar_t> work;
       for (int64_t row = begin; row < end; ++row) {  // the three steps while the row is in cache
         scalar_t* p = sp + row * k;
-        scale_columns(p, k, sc);
-        if (n > 0) select_largest(p, k, n, hard.data_ptr<int64_t>() + row * n, work);
+        if (n > 0) {
+          select_largest(p, k, n, hard.data_ptr<int64_t>() + row * n, work, sc);
+        } else {
+          scale_columns(p, k, sc);
+        }
         lse.data_ptr<scalar_t>()[row] = softmax_weights(p, k, bound.data_ptr<scalar_t>()[row], sc);
       }
     });
@@ -404,7 +428,7 @@ at::Tensor mochi_hard_set_cpu(const at::Tensor& scores_in, int64_t n) {
   at::Tensor out = at::empty({b, n}, scores.options().dtype(at::kLong));
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mochi_hard_set_cpu", [&] {
-    const scalar_t* v = scores.data_ptr<scalar_t>();
+    scalar_t* v = scores.data_ptr<scalar_t>();  // read only: select_largest writes v only to scale it
     int64_t* idx = out.data_ptr<int64_t>();
     at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
       Selection<scalar_t> work;
