@@ -106,11 +106,17 @@ FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, co
     std::copy(n + i0, n + d, tail[2]);
     add(load_lanes(tail[0]), load_lanes(tail[1]), load_lanes(tail[2]));
   }
-  Dots<acc_t> r{0, 0, 0, 0, 0};
-  for (int64_t l = 0; l < kLanes; ++l) {
-    r.qa += qa[l], r.qn += qn[l], r.aa += aa[l], r.nn += nn[l], r.an += an[l];
-  }
-  return r;
+  // each as lanes_total's pairwise tree (lane l + lane l + 8, then + 4, + 2, + 1), in registers: a
+  // chain of 16 scalar adds per sum was a long part of a D = 128 mix
+  const auto total = [](V v) {
+    static_assert(kLanes == 16);
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    v += __builtin_shufflevector(v, v, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    v += __builtin_shufflevector(v, v, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return v[0];
+  };
+  return {total(qa), total(qn), total(aa), total(nn), total(an)};
 }
 
 // out += x a + y n
