@@ -83,10 +83,44 @@ struct Dots {
   acc_t qa, qn, aa, nn, an;
 };
 
+// kLanes values of a row in acc_t: the values themselves for acc_t rows; bf16 rows widened exactly
+// on the way (a bf16 is the top half of the fp32 of the same value).
+template <typename acc_t, typename scalar_t>
+Lanes<acc_t> load_widened(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    typedef uint16_t Half __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    typedef uint32_t Bits __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    Half h;
+    std::memcpy(&h, p, sizeof h);
+    const Bits bits = __builtin_convertvector(h, Bits) << 16;
+    Lanes<acc_t> v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    static_assert(std::is_same_v<scalar_t, acc_t>);
+    return load_lanes(p);
+  }
+}
+
+// The rows of scalar_t that dots reads as they are stored (others are widened into a buffer first).
+template <typename scalar_t, typename acc_t>
+constexpr bool kDirectRows = std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// out += x a + y n (rows as dots reads them)
+template <typename acc_t, typename row_t>
+FASTSSL_ROW_KERNEL void axpy2(acc_t* out, acc_t x, const row_t* a, acc_t y, const row_t* n, int64_t d) {
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    const Lanes<acc_t> o = load_lanes(out + i) + (x * load_widened<acc_t>(a + i) + y * load_widened<acc_t>(n + i));
+    std::memcpy(out + i, &o, sizeof o);
+  }
+  for (; i < d; ++i) out[i] += x * static_cast<acc_t>(a[i]) + y * static_cast<acc_t>(n[i]);
+}
+
 // The five dot products of q, x = a sa and y = n sn (the rows times their scales), over kLanes
 // partial sums held in registers (GCC vectors), the tail zero-padded into one more step.
-template <typename acc_t>
-FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, const acc_t* n, acc_t sn, int64_t d) {
+template <typename acc_t, typename row_t>
+FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const row_t* a, acc_t sa, const row_t* n, acc_t sn, int64_t d) {
   using V = Lanes<acc_t>;
   V qa = {}, qn = {}, aa = {}, nn = {}, an = {};
   const auto add = [&](const V& qv, const V& av, const V& nv) {
@@ -98,13 +132,16 @@ FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, co
     an += x * y;
   };
   int64_t i0 = 0;
-  for (; i0 + kLanes <= d; i0 += kLanes) add(load_lanes(q + i0), load_lanes(a + i0), load_lanes(n + i0));
+  for (; i0 + kLanes <= d; i0 += kLanes) {
+    add(load_lanes(q + i0), load_widened<acc_t>(a + i0), load_widened<acc_t>(n + i0));
+  }
   if (i0 < d) {
-    acc_t tail[3][kLanes] = {};
-    std::copy(q + i0, q + d, tail[0]);
-    std::copy(a + i0, a + d, tail[1]);
-    std::copy(n + i0, n + d, tail[2]);
-    add(load_lanes(tail[0]), load_lanes(tail[1]), load_lanes(tail[2]));
+    acc_t tail_q[kLanes] = {};
+    row_t tail[2][kLanes] = {};
+    std::copy(q + i0, q + d, tail_q);
+    std::copy(a + i0, a + d, tail[0]);
+    std::copy(n + i0, n + d, tail[1]);
+    add(load_lanes(tail_q), load_widened<acc_t>(tail[0]), load_widened<acc_t>(tail[1]));
   }
   // each as lanes_total's pairwise tree (lane l + lane l + 8, then + 4, + 2, + 1), in registers: a
   // chain of 16 scalar adds per sum was a long part of a D = 128 mix
@@ -119,11 +156,6 @@ FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const acc_t* a, acc_t sa, co
   return {total(qa), total(qn), total(aa), total(nn), total(an)};
 }
 
-// out += x a + y n
-template <typename acc_t>
-FASTSSL_ROW_KERNEL void axpy2(acc_t* out, acc_t x, const acc_t* a, acc_t y, const acc_t* n, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) out[i] += x * a[i] + y * n[i];
-}
 
 // The inputs of one call, checked and made contiguous.
 struct Mix {
@@ -368,8 +400,13 @@ void mix_logits_row(const Mix& mix, int64_t row, const acc_t* qr, const acc_t* w
   const int64_t d = mix.d;
   mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw, int64_t i, int64_t j) {
     const acc_t sa = i < 0 ? acc_t(1) : scale[i], sn = scale[j];  // the query is a unit row
-    const acc_t* a = widen(a_raw, d, buf);
-    const Dots<acc_t> p = dots(qr, a, sa, widen(n_raw, d, buf + d), sn, d);
+    const Dots<acc_t> p = [&] {
+      if constexpr (kDirectRows<scalar_t, acc_t>) {
+        return dots(qr, a_raw, sa, n_raw, sn, d);
+      } else {
+        return dots(qr, widen(a_raw, d, buf), sa, widen(n_raw, d, buf + d), sn, d);
+      }
+    }();
     const acc_t c_a = w[col] * clamped_inverse_sqrt(p.aa);
     const acc_t c_n = (1 - w[col]) * clamped_inverse_sqrt(p.nn);
     const acc_t r = clamped_inverse_sqrt(c_a * c_a * p.aa + c_n * c_n * p.nn + 2 * c_a * c_n * p.an);
@@ -386,8 +423,11 @@ void mix_grad_row(const Mix& mix, int64_t row, const acc_t* g, const acc_t* coef
   std::fill(out, out + d, acc_t(0));
   mix.for_each<scalar_t>(row, [&](int64_t col, const scalar_t* a_raw, const scalar_t* n_raw, int64_t, int64_t) {
     const acc_t c = g[col];
-    const acc_t* a = widen(a_raw, d, buf);
-    axpy2(out, c * coef[2 * col], a, c * coef[2 * col + 1], widen(n_raw, d, buf + d), d);
+    if constexpr (kDirectRows<scalar_t, acc_t>) {
+      axpy2(out, c * coef[2 * col], a_raw, c * coef[2 * col + 1], n_raw, d);
+    } else {
+      axpy2(out, c * coef[2 * col], widen(a_raw, d, buf), c * coef[2 * col + 1], widen(n_raw, d, buf + d), d);
+    }
   });
 }
 
