@@ -43,31 +43,34 @@ inline float from_bf16(uint16_t h) { return std::bit_cast<float>(static_cast<uin
 
 // hi/lo parts of a [r, c] fp32 tile: into [r, kTile] row-major buffers (A of A Y_J) and, when v_hi,
 // into VNNI panels (B of X_I^T A): element (i, j) of panel j / 64 at (i / 2) 128 + 2 (j % 64) + i % 2,
-// i.e. one 32-bit word per row pair and column. The buffers beyond the tile are left as they are
-// (zeroed by the caller; an odd r pairs its last row with a zero row).
+// i.e. one 32-bit word per row pair and column. One pass over row pairs writes both layouts (a pass
+// per layout read the parts back). The buffers beyond the tile are left as they are (zeroed by the
+// caller; an odd r pairs its last row with a zero row).
 FASTSSL_ROW_KERNEL void split_tile(const float* a, int64_t r, int64_t c, uint16_t* hi, uint16_t* lo, uint32_t* v_hi,
                                    uint32_t* v_lo) {
-  for (int64_t i = 0; i < r; ++i) {
-    const float* p = a + i * c;
-    uint16_t* h = hi + i * kTile;
-    uint16_t* l = lo + i * kTile;
-#pragma omp simd
-    for (int64_t j = 0; j < c; ++j) {
-      const uint16_t b = to_bf16(p[j]);
-      h[j] = b;
-      l[j] = to_bf16(p[j] - from_bf16(b));
-    }
-  }
-  if (v_hi == nullptr) return;
   for (int64_t t = 0; 2 * t < r; ++t) {
+    const bool pair = 2 * t + 1 < r;
+    const float* p0 = a + 2 * t * c;
+    const float* p1 = pair ? p0 + c : p0;  // an odd r's last row: read again, its partner written as 0
+    uint16_t *h0 = hi + 2 * t * kTile, *l0 = lo + 2 * t * kTile;
+    uint16_t *h1 = h0 + kTile, *l1 = l0 + kTile;
     for (int64_t j0 = 0; j0 < c; j0 += kPanel) {
       const int64_t n = std::min(kPanel, c - j0), at = (j0 / kPanel) * (kTile / 2) * kPanel + t * kPanel;
-      for (auto [src, dst] : {std::pair{hi, v_hi}, std::pair{lo, v_lo}}) {
-        const uint16_t* even = src + 2 * t * kTile + j0;
-        const uint16_t* odd = even + kTile;
-        uint32_t* out = dst + at;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<uint32_t>(even[j]) | (static_cast<uint32_t>(odd[j]) << 16);
+      for (int64_t j = 0; j < n; ++j) {
+        const float x0 = p0[j0 + j], x1 = pair ? p1[j0 + j] : 0.0f;
+        const uint16_t b0 = to_bf16(x0), b1 = to_bf16(x1);
+        const uint16_t e0 = to_bf16(x0 - from_bf16(b0)), e1 = to_bf16(x1 - from_bf16(b1));
+        h0[j0 + j] = b0;
+        l0[j0 + j] = e0;
+        if (pair) {
+          h1[j0 + j] = b1;
+          l1[j0 + j] = e1;
+        }
+        if (v_hi != nullptr) {
+          v_hi[at + j] = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+          v_lo[at + j] = static_cast<uint32_t>(e0) | (static_cast<uint32_t>(e1) << 16);
+        }
       }
     }
   }
