@@ -30,7 +30,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("mochi_mix_fwd_cpu", &mochi_mix_fwd_cpu, nogil);
   m.def("mochi_mix_bwd_cpu", &mochi_mix_bwd_cpu, nogil);
-  m.def("mochi_mix_lse_cpu", &mochi_mix_lse_cpu, nogil);
   m.def("mochi_hard_set_cpu", &mochi_hard_set_cpu, nogil);
   m.def("mochi_queue_rows_cpu", &mochi_queue_rows_cpu, nogil);
   m.def("row_scales_cpu", &row_scales_cpu, nogil);

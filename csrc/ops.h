@@ -41,24 +41,22 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q, const 
                                                      const at::Tensor& row_scale);
 at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad, const at::Tensor& q_bar, const at::Tensor& queue,
                              const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef);
-// mochi: over a chunk of the raw queue products s_rk = qs_r . n_k [R, K] (in place), with
+// mochi: over a chunk of the loss's raw queue products s_rk = qs_r . n_k [R, K] (in place), with
 // bound_r >= max_k s_rk scale_k (|qs_r|) and the queue's inverse norms scale [K]: the logits
-// l_rk = s_rk scale_k, their n largest columns, and s_rk <- softmax(l_r)_k scale_k; returns
-// (lse_r = log sum_k exp(l_rk) [R], hard [R, n] int64, unordered, as mochi_hard_set_cpu).
+// l_rk = s_rk scale_k, their n largest columns (the hard set), and the synthetic negatives of
+// positions first, second [R, S] in it (docs/design.md, "MoCHi"; q_bar [R, D] the query rows in the
+// queue's dtype, row_scale [K] the queue rows' power-of-two scales). Returns lse_r over all the
+// negatives and q_coef [R], with s_rk <- its gradient's weights: dlse_r/dqs_r = sum_k s_rk n_k +
+// q_coef_r q_bar_r.
 std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::Tensor& bound,
-                                                        const at::Tensor& scale, int64_t n);
+                                                        const at::Tensor& scale, int64_t n, const at::Tensor& qs,
+                                                        const at::Tensor& q_bar, const at::Tensor& queue,
+                                                        const at::Tensor& row_scale, const at::Tensor& first,
+                                                        const at::Tensor& second, const at::Tensor& weight);
 // rows: for x [N, D], (scale [N], inv [N]) in fp32 (fp64 for fp64): each row's power-of-two scale and
 // inverse norm, 0 for a zero or NaN row, as fastssl/_rows.py's power_of_two_scales and inverse_norms,
 // in one pass (csrc/rows.cpp).
 std::tuple<at::Tensor, at::Tensor> row_scales_cpu(const at::Tensor& x);
-// mochi: for the loss, lse_b = log sum_s exp(inv_tau logit_bs) over mochi_mix_fwd_cpu's logits, with the
-// direction sum_s softmax_bs h_bs [B, D] (dlse_b/dq_b = inv_tau direction_b) and mean_b =
-// sum_s softmax_bs logit_bs (dlse_b/dinv_tau) in one pass over the rows; inv_tau a one-element tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mochi_mix_lse_cpu(const at::Tensor& q, const at::Tensor& q_bar,
-                                                                 const at::Tensor& queue, const at::Tensor& first,
-                                                                 const at::Tensor& second, const at::Tensor& weight,
-                                                                 const at::Tensor& row_scale,
-                                                                 const at::Tensor& inv_tau);
 // mochi: the columns of the n largest scores of every row of scores [B, K], [B, n] int64, unordered.
 at::Tensor mochi_hard_set_cpu(const at::Tensor& scores, int64_t n);
 // info_nce: row_i = log sum_j exp(inv_tau * q_i . k_j) and, with with_cols, col_j = log sum_i exp(...)

@@ -128,7 +128,7 @@ def _mochi(which: str):
         fn = mochi._logits if which == "logits" else mochi._loss_rows
 
         def call(impl, t):
-            return fn(t[0], t[1], queue.to(t[0].dtype), k, lambda hard: draw_, 5.0, impl)
+            return fn(t[0], t[1], queue.to(t[0].dtype), k, lambda b, n: draw_, 5.0, impl)  # n = k: positions are rows
 
         return _with_grads(call, [q, key])
 

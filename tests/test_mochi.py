@@ -34,8 +34,8 @@ def _recording_draw(n_mix, n_mix_query, seed=0, device="cpu"):
     gen = torch.Generator(device=device).manual_seed(seed)
     drawn = []
 
-    def draw(hard):
-        drawn.append(ops.draw_negatives(hard, n_mix=n_mix, n_mix_query=n_mix_query, generator=gen))
+    def draw(b, n_hard):
+        drawn.append(ops.draw_negatives(b, n_hard, n_mix=n_mix, n_mix_query=n_mix_query, generator=gen, device=device))
         return drawn[-1]
 
     return draw, drawn
@@ -58,7 +58,7 @@ def _check_against_reference(impl, b, k, d, n_hard, n_mix, n_mix_query, dtype=to
     for which in ("logits", "loss"):
         draw, drawn = _recording_draw(n_mix, n_mix_query, device=device)
         out, grads = _outputs(which, impl, q, key, queue, n_hard, draw, temperature)
-        replay = lambda hard, drawn=drawn: drawn[0]
+        replay = lambda b, n, drawn=drawn: drawn[0]
         if dtype in (torch.float32, torch.float64):
             ref, ref_grads = _outputs(which, "reference", q, key, queue, n_hard, replay, temperature)
             assert_verbose_allclose(out, ref, rtol=rtol, atol=atol, name=which)
@@ -239,9 +239,12 @@ def test_known_mixed_logit():
 
 
 def _draws(q, queue, n_hard, n_mix, n_mix_query, seed=0):
+    """The C++ loss's draws, as queue rows through the hard sets (torch.topk's, in column order)."""
     draw, drawn = _recording_draw(n_mix, n_mix_query, seed)
     ops._loss_rows(q, q, queue, n_hard, draw, 5.0, "cpp")
-    return drawn[0]
+    first, second, weight = drawn[0]
+    hard = (F.normalize(q, dim=1) @ F.normalize(queue, dim=1).T).topk(n_hard, dim=1).indices.sort(1).values
+    return (*ops.in_queue(hard, first, second), weight)
 
 
 def test_pairs_distinct_and_in_own_hard_set():
@@ -366,30 +369,36 @@ def test_opcheck_cpp_queue_ops():
     scale, inverse = row_scales(queue)
     torch.testing.assert_close(scale, power_of_two_scales(queue), rtol=0, atol=0)
     torch.testing.assert_close(inverse, inverse_norms(queue), rtol=1e-6, atol=0)
-    qs = F.normalize(torch.randn(4, 9, generator=g), dim=1) * 5
-    s = qs @ queue.T
-    bound = qs.norm(dim=1)
-    torch.library.opcheck(ops.mochi_queue_rows, (s.clone(), bound, inverse, 6, "cpp"))
-    logits = s * inverse
-    lse, hard = ops.mochi_queue_rows(s, bound, inverse, 6, "cpp")
-    torch.testing.assert_close(lse, logits.logsumexp(1))
-    torch.testing.assert_close(s, logits.softmax(1) * inverse)
-    assert torch.equal(hard.sort(1).values, logits.topk(6, dim=1).indices.sort(1).values)
-    # the mix's LSE with its gradient factors, against mochi_mix's logits through autograd
-    q, queue, first, second, weight = _mix_args(dtype=torch.float64)
-    inv_tau = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
-    scales = power_of_two_scales(queue)
-    torch.library.opcheck(ops.mochi_mix_lse, (q, q, queue, first, second, weight, scales, inv_tau.detach(), "cpp"))
-    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
-    lse = ops.mochi_mix_lse(q1, q.detach(), queue, first, second, weight, scales, inv_tau, "cpp")[0]
-    mixed = ops.mochi_mix(q2, q.detach(), queue, first, second, weight, scales, "cpp")[0]
-    expected = (mixed * inv_tau).logsumexp(1)
-    torch.testing.assert_close(lse, expected, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn(lse.shape, dtype=torch.float64, generator=g)
-    got = torch.autograd.grad(lse, (q1, inv_tau), upstream)
-    want = torch.autograd.grad(expected, (q2, inv_tau), upstream)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the C++ loss's chunk pass: queue and synthetic logits' lse, and its gradient's weights, against
+    # the eager formulas through autograd (mochi_mix for the synthetic logits); queue rows of every scale
+    queue = queue.double()
+    scale, inverse = row_scales(queue)
+    qs = (F.normalize(torch.randn(4, 9, generator=g, dtype=torch.float64), dim=1) * 5).requires_grad_()
+    q_bar = F.normalize(qs.detach(), dim=1)
+    b, n, n_mix, n_query = 4, 6, 7, 3
+    first, second, weight = ops.draw_negatives(
+        b, n, n_mix=n_mix, n_mix_query=n_query, generator=g, device="cpu"
+    )
+    s = qs.detach() @ queue.T
+    bound = qs.detach().norm(dim=1)
+    args = (bound, inverse, n, qs.detach(), q_bar, queue, scale, first, second, weight.double(), "cpp")
+    torch.library.opcheck(ops.mochi_queue_rows, (s.clone(), *args))
+    lse, q_coef = ops.mochi_queue_rows(s, *args)
+    logits = qs @ (queue * inverse[:, None]).T
+    hard = logits.detach().topk(n, dim=1).indices.sort(1).values
+    mixed, _ = ops.mochi_mix(qs, q_bar, queue, *ops.in_queue(hard, first, second), weight.double(), scale, "cpp")
+    want = torch.cat([logits, mixed], dim=1).logsumexp(1)
+    torch.testing.assert_close(lse, want.detach(), rtol=1e-12, atol=1e-12)
+    (want_grad,) = torch.autograd.grad(want.sum(), qs)
+    torch.testing.assert_close(s @ queue + q_coef[:, None] * q_bar, want_grad, rtol=1e-10, atol=1e-12)
+    # without synthetic negatives: the queue's lse and softmax·scale alone
+    s = qs.detach() @ queue.T
+    none = torch.empty(b, 0, dtype=torch.long)
+    args = (bound, inverse, 0, qs.detach(), q_bar, queue, scale, none, none, none.double(), "cpp")
+    lse, q_coef = ops.mochi_queue_rows(s, *args)
+    torch.testing.assert_close(lse, logits.detach().logsumexp(1))
+    torch.testing.assert_close(s, logits.detach().softmax(1) * inverse)
+    assert not q_coef.any()
 
 
 def test_no_double_backward():
@@ -634,7 +643,7 @@ def test_tensor_temperature_gradient(impl):
     q, key, queue = _inputs(3, 12, 4, torch.float64)
     draw, drawn = _recording_draw(4, 2)
     results = []
-    for which, how in ((impl, draw), ("reference", lambda hard: drawn[0])):
+    for which, how in ((impl, draw), ("reference", lambda b, n: drawn[0])):
         tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
         a = q.clone().requires_grad_()
         inv_tau = _checks.inverse_temperature("temperature", tau, q.device)
@@ -653,5 +662,5 @@ def test_rows_of_extreme_norm(impl):
     scale = torch.tensor([1e20, 1e-20, 1e30, 1e-30, 1.0, 2.0, 1e20, 1e-20, 5.0, 1e-25])[:, None]
     draw, drawn = _recording_draw(5, 3)
     want = ops._logits(q, key, queue, 6, draw, 5.0, impl)
-    got = ops._logits(q * scale[:4], key * scale[4:8], queue * scale, 6, lambda hard: drawn[0], 5.0, impl)
+    got = ops._logits(q * scale[:4], key * scale[4:8], queue * scale, 6, lambda b, n: drawn[0], 5.0, impl)
     assert_verbose_allclose(got, want, rtol=1e-5, atol=1e-5, name="logits")

@@ -27,18 +27,27 @@
 //  c. the n-th largest among those, then the columns above it and as many equal to it as make n.
 // Ranks (a, c) are found on order-preserving integer keys, one bit per counting pass, without a
 // data-dependent branch (std::nth_element's comparisons of random values are mispredicted about
-// half the time; `mochi_queue_rows` 18.7 -> 14.2 ms per step, benchmarks/profile_mochi.py). When fewer than n pass (b) (ties, or an unlucky sample), (c) runs over
-// the whole row, so the result is always exact. NaN ranks above every number, as in torch.topk.
+// half the time; `mochi_queue_rows` 18.7 -> 14.2 ms per step, benchmarks/profile_mochi.py). When
+// fewer than n pass (b) (ties, or an unlucky sample), (c) runs over the whole row, so the result is
+// always exact. NaN ranks above every number, as in torch.topk.
 //
-// The queue's log-sum-exp, lse_b = log sum_k exp(s_bk) over a chunk of its logits, the hard sets,
-// and the weights p_bk = exp(s_bk - lse_b) scale_k of the gradient direction sum_k p_bk n_k come
-// from mochi_queue_rows_cpu, which takes each row of the raw products q_b . n_k through all of it
-// (the column scale 1/|n_k|, the selection, exp and sum, the weights) while the row is in cache:
-// the chunk [rows, K] is larger than the caches, and the ATen passes it replaces (scale, top-n,
-// max, subtract, exp, sum, divide, scale) each streamed it from memory. s_bk = qs_b . n^_k <= |qs_b|,
-// so the fixed shift m_b = |qs_b| is an upper bound and exp(s_bk - m_b) >= exp(-2 m_b) is a normal
-// float while 2 m_b <= 80 (the tile kernels' fixed shift, csrc/tiles.h); beyond that the row's
-// max is found first.
+// The loss's negatives, lse_b = log (sum_k exp(s_bk) + sum_s exp(qs_b . h_bs)) over a chunk of queue
+// logits s_bk = qs_b . n^_k and the row's synthetic negatives, the hard sets, and the gradient's
+// weights come from mochi_queue_rows_cpu, which takes each row of the raw products q_b . n_k
+// through all of it while the row is in cache: the column scale 1/|n_k|, the selection, the
+// synthetic logits (qs.a^ and qs.n^ are the row's own logits at the hard columns, so only the rows'
+// products a.a, n.n, a.n are formed, three per element where the logits path forms five), the
+// exponentials and sums of both parts, and the weights. The synthetic negatives' softmax weights
+// times h's coefficients are added onto the weights of the queue columns they mix (the query's
+// share kept apart), so that the one product weights . queue that the queue's gradient needs gives
+// the direction of both, and no queue row is read a second time. The chunk [rows, K] is larger than
+// the caches, and the ATen passes it replaces (scale, top-n, max, subtract, exp, sum, divide,
+// scale) each streamed it from memory. s_bk <= |qs_b| and qs_b . h_bs <= |qs_b|, so the fixed shift
+// m_b = |qs_b| is an upper bound and exp(s_bk - m_b) >= exp(-2 m_b) is a normal float while
+// 2 m_b <= 80 (the tile kernels' fixed shift, csrc/tiles.h); beyond that the row's max is found
+// first. The synthetic negatives' time is in fetching their rows (about 900 distinct rows of the
+// 1024 in a query's hard set, from L3): `perf annotate` puts 82 % of the row loop's samples on the
+// prefetches of the rows kAhead negatives ahead, and kAhead from 1 to 32 gives the same time.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -117,28 +126,33 @@ FASTSSL_ROW_KERNEL void axpy2(acc_t* out, acc_t x, const row_t* a, acc_t y, cons
   for (; i < d; ++i) out[i] += x * static_cast<acc_t>(a[i]) + y * static_cast<acc_t>(n[i]);
 }
 
-// The five dot products of q, x = a sa and y = n sn (the rows times their scales), over kLanes
-// partial sums held in registers (GCC vectors), the tail zero-padded into one more step.
-template <typename acc_t, typename row_t>
+// The dot products of q, x = a sa and y = n sn (the rows times their scales): all five with kQuery,
+// else x.x, y.y and x.y only (q unread). Over kLanes partial sums held in registers (GCC vectors),
+// the tail zero-padded into one more step.
+template <bool kQuery, typename acc_t, typename row_t>
 FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const row_t* a, acc_t sa, const row_t* n, acc_t sn, int64_t d) {
   using V = Lanes<acc_t>;
   V qa = {}, qn = {}, aa = {}, nn = {}, an = {};
   const auto add = [&](const V& qv, const V& av, const V& nv) {
     const V x = av * sa, y = nv * sn;
-    qa += qv * x;
-    qn += qv * y;
+    if constexpr (kQuery) {
+      qa += qv * x;
+      qn += qv * y;
+    }
     aa += x * x;
     nn += y * y;
     an += x * y;
   };
   int64_t i0 = 0;
   for (; i0 + kLanes <= d; i0 += kLanes) {
-    add(load_lanes(q + i0), load_widened<acc_t>(a + i0), load_widened<acc_t>(n + i0));
+    V qv = {};
+    if constexpr (kQuery) qv = load_lanes(q + i0);
+    add(qv, load_widened<acc_t>(a + i0), load_widened<acc_t>(n + i0));
   }
   if (i0 < d) {
     acc_t tail_q[kLanes] = {};
     row_t tail[2][kLanes] = {};
-    std::copy(q + i0, q + d, tail_q);
+    if constexpr (kQuery) std::copy(q + i0, q + d, tail_q);
     std::copy(a + i0, a + d, tail[0]);
     std::copy(n + i0, n + d, tail[1]);
     add(load_lanes(tail_q), load_widened<acc_t>(tail[0]), load_widened<acc_t>(tail[1]));
@@ -153,9 +167,22 @@ FASTSSL_ROW_KERNEL Dots<acc_t> dots(const acc_t* q, const row_t* a, acc_t sa, co
     v += __builtin_shufflevector(v, v, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     return v[0];
   };
-  return {total(qa), total(qn), total(aa), total(nn), total(an)};
+  if constexpr (kQuery) return {total(qa), total(qn), total(aa), total(nn), total(an)};
+  return {0, 0, total(aa), total(nn), total(an)};
 }
 
+
+// Rows are random: each mix's two rows are fetched into L1 kAhead mixes ahead of their use.
+constexpr int64_t kAhead = 4;
+
+template <typename row_t>
+void prefetch_rows(const row_t* a, const row_t* n, int64_t d) {
+  const char *pa = reinterpret_cast<const char*>(a), *pn = reinterpret_cast<const char*>(n);
+  for (int64_t off = 0; off < d * int64_t(sizeof(row_t)); off += 64) {
+    __builtin_prefetch(pa + off);
+    __builtin_prefetch(pn + off);
+  }
+}
 
 // The inputs of one call, checked and made contiguous.
 struct Mix {
@@ -196,16 +223,10 @@ struct Mix {
     const int64_t* j = second.data_ptr<int64_t>() + row * s;
     const scalar_t* rows = queue.data_ptr<scalar_t>();
     const scalar_t* self = q_bar.data_ptr<scalar_t>() + row * d;
-    constexpr int64_t kAhead = 4;  // rows are random: fetch the mix kAhead columns ahead
     for (int64_t col = 0; col < s; ++col) {
       if (col + kAhead < s) {
         const int64_t i_next = i[col + kAhead];
-        const char* a_next = reinterpret_cast<const char*>(i_next < 0 ? self : rows + i_next * d);
-        const char* n_next = reinterpret_cast<const char*>(rows + j[col + kAhead] * d);
-        for (int64_t off = 0; off < d * int64_t(sizeof(scalar_t)); off += 64) {
-          __builtin_prefetch(a_next + off);
-          __builtin_prefetch(n_next + off);
-        }
+        prefetch_rows(i_next < 0 ? self : rows + i_next * d, rows + j[col + kAhead] * d, d);
       }
       fn(col, i[col] < 0 ? self : rows + i[col] * d, rows + j[col] * d, i[col], j[col]);
     }
@@ -363,10 +384,10 @@ void select_largest(T* v, int64_t k, int64_t n, int64_t* out, Selection<T>& work
   }
 }
 
-// For one row of logits p [k]: e = exp(p - m), p <- (e / sum e) scale, returns lse = m + log sum e;
-// m = bound when the fixed shift is exact, else the row's max (NaN propagates through the sum).
+// For one row of logits p [k]: p <- e = exp(p - m), returns (m, sum e); m = bound when the fixed
+// shift is exact, else the row's max (NaN propagates through the sum).
 template <typename T>
-FASTSSL_ROW_KERNEL T softmax_weights(T* p, int64_t k, T bound, const T* scale) {
+FASTSSL_ROW_KERNEL std::pair<T, T> exp_in_place(T* p, int64_t k, T bound) {
   T m = bound;
   if (!(2 * m <= T(80))) {
     m = -std::numeric_limits<T>::infinity();
@@ -384,11 +405,23 @@ FASTSSL_ROW_KERNEL T softmax_weights(T* p, int64_t k, T bound, const T* scale) {
     part += load_lanes(e);
   }
   for (int64_t j = j0; j < k; ++j) p[j] = fastssl::exp_tile(p[j] - m);
-  const T total = fastssl::lanes_total(part, p + j0, k - j0);
-  const T inv_total = T(1) / total;
+  return {m, fastssl::lanes_total(part, p + j0, k - j0)};
+}
+
+// p_j <- p_j c scale_j
+template <typename T>
+FASTSSL_ROW_KERNEL void scale_weights(T* p, int64_t k, T c, const T* scale) {
 #pragma omp simd
-  for (int64_t j = 0; j < k; ++j) p[j] *= inv_total * scale[j];
-  return m + std::log(total);
+  for (int64_t j = 0; j < k; ++j) p[j] *= c * scale[j];
+}
+
+// log(e^x + e^y), -inf when both are
+template <typename T>
+T log_add_exp(T x, T y) {
+  if (std::isnan(x) || std::isnan(y)) return x + y;
+  const T hi = std::max(x, y);
+  if (hi == -std::numeric_limits<T>::infinity()) return hi;
+  return hi + std::log1p(std::exp(std::min(x, y) - hi));
 }
 
 // Query `row`'s S negatives: logits out[s] = q.h_s by (4) and the coefficients out_coef[2s, 2s + 1]
@@ -402,9 +435,9 @@ void mix_logits_row(const Mix& mix, int64_t row, const acc_t* qr, const acc_t* w
     const acc_t sa = i < 0 ? acc_t(1) : scale[i], sn = scale[j];  // the query is a unit row
     const Dots<acc_t> p = [&] {
       if constexpr (kDirectRows<scalar_t, acc_t>) {
-        return dots(qr, a_raw, sa, n_raw, sn, d);
+        return dots<true>(qr, a_raw, sa, n_raw, sn, d);
       } else {
-        return dots(qr, widen(a_raw, d, buf), sa, widen(n_raw, d, buf + d), sn, d);
+        return dots<true>(qr, widen(a_raw, d, buf), sa, widen(n_raw, d, buf + d), sn, d);
       }
     }();
     const acc_t c_a = w[col] * clamped_inverse_sqrt(p.aa);
@@ -433,8 +466,128 @@ void mix_grad_row(const Mix& mix, int64_t row, const acc_t* g, const acc_t* coef
 
 }  // namespace
 
+namespace {
+
+// The synthetic negatives of a chunk of the loss's rows, checked: positions first, second [R, S] in
+// each row's hard set (first = -1: the query), weights [R, S], the queue [K, D] with its rows'
+// power-of-two scales [K], and the query rows q_bar [R, D] in the queue's dtype (qs = q_bar / tau in
+// the accumulation dtype, as the products s were made from).
+struct MixRows {
+  at::Tensor qs, q_bar, queue, row_scale, first, second, weight;
+  int64_t s, d;
+
+  MixRows(const at::Tensor& qs_in, const at::Tensor& q_bar_in, const at::Tensor& queue_in,
+          const at::Tensor& row_scale_in, const at::Tensor& first_in, const at::Tensor& second_in,
+          const at::Tensor& weight_in, int64_t r, int64_t k, int64_t n, at::ScalarType acc)
+      : qs(qs_in.to(acc).contiguous()),
+        q_bar(q_bar_in.contiguous()),
+        queue(queue_in.contiguous()),
+        row_scale(row_scale_in.to(acc).contiguous()),
+        first(first_in.contiguous()),
+        second(second_in.contiguous()),
+        weight(weight_in.to(acc).contiguous()) {
+    const char* fn = "mochi_queue_rows_cpu";
+    TORCH_CHECK(queue.dim() == 2 && queue.size(0) == k && queue.device().is_cpu(), fn, ": queue must be [", k,
+                ", D] on the CPU, got ", queue.sizes());
+    d = queue.size(1);
+    TORCH_CHECK(q_bar.sizes() == at::IntArrayRef({r, d}) && qs.sizes() == q_bar.sizes() &&
+                    q_bar.scalar_type() == queue.scalar_type(),
+                fn, ": qs and q_bar must be [", r, ", ", d, "], q_bar in the queue's dtype, got ", qs.sizes(), " and ",
+                q_bar.sizes(), " ", q_bar.scalar_type());
+    TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == k, fn, ": row_scale must be [", k, "], got ",
+                row_scale.sizes());
+    TORCH_CHECK(first.dim() == 2 && first.size(0) == r && second.sizes() == first.sizes() &&
+                    weight.sizes() == first.sizes() && first.scalar_type() == at::kLong &&
+                    second.scalar_type() == at::kLong,
+                fn, ": first, second (int64) and weight must be [", r, ", S], got ", first.sizes(), ", ",
+                second.sizes(), " and ", weight.sizes());
+    s = first.size(1);
+    if (first.numel() > 0) {
+      TORCH_CHECK(first.min().item<int64_t>() >= -1 && first.max().item<int64_t>() < n &&
+                      second.min().item<int64_t>() >= 0 && second.max().item<int64_t>() < n,
+                  fn, ": positions out of range for hard sets of ", n, " rows");
+    }
+  }
+};
+
+// Per synthetic negative of a row: the rows' products x.x, y.y, x.y (x = a sa, y = n sn, the rows
+// times their power-of-two scales), qs.a^ and qs.n^, the weight, and the scales that take h's
+// coefficients back to the rows as stored; then by (4), in place, h = coef_a a + coef_n n.
+template <typename acc_t>
+struct MixTerms {
+  std::vector<acc_t> aa, nn, an, la, ln, sa, sn, w;
+
+  void resize(int64_t s) {
+    for (auto* v : {&aa, &nn, &an, &la, &ln, &sa, &sn, &w}) v->resize(s);
+  }
+};
+
+// (4) for s negatives at once, elementwise (vectorised): mixed = qs.h = (w qs.a^ + (1 - w) qs.n^) / |v|,
+// and sa <- coef_a, sn <- coef_n.
+template <typename T>
+FASTSSL_ROW_KERNEL void mix_terms(int64_t s, const T* w, const T* aa, const T* nn, const T* an, const T* la,
+                                  const T* ln, T* sa, T* sn, T* mixed) {
+#pragma omp simd
+  for (int64_t c = 0; c < s; ++c) {
+    const T c_a = w[c] * clamped_inverse_sqrt(aa[c]), c_n = (1 - w[c]) * clamped_inverse_sqrt(nn[c]);
+    const T r = clamped_inverse_sqrt(c_a * c_a * aa[c] + c_n * c_n * nn[c] + 2 * c_a * c_n * an[c]);
+    mixed[c] = (w[c] * la[c] + (1 - w[c]) * ln[c]) * r;
+    sa[c] *= c_a * r;
+    sn[c] *= c_n * r;
+  }
+}
+
+// Row `row`'s synthetic negatives by (4), from its queue logits l_j = qs.n^_j at the hard columns
+// (qs.a^ is l_a: only the rows' own products are formed, O(D), and no product with the query).
+// t: their terms, mixed[s] = qs.h_s with h_s = t.sa[s] a + t.sn[s] n relative to the rows as stored,
+// a = q_bar's row where first < 0. buf: 3 d scratch (the widened query row, and two fp16 rows).
+template <typename scalar_t, typename acc_t>
+void mix_from_logits(const MixRows& in, int64_t row, const acc_t* l, const int64_t* hard, MixTerms<acc_t>& t,
+                     acc_t* mixed, acc_t* buf) {
+  const int64_t d = in.d, s = in.s;
+  const int64_t* fi = in.first.data_ptr<int64_t>() + row * s;
+  const int64_t* si = in.second.data_ptr<int64_t>() + row * s;
+  const acc_t* scale = in.row_scale.data_ptr<acc_t>();
+  const scalar_t* rows = in.queue.data_ptr<scalar_t>();
+  const scalar_t* self = in.q_bar.data_ptr<scalar_t>() + row * d;
+  const acc_t* qr = widen(self, d, buf);  // q_bar's row: a unit row, scale 1
+  const acc_t* qs = in.qs.data_ptr<acc_t>() + row * d;
+  acc_t qs_self = 0;  // qs.q_bar
+  for (int64_t i = 0; i < d; ++i) qs_self += qs[i] * qr[i];
+  const auto rows_of = [&](const scalar_t* a, const scalar_t* n, acc_t sa, acc_t sn, auto query) {
+    if constexpr (kDirectRows<scalar_t, acc_t>) {
+      return dots<decltype(query)::value>(qr, a, sa, n, sn, d);
+    } else {
+      return dots<decltype(query)::value>(qr, widen(a, d, buf + d), sa, widen(n, d, buf + 2 * d), sn, d);
+    }
+  };
+  std::copy(in.weight.data_ptr<acc_t>() + row * s, in.weight.data_ptr<acc_t>() + (row + 1) * s, t.w.begin());
+  for (int64_t c = 0; c < s; ++c) {
+    if (c + kAhead < s) {
+      const int64_t a_next = fi[c + kAhead];
+      prefetch_rows(a_next < 0 ? self : rows + hard[a_next] * d, rows + hard[si[c + kAhead]] * d, d);
+    }
+    const int64_t j = hard[si[c]], i = fi[c] < 0 ? -1 : hard[fi[c]];
+    const Dots<acc_t> p = i < 0 ? rows_of(self, rows + j * d, acc_t(1), scale[j], std::true_type{})
+                                : rows_of(rows + i * d, rows + j * d, scale[i], scale[j], std::false_type{});
+    t.aa[c] = p.aa, t.nn[c] = p.nn, t.an[c] = p.an;
+    // qs.a^: l_i for a queue row; for the query, qs.q_bar / |q_bar|
+    t.la[c] = i < 0 ? qs_self * clamped_inverse_sqrt(p.aa) : l[i];
+    t.ln[c] = l[j];
+    t.sa[c] = i < 0 ? acc_t(1) : scale[i];
+    t.sn[c] = scale[j];
+  }
+  mix_terms(s, t.w.data(), t.aa.data(), t.nn.data(), t.an.data(), t.la.data(), t.ln.data(), t.sa.data(), t.sn.data(),
+            mixed);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::Tensor& bound_in,
-                                                        const at::Tensor& scale_in, int64_t n) {
+                                                        const at::Tensor& scale_in, int64_t n, const at::Tensor& qs,
+                                                        const at::Tensor& q_bar, const at::Tensor& queue,
+                                                        const at::Tensor& row_scale, const at::Tensor& first,
+                                                        const at::Tensor& second, const at::Tensor& weight) {
   TORCH_CHECK(s.dim() == 2 && s.device().is_cpu() && s.is_contiguous() &&
                   (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
               "mochi_queue_rows_cpu: s must be a contiguous 2-D fp32/fp64 CPU tensor, got ", s.sizes());
@@ -444,25 +597,62 @@ std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::
   TORCH_CHECK(bound.numel() == r && scale.numel() == k, "mochi_queue_rows_cpu: bound must be [", r, "] and scale [", k,
               "], got ", bound.sizes(), " and ", scale.sizes());
   TORCH_CHECK(n >= 0 && n <= k, "mochi_queue_rows_cpu: n must be in [0, ", k, "], got ", n);
+  TORCH_CHECK(at::toOpMathType(queue.scalar_type()) == s.scalar_type(), "mochi_queue_rows_cpu: s must be ",
+              at::toOpMathType(queue.scalar_type()), " for a ", queue.scalar_type(), " queue, got ", s.scalar_type());
+  const MixRows mix(qs, q_bar, queue, row_scale, first, second, weight, r, k, n, s.scalar_type());
+  TORCH_CHECK(mix.s == 0 || n > 0, "mochi_queue_rows_cpu: synthetic negatives need a hard set (n > 0)");
   at::Tensor lse = at::empty({r}, s.options());
-  at::Tensor hard = at::empty({r, n}, s.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mochi_queue_rows_cpu", [&] {
-    scalar_t* sp = s.data_ptr<scalar_t>();
-    const scalar_t* sc = scale.data_ptr<scalar_t>();
+  at::Tensor q_coef = at::zeros({r}, s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, queue.scalar_type(), "mochi_queue_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* sp = s.data_ptr<acc_t>();
+    const acc_t* sc = scale.data_ptr<acc_t>();
+    const int64_t ns = mix.s;
     at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-      Selection<scalar_t> work;
-      for (int64_t row = begin; row < end; ++row) {  // the three steps while the row is in cache
-        scalar_t* p = sp + row * k;
+      Selection<acc_t> work;
+      std::vector<int64_t> hard(n);
+      std::vector<acc_t> mixed(ns), buf(3 * mix.d);
+      MixTerms<acc_t> terms;
+      terms.resize(ns);
+      for (int64_t row = begin; row < end; ++row) {  // every step while the row is in cache
+        acc_t* p = sp + row * k;
+        const acc_t bound_r = bound.data_ptr<acc_t>()[row];  // also bounds qs.h (h a unit vector)
         if (n > 0) {
-          select_largest(p, k, n, hard.data_ptr<int64_t>() + row * n, work, sc);
+          select_largest(p, k, n, hard.data(), work, sc);
         } else {
           scale_columns(p, k, sc);
         }
-        lse.data_ptr<scalar_t>()[row] = softmax_weights(p, k, bound.data_ptr<scalar_t>()[row], sc);
+        // the synthetic negatives' logits (reading p, the logits, at the hard columns), then
+        // mixed <- exp(mixed - m_mix)
+        acc_t lse_mix = -std::numeric_limits<acc_t>::infinity(), total_mix = 1;
+        if (ns > 0) {
+          mix_from_logits<scalar_t>(mix, row, p, hard.data(), terms, mixed.data(), buf.data());
+          const auto [m, total] = exp_in_place(mixed.data(), ns, bound_r);
+          lse_mix = m + std::log(total), total_mix = total;
+        }
+        // the queue's; lse over both, and each part's share of it (the softmax over all the negatives)
+        const auto [m, total] = exp_in_place(p, k, bound_r);
+        const acc_t lse_queue = m + std::log(total), all = log_add_exp(lse_queue, lse_mix);
+        lse.data_ptr<acc_t>()[row] = all;
+        scale_weights(p, k, std::exp(lse_queue - all) / total, sc);
+        // then the synthetic negatives' weights onto the rows they mix: the product with the queue
+        // that follows gives the direction of both (the query's share in q_coef)
+        if (ns > 0) {
+          const acc_t share = std::exp(lse_mix - all) / total_mix;
+          const int64_t* fi = mix.first.data_ptr<int64_t>() + row * ns;
+          const int64_t* si = mix.second.data_ptr<int64_t>() + row * ns;
+          acc_t self = 0;
+          for (int64_t c = 0; c < ns; ++c) {
+            const acc_t g = share * mixed[c];
+            (fi[c] < 0 ? self : p[hard[fi[c]]]) += g * terms.sa[c];
+            p[hard[si[c]]] += g * terms.sn[c];
+          }
+          q_coef.data_ptr<acc_t>()[row] = self;
+        }
       }
     });
   });
-  return {lse, hard};
+  return {lse, q_coef};
 }
 
 at::Tensor mochi_hard_set_cpu(const at::Tensor& scores_in, int64_t n) {
@@ -531,54 +721,6 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in, con
     });
   });
   return {logits, coef};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mochi_mix_lse_cpu(const at::Tensor& q_in, const at::Tensor& q_bar,
-                                                                 const at::Tensor& queue, const at::Tensor& first,
-                                                                 const at::Tensor& second, const at::Tensor& weight_in,
-                                                                 const at::Tensor& row_scale_in,
-                                                                 const at::Tensor& inv_tau_in) {
-  const Mix mix(q_bar, queue, first, second, "mochi_mix_lse_cpu");
-  const MixForward in(mix, q_in, weight_in, row_scale_in, "mochi_mix_lse_cpu");
-  TORCH_CHECK(inv_tau_in.numel() == 1, "mochi_mix_lse_cpu: inv_tau must have one element, got ", inv_tau_in.sizes());
-  const double inv_tau = inv_tau_in.item<double>();
-  at::Tensor lse = at::empty({mix.b}, in.q.options().dtype(in.acc));
-  at::Tensor direction = at::empty({mix.b, mix.d}, lse.options());
-  at::Tensor mean = at::empty({mix.b}, lse.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.q.scalar_type(), "mochi_mix_lse", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t d = mix.d, s = mix.s;
-    const acc_t k = static_cast<acc_t>(inv_tau);
-    at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(3 * d), logits(s), coef(2 * s), p(s);
-      for (int64_t row = begin; row < end; ++row) {
-        acc_t* dir = direction.data_ptr<acc_t>() + row * d;
-        if (s == 0) {  // no synthetic negative: an empty sum
-          lse.data_ptr<acc_t>()[row] = -std::numeric_limits<acc_t>::infinity();
-          mean.data_ptr<acc_t>()[row] = 0;
-          std::fill(dir, dir + d, acc_t(0));
-          continue;
-        }
-        const acc_t* qr = widen(in.q.data_ptr<scalar_t>() + row * d, d, buf.data());
-        mix_logits_row<scalar_t>(mix, row, qr, in.weight.data_ptr<acc_t>() + row * s, in.row_scale.data_ptr<acc_t>(),
-                                 logits.data(), coef.data(), buf.data() + d);
-        // p = softmax(k m), lse = log sum exp(k m), mean = sum p m: the row's rows are still in cache
-        acc_t top = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t c = 0; c < s; ++c) top = std::max(top, k * logits[c]);
-        acc_t total = 0, first_moment = 0;
-        for (int64_t c = 0; c < s; ++c) {
-          p[c] = std::exp(k * logits[c] - top);
-          total += p[c];
-          first_moment += p[c] * logits[c];
-        }
-        for (int64_t c = 0; c < s; ++c) p[c] /= total;
-        lse.data_ptr<acc_t>()[row] = top + std::log(total);
-        mean.data_ptr<acc_t>()[row] = first_moment / total;
-        mix_grad_row<scalar_t>(mix, row, p.data(), coef.data(), dir, buf.data() + d);
-      }
-    });
-  });
-  return {lse, direction, mean};
 }
 
 at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar, const at::Tensor& queue,

@@ -21,9 +21,10 @@ five dot products of the rows involved, O(D) per synthetic negative. h is detach
 `fastssl::mochi_mix` (csrc/cpu/mochi.cpp, kernels/mochi.py) computes (4) and that backward. The
 top-n selection is `fastssl::mochi_hard_set` on CPU (an O(K) selection in C++) and torch.topk on
 GPU; in the C++ loss, `fastssl::mochi_queue_rows` takes each row of a chunk of queue products through
-the scale, the selection and the queue's softmax at once (docs/design.md, "MoCHi": the C++ queue
-pass). The positive, the queue logits (one matmul, the queue's 1/‖n‖ applied to its columns) and
-the loss are plain PyTorch here. The loss is LSE(row) − logit₀ per query, with the
+the scale, the selection, the synthetic negatives (their qs·â and qs·n̂ read from the row's logits)
+and the softmax over both at once (docs/design.md, "MoCHi": the C++ queue pass). The positive, the
+queue logits (one matmul, the queue's 1/‖n‖ applied to its columns) and the loss are plain PyTorch
+here. The loss is LSE(row) − logit₀ per query, with the
 queue's LSE and its gradient computed by chunks of rows (_QueueLogSumExp), so that beyond the
 [B, K] queue logits no [B, K] buffer is held: the [B, 1 + K + S] logits exist only in mochi_logits.
 """
@@ -42,8 +43,8 @@ from fastssl._reductions import check_reduction, reduce_rows
 from fastssl._rows import inverse_norms, power_of_two_scales, row_scales, unit_rows
 from fastssl.reference import mochi as reference
 
-# draw(hard [B, n_hard]) -> (first, second, weight), each [B, S]; see draw_negatives
-Draw = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+# draw(B, n_hard) -> (first, second, weight), each [B, S]: positions in the hard sets; see draw_negatives
+Draw = Callable[[int, int], tuple[Tensor, Tensor, Tensor]]
 
 
 @torch.library.custom_op("fastssl::mochi_mix", mutates_args=())
@@ -100,53 +101,6 @@ def _backward(ctx, grad_logits, grad_coef):
 mochi_mix.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastssl::mochi_mix_lse", mutates_args=())
-def mochi_mix_lse(
-    q: Tensor,
-    q_bar: Tensor,
-    queue: Tensor,
-    first: Tensor,
-    second: Tensor,
-    weight: Tensor,
-    row_scale: Tensor,
-    inv_tau: Tensor,
-    impl: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """lse_b = log Σ_s exp(inv_tau·q_b·h_bs) over mochi_mix's synthetic negatives (C++ only: the loss's
-    path), with direction_b = Σ_s softmax_bs h_bs [B, D] and mean_b = Σ_s softmax_bs q_b·h_bs [B], the
-    gradient's factors (∂lse_b/∂q_b = inv_tau·direction_b, h detached; ∂lse_b/∂inv_tau = mean_b), from
-    one pass over the mixed rows while each query's are in cache: the backward reads no row again.
-    Arguments as mochi_mix; inv_tau a one-element tensor. In fp32 (fp64 for fp64 q); −inf for S = 0."""
-    kernel = _ext.kernel(impl, q.device, cpp="mochi_mix_lse_cpu")
-    return kernel(q, q_bar, queue, first, second, weight, row_scale, inv_tau)
-
-
-@mochi_mix_lse.register_fake
-def _(q, q_bar, queue, first, second, weight, row_scale, inv_tau, impl):
-    acc = _checks.accumulate_dtype(q.dtype)
-    b, d = q.shape
-    return q.new_empty(b, dtype=acc), q.new_empty((b, d), dtype=acc), q.new_empty(b, dtype=acc)
-
-
-def _setup_mix_lse(ctx, inputs, output):
-    q, queue, inv_tau = inputs[0], inputs[2], inputs[7]
-    # the queue is saved though the backward does not read it, so that enqueueing before backward
-    # raises as on every other path (fastssl.MemoryQueue's contract)
-    ctx.save_for_backward(output[1], output[2], inv_tau, queue)
-    ctx.q_dtype = q.dtype
-
-
-def _mix_lse_backward(ctx, grad_lse, _grad_direction, _grad_mean):
-    direction, mean, inv_tau, _queue = ctx.saved_tensors
-    g = grad_lse.to(direction.dtype)
-    grad_q = (g[:, None] * (inv_tau.to(direction.dtype).reshape(()) * direction)).to(ctx.q_dtype)
-    grad_tau = (g * mean).sum().to(inv_tau.dtype).reshape(inv_tau.shape) if ctx.needs_input_grad[7] else None
-    return grad_q, None, None, None, None, None, None, grad_tau, None
-
-
-mochi_mix_lse.register_autograd(_mix_lse_backward, setup_context=_setup_mix_lse)
-
-
 def queue_scores(qs: Tensor, queue: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
     """s_bk = qs_b·n_k·scale_k in scale's dtype: the queue logits of (1) for qs = q̂/τ, scale = 1/‖n‖.
 
@@ -177,17 +131,35 @@ def _(scores, n_hard, impl):
 
 
 @torch.library.custom_op("fastssl::mochi_queue_rows", mutates_args=("s",))
-def mochi_queue_rows(s: Tensor, bound: Tensor, scale: Tensor, n_hard: int, impl: str) -> tuple[Tensor, Tensor]:
-    """For the raw queue products s [R, K] = qs·queueᵀ (C++ only): the logits l = s·scale, their lse [R]
-    and n_hard largest columns [R, n_hard] (as mochi_hard_set), and s ← softmax(l)·scale in place,
-    each row taken through all of it while it is in cache; bound_r ≥ max_k l_rk (‖qs_r‖) is the
-    exponentials' shift where it is exact (csrc/cpu/mochi.cpp)."""
-    return _ext.kernel(impl, s.device, cpp="mochi_queue_rows_cpu")(s, bound, scale, n_hard)
+def mochi_queue_rows(
+    s: Tensor,
+    bound: Tensor,
+    scale: Tensor,
+    n_hard: int,
+    qs: Tensor,
+    q_bar: Tensor,
+    queue: Tensor,
+    row_scale: Tensor,
+    first: Tensor,
+    second: Tensor,
+    weight: Tensor,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """The loss's negatives for a chunk of queries, from their raw queue products s [R, K] = qs·queueᵀ
+    (C++ only): the logits l = s·scale, each row's n_hard largest columns (its hard set, as
+    mochi_hard_set), the synthetic negatives of positions first, second [R, S] in it by (4), with
+    q_bar [R, D] the query rows in the queue's dtype and row_scale [K] the queue rows' power-of-two
+    scales, and their lse [R] over the queue and synthetic logits together; s ← the weights of its
+    gradient: ∂lse_r/∂qs_r = Σ_k s_rk·queue_k + q_coef_r·q_bar_r. Every row is taken through all of
+    it while it is in cache; bound_r ≥ max_k l_rk (‖qs_r‖) is the exponentials' shift where it is
+    exact (csrc/cpu/mochi.cpp). Returns (lse, q_coef)."""
+    kernel = _ext.kernel(impl, s.device, cpp="mochi_queue_rows_cpu")
+    return kernel(s, bound, scale, n_hard, qs, q_bar, queue, row_scale, first, second, weight)
 
 
 @mochi_queue_rows.register_fake
-def _(s, bound, scale, n_hard, impl):
-    return s.new_empty(s.shape[0]), s.new_empty((s.shape[0], n_hard), dtype=torch.long)
+def _(s, bound, scale, n_hard, qs, q_bar, queue, row_scale, first, second, weight, impl):
+    return s.new_empty(s.shape[0]), s.new_empty(s.shape[0])
 
 
 def hard_negatives(scores: Tensor, n_hard: int, impl: str) -> Tensor:
@@ -218,25 +190,32 @@ class _QueueLogSumExp(torch.autograd.Function):
     does not depend on g: the forward computes G (one matmul per chunk, the one a backward would do)
     while the chunk's scores are at hand, and saves G [B, D] instead of s. Returns (lse [B],
     hard [B, min(n_hard, K)] indices, not differentiable).
+
+    On the C++ path the synthetic negatives join the chunk pass (mochi_queue_rows): given their
+    positions first, second and weights [B, S] (draw_negatives) and q_bar (the detached query rows
+    in the queue's dtype), lse also covers their logits qs·h (h detached), whose gradient weights
+    land on the rows they mix before the matmul, so that one matmul gives the direction of both;
+    hard is then None (the hard sets stay in the kernel).
     """
 
     @staticmethod
-    def forward(ctx, qs, queue, scale, n_hard, impl):
+    def forward(ctx, qs, queue, scale, n_hard, impl, q_bar=None, row_scale=None, first=None, second=None, weight=None):
         (b, d), k = qs.shape, queue.shape[0]
         step, n_hard = _chunk_rows(k), min(n_hard, k)
         lse = scale.new_empty(b)
-        hard = torch.empty((b, n_hard), dtype=torch.long, device=qs.device)
-        grad_dir = queue.new_empty((b, d)) if ctx.needs_input_grad[0] else None
+        hard = None if impl == "cpp" else torch.empty((b, n_hard), dtype=torch.long, device=qs.device)
+        grad_dir = scale.new_empty((b, d)) if ctx.needs_input_grad[0] else None
         buf = scale.new_empty((min(step, b), k))
         for r0 in range(0, b, step):
-            r1 = min(b, r0 + step)
+            r1, q_coef = min(b, r0 + step), None
             if impl == "cpp":
-                # the raw products, then each row through scale, hard set, exp and weights while it is
-                # in cache, ‖qs_b‖ its shift (csrc/cpu/mochi.cpp); the same logits as queue_scores
+                # the raw products, then each row through scale, hard set, synthetic negatives, exp and
+                # weights while it is in cache, ‖qs_b‖ its shift (csrc/cpu/mochi.cpp)
                 s = queue_scores(qs[r0:r1], queue, None, out=buf[: r1 - r0])
                 bound = torch.linalg.vector_norm(qs[r0:r1], dim=1)
-                lse[r0:r1], hard[r0:r1] = mochi_queue_rows(s, bound, scale, n_hard, impl)
-                p = s  # softmax·scale
+                rows = (qs[r0:r1], q_bar[r0:r1], queue, row_scale, first[r0:r1], second[r0:r1], weight[r0:r1])
+                lse[r0:r1], q_coef = mochi_queue_rows(s, bound, scale, n_hard, *rows, impl)
+                p = s  # the gradient's weights
             else:
                 s = queue_scores(qs[r0:r1], queue, scale, out=buf[: r1 - r0])
                 hard[r0:r1] = hard_negatives(s, n_hard, impl)
@@ -246,42 +225,65 @@ class _QueueLogSumExp(torch.autograd.Function):
                 lse[r0:r1] = (total.log() + m).squeeze(1)
                 p = s.div_(total).mul_(scale)  # softmax·scale
             if grad_dir is not None:
-                torch.mm(p.to(queue.dtype), queue, out=grad_dir[r0:r1])
-        if grad_dir is not None:
-            ctx.save_for_backward(grad_dir)
-        ctx.mark_non_differentiable(hard)
+                g = grad_dir[r0:r1]
+                if g.dtype == queue.dtype:
+                    torch.mm(p, queue, out=g)
+                else:  # a low-precision queue: the weights rounded to it, the matmul's fp32 sums kept
+                    g.copy_(torch.mm(p.to(queue.dtype), queue))
+                if q_coef is not None:
+                    g.addcmul_(q_coef[:, None], q_bar[r0:r1].to(g.dtype))
+        # the queue is saved though the backward does not read it, so that enqueueing before backward
+        # raises (fastssl.MemoryQueue's contract)
+        ctx.save_for_backward(grad_dir, queue)
+        if hard is not None:
+            ctx.mark_non_differentiable(hard)
         return lse, hard
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # G is a constant here: no second derivative
     def backward(ctx, grad_lse, _):
-        (grad_dir,) = ctx.saved_tensors
-        return grad_lse[:, None] * grad_dir.to(grad_lse.dtype), None, None, None, None
+        grad_dir, _queue = ctx.saved_tensors
+        return grad_lse[:, None] * grad_dir.to(grad_lse.dtype), *[None] * 9
 
 
 def draw_negatives(
-    hard: Tensor, *, n_mix: int, n_mix_query: int, generator: torch.Generator | None = None
+    b: int,
+    n_hard: int,
+    *,
+    n_mix: int,
+    n_mix_query: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The synthetic negatives of every query, as (first, second, weight), each [B, n_mix + n_mix_query].
+    """The synthetic negatives of B queries, as (first, second, weight), each [B, n_mix + n_mix_query].
 
-    hard [B, n_hard]: the queue indices of each query's hard set H(q). Column s mixes w·a + (1 − w)·n
-    with w = weight, n = queue[second] and a = queue[first]: in the first n_mix columns a ≠ n are
-    two distinct members of H(q) and w = α ~ U(0, 1) (2); in the last n_mix_query, first = −1
-    stands for the query itself and w = β ~ U(0, 0.5) (3). Every draw comes from `generator` on
-    hard's device, in a fixed order, so a seed reproduces them.
+    Positions in each query's hard set H(q) of n_hard rows (hard_negatives: in column order). Column
+    s mixes w·a + (1 − w)·n with w = weight, n = H(q)[second] and a = H(q)[first]: in the first n_mix
+    columns a ≠ n are two distinct members of H(q) and w = α ~ U(0, 1) (2); in the last n_mix_query,
+    first = −1 stands for the query itself and w = β ~ U(0, 0.5) (3). The draws do not depend on
+    the hard sets' contents, so the C++ loss can draw them before it finds the sets. Every draw
+    comes from `generator` on `device`, in a fixed order, so a seed reproduces them.
     """
-    (b, n_hard), device = hard.shape, hard.device
     randint = functools.partial(torch.randint, generator=generator, device=device)
     rand = functools.partial(torch.rand, generator=generator, device=device)
-    # positions in H(q): i uniform, then j = i + 1 + U{0, …, n_hard − 2} (mod n_hard) is uniform over the others
-    i = randint(max(n_hard, 1), (b, n_mix))
-    j = randint(max(n_hard - 1, 1), (b, n_mix)).add_(i).add_(1).remainder_(max(n_hard, 1))
-    alpha = rand((b, n_mix))
-    j_query = randint(max(n_hard, 1), (b, n_mix_query))
-    beta = rand((b, n_mix_query)).mul_(0.5)
-    first = torch.cat([hard.gather(1, i), hard.new_full((b, n_mix_query), -1)], dim=1)
-    second = torch.cat([hard.gather(1, j), hard.gather(1, j_query)], dim=1)
-    return first, second, torch.cat([alpha, beta], dim=1)
+    first = torch.empty((b, n_mix + n_mix_query), dtype=torch.long, device=device)
+    second, weight = torch.empty_like(first), torch.empty(first.shape, device=device)
+    # each draw straight into its columns (one [B, n] temporary at a time, in this fixed order):
+    # i uniform, then j = i + 1 + U{0, …, n_hard − 2} (mod n_hard) is uniform over the others
+    first[:, :n_mix] = randint(max(n_hard, 1), (b, n_mix))
+    second[:, :n_mix] = randint(max(n_hard - 1, 1), (b, n_mix))
+    second[:, :n_mix].add_(first[:, :n_mix]).add_(1).remainder_(max(n_hard, 1))
+    weight[:, :n_mix] = rand((b, n_mix))  # α
+    second[:, n_mix:] = randint(max(n_hard, 1), (b, n_mix_query))
+    weight[:, n_mix:] = rand((b, n_mix_query)).mul_(0.5)  # β
+    first[:, n_mix:] = -1
+    return first, second, weight
+
+
+def in_queue(hard: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    """draw_negatives' positions as queue rows, through the hard sets hard [B, n_hard] (first −1 stays)."""
+    picked = hard.gather(1, first.clamp(min=0))
+    return torch.where(first < 0, first, picked), hard.gather(1, second)
 
 
 def mochi_logits(
@@ -373,7 +375,9 @@ def _prepare(q, k, queue, n_hard, n_mix, n_mix_query, temperature, generator, im
     inv_tau = _checks.inverse_temperature("temperature", temperature, q.device)
     generator = _checks.generator("generator", generator, q.device)
     impl = _ext.resolve_impl(impl, q.device)
-    draw = functools.partial(draw_negatives, n_mix=n_mix, n_mix_query=n_mix_query, generator=generator)
+    draw = functools.partial(
+        draw_negatives, n_mix=n_mix, n_mix_query=n_mix_query, generator=generator, device=q.device
+    )
     n_hard = n_hard if n_mix + n_mix_query > 0 else 0  # no hard set needed
     return q, k, queue, n_hard, draw, inv_tau, impl
 
@@ -397,7 +401,8 @@ def _normalised(q: Tensor, k: Tensor, queue: Tensor, impl: str) -> tuple[Tensor,
 def _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl) -> tuple[Tensor, Tensor]:
     """q̂·k̂/τ [B] and the synthetic logits [B, S] of (2)-(4), drawn from the hard sets; 1/τ (a
     tensor temperature's gradient included) enters outside the kernel."""
-    first, second, weight = draw(hard)
+    first, second, weight = draw(*hard.shape)
+    first, second = in_queue(hard, first, second)
     q_rows = qn.to(queue.dtype)
     mixed, _ = mochi_mix(q_rows, q_rows.detach(), queue, first, second, weight, row_scale, impl)
     return (qn * kn).sum(1) * inv_tau, mixed * inv_tau
@@ -427,14 +432,12 @@ def _loss_rows(
         logits = reference.mochi_logits(q, k, queue, n_hard, draw, inv_tau)
         return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
     qn, kn, scale, row_scale = _normalised(q, k, queue, impl)
-    lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
-    if impl == "cpp":  # the mix's LSE and its gradient direction in one pass over the rows
-        first, second, weight = draw(hard)
-        q_rows = qn.to(queue.dtype)
-        tau_t = inv_tau if isinstance(inv_tau, Tensor) else torch.tensor(inv_tau, dtype=qn.dtype)
-        lse_mix = mochi_mix_lse(q_rows, q_rows.detach(), queue, first, second, weight, row_scale, tau_t, impl)[0]
+    if impl == "cpp":  # the synthetic negatives within the queue pass, drawn first (their draws do not read H(q))
+        first, second, weight = draw(q.shape[0], min(n_hard, queue.shape[0]))
+        rows = (qn.detach().to(queue.dtype), row_scale, first, second, weight)
+        lse_neg, _ = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl, *rows)
         pos = (qn * kn).sum(1) * inv_tau
-    else:
-        pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
-        lse_mix = mixed.logsumexp(1)
-    return torch.stack([pos, lse_neg, lse_mix]).logsumexp(0) - pos
+        return torch.stack([pos, lse_neg]).logsumexp(0) - pos
+    lse_neg, hard = _QueueLogSumExp.apply(qn * inv_tau, queue, scale, n_hard, impl)
+    pos, mixed = _positive_and_mixed(qn, kn, queue, row_scale, hard, draw, inv_tau, impl)
+    return torch.stack([pos, lse_neg, mixed.logsumexp(1)]).logsumexp(0) - pos
