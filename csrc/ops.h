@@ -41,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q, const 
                                                      const at::Tensor& row_scale);
 at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad, const at::Tensor& q_bar, const at::Tensor& queue,
                              const at::Tensor& first, const at::Tensor& second, const at::Tensor& coef);
-// mochi: over a chunk of the loss's raw queue products s_rk = qs_r . n_k [R, K] (in place), with
+// mochi: over a chunk of the loss's raw queue products s_rk = qs_r . n_k [R, K] (in place, in the
+// queue's dtype; rows widened to fp32 on the way for bf16/fp16), with
 // bound_r >= max_k s_rk scale_k (|qs_r|) and the queue's inverse norms scale [K]: the logits
 // l_rk = s_rk scale_k, their n largest columns (the hard set), and the synthetic negatives of
 // positions first, second [R, S] in it (docs/design.md, "MoCHi"; q_bar [R, D] the query rows in the

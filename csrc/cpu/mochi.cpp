@@ -87,6 +87,12 @@ const acc_t* widen(const scalar_t* row, int64_t d, acc_t* buf) {
   }
 }
 
+// The other way: a row of acc_t values into row (nothing when widen handed out row itself).
+template <typename acc_t, typename scalar_t>
+void narrow(const acc_t* values, int64_t d, scalar_t* row) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(values, row, d);
+}
+
 template <typename acc_t>
 struct Dots {
   acc_t qa, qn, aa, nn, an;
@@ -184,6 +190,15 @@ void prefetch_rows(const row_t* a, const row_t* n, int64_t d) {
   }
 }
 
+// Whether every index of x (contiguous int64) lies in [lo, hi): one plain pass (the ATen min and max
+// reductions it replaces took 2 ms of a MoCHi step).
+inline bool all_in_range(const at::Tensor& x, int64_t lo, int64_t hi) {
+  const int64_t* p = x.data_ptr<int64_t>();
+  bool ok = true;
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) ok &= (p[i] >= lo) & (p[i] < hi);
+  return ok;
+}
+
 // The inputs of one call, checked and made contiguous.
 struct Mix {
   at::Tensor q_bar, queue, first, second;
@@ -208,11 +223,8 @@ struct Mix {
     TORCH_CHECK(first.scalar_type() == at::kLong && second.scalar_type() == at::kLong, fn,
                 ": first and second must be int64");
     s = first.size(1);
-    if (first.numel() > 0) {
-      TORCH_CHECK(first.min().item<int64_t>() >= -1 && first.max().item<int64_t>() < k &&
-                      second.min().item<int64_t>() >= 0 && second.max().item<int64_t>() < k,
-                  fn, ": queue index out of range for a queue of ", k, " rows");
-    }
+    TORCH_CHECK(all_in_range(first, -1, k) && all_in_range(second, 0, k), fn,
+                ": queue index out of range for a queue of ", k, " rows");
   }
 
   // Calls fn(col, a, n, i, j) for every negative of query `row`: a and n the rows of its mix,
@@ -502,11 +514,8 @@ struct MixRows {
                 fn, ": first, second (int64) and weight must be [", r, ", S], got ", first.sizes(), ", ",
                 second.sizes(), " and ", weight.sizes());
     s = first.size(1);
-    if (first.numel() > 0) {
-      TORCH_CHECK(first.min().item<int64_t>() >= -1 && first.max().item<int64_t>() < n &&
-                      second.min().item<int64_t>() >= 0 && second.max().item<int64_t>() < n,
-                  fn, ": positions out of range for hard sets of ", n, " rows");
-    }
+    TORCH_CHECK(all_in_range(first, -1, n) && all_in_range(second, 0, n), fn,
+                ": positions out of range for hard sets of ", n, " rows");
   }
 };
 
@@ -588,34 +597,35 @@ std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::
                                                         const at::Tensor& q_bar, const at::Tensor& queue,
                                                         const at::Tensor& row_scale, const at::Tensor& first,
                                                         const at::Tensor& second, const at::Tensor& weight) {
-  TORCH_CHECK(s.dim() == 2 && s.device().is_cpu() && s.is_contiguous() &&
-                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-              "mochi_queue_rows_cpu: s must be a contiguous 2-D fp32/fp64 CPU tensor, got ", s.sizes());
+  TORCH_CHECK(s.dim() == 2 && s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == queue.scalar_type(),
+              "mochi_queue_rows_cpu: s must be a contiguous 2-D CPU tensor in the queue's dtype ", queue.scalar_type(),
+              ", got ", s.sizes(), " ", s.scalar_type());
+  const at::ScalarType acc = at::toOpMathType(queue.scalar_type());
   const int64_t r = s.size(0), k = s.size(1);
-  const at::Tensor bound = bound_in.to(s.scalar_type()).contiguous();
-  const at::Tensor scale = scale_in.to(s.scalar_type()).contiguous();
+  const at::Tensor bound = bound_in.to(acc).contiguous();
+  const at::Tensor scale = scale_in.to(acc).contiguous();
   TORCH_CHECK(bound.numel() == r && scale.numel() == k, "mochi_queue_rows_cpu: bound must be [", r, "] and scale [", k,
               "], got ", bound.sizes(), " and ", scale.sizes());
   TORCH_CHECK(n >= 0 && n <= k, "mochi_queue_rows_cpu: n must be in [0, ", k, "], got ", n);
-  TORCH_CHECK(at::toOpMathType(queue.scalar_type()) == s.scalar_type(), "mochi_queue_rows_cpu: s must be ",
-              at::toOpMathType(queue.scalar_type()), " for a ", queue.scalar_type(), " queue, got ", s.scalar_type());
-  const MixRows mix(qs, q_bar, queue, row_scale, first, second, weight, r, k, n, s.scalar_type());
+  const MixRows mix(qs, q_bar, queue, row_scale, first, second, weight, r, k, n, acc);
   TORCH_CHECK(mix.s == 0 || n > 0, "mochi_queue_rows_cpu: synthetic negatives need a hard set (n > 0)");
-  at::Tensor lse = at::empty({r}, s.options());
-  at::Tensor q_coef = at::zeros({r}, s.options());
+  at::Tensor lse = at::empty({r}, s.options().dtype(acc));
+  at::Tensor q_coef = at::zeros({r}, lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, queue.scalar_type(), "mochi_queue_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* sp = s.data_ptr<acc_t>();
+    scalar_t* sp = s.data_ptr<scalar_t>();
     const acc_t* sc = scale.data_ptr<acc_t>();
     const int64_t ns = mix.s;
     at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
       Selection<acc_t> work;
       std::vector<int64_t> hard(n);
-      std::vector<acc_t> mixed(ns), buf(3 * mix.d);
+      // a bf16/fp16 row is widened into an fp32 row (in L2) and its weights rounded back in place:
+      // the product with the queue reads them in the queue's dtype, with no conversion pass
+      std::vector<acc_t> mixed(ns), buf(3 * mix.d), wide(std::is_same_v<scalar_t, acc_t> ? 0 : k);
       MixTerms<acc_t> terms;
       terms.resize(ns);
       for (int64_t row = begin; row < end; ++row) {  // every step while the row is in cache
-        acc_t* p = sp + row * k;
+        acc_t* p = const_cast<acc_t*>(widen(sp + row * k, k, wide.data()));  // the row itself for acc_t
         const acc_t bound_r = bound.data_ptr<acc_t>()[row];  // also bounds qs.h (h a unit vector)
         if (n > 0) {
           select_largest(p, k, n, hard.data(), work, sc);
@@ -649,6 +659,7 @@ std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::
           }
           q_coef.data_ptr<acc_t>()[row] = self;
         }
+        narrow(p, k, sp + row * k);
       }
     });
   });

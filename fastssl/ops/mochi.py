@@ -146,7 +146,7 @@ def mochi_queue_rows(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """The loss's negatives for a chunk of queries, from their raw queue products s [R, K] = qs·queueᵀ
-    (C++ only): the logits l = s·scale, each row's n_hard largest columns (its hard set, as
+    in the queue's dtype (C++ only): the logits l = s·scale, each row's n_hard largest columns (its hard set, as
     mochi_hard_set), the synthetic negatives of positions first, second [R, S] in it by (4), with
     q_bar [R, D] the query rows in the queue's dtype and row_scale [K] the queue rows' power-of-two
     scales, and their lse [R] over the queue and synthetic logits together; s ← the weights of its
@@ -205,7 +205,8 @@ class _QueueLogSumExp(torch.autograd.Function):
         lse = scale.new_empty(b)
         hard = None if impl == "cpp" else torch.empty((b, n_hard), dtype=torch.long, device=qs.device)
         grad_dir = scale.new_empty((b, d)) if ctx.needs_input_grad[0] else None
-        buf = scale.new_empty((min(step, b), k))
+        # the C++ pass reads the products and writes the weights in the queue's dtype (no conversions)
+        buf = (queue if impl == "cpp" else scale).new_empty((min(step, b), k))
         for r0 in range(0, b, step):
             r1, q_coef = min(b, r0 + step), None
             if impl == "cpp":
