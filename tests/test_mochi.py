@@ -383,6 +383,10 @@ def test_opcheck_cpp_queue_ops():
     bound = qs.detach().norm(dim=1)
     args = (bound, inverse, n, qs.detach(), q_bar, queue, scale, first, second, weight.double(), "cpp")
     torch.library.opcheck(ops.mochi_queue_rows, (s.clone(), *args))
+    # bf16: products and weights in the queue's dtype, lse and q_coef in fp32 (the fake's dtypes too)
+    low = (queue.bfloat16(), scale.float(), first, second, weight)
+    low_args = (bound.float(), inverse.float(), n, qs.detach().float(), q_bar.bfloat16(), *low, "cpp")
+    torch.library.opcheck(ops.mochi_queue_rows, ((qs.detach().float() @ queue.T.float()).bfloat16(), *low_args))
     lse, q_coef = ops.mochi_queue_rows(s, *args)
     logits = qs @ (queue * inverse[:, None]).T
     hard = logits.detach().topk(n, dim=1).indices.sort(1).values

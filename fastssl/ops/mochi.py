@@ -146,20 +146,21 @@ def mochi_queue_rows(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """The loss's negatives for a chunk of queries, from their raw queue products s [R, K] = qs·queueᵀ
-    in the queue's dtype (C++ only): the logits l = s·scale, each row's n_hard largest columns (its hard set, as
-    mochi_hard_set), the synthetic negatives of positions first, second [R, S] in it by (4), with
-    q_bar [R, D] the query rows in the queue's dtype and row_scale [K] the queue rows' power-of-two
-    scales, and their lse [R] over the queue and synthetic logits together; s ← the weights of its
-    gradient: ∂lse_r/∂qs_r = Σ_k s_rk·queue_k + q_coef_r·q_bar_r. Every row is taken through all of
-    it while it is in cache; bound_r ≥ max_k l_rk (‖qs_r‖) is the exponentials' shift where it is
-    exact (csrc/cpu/mochi.cpp). Returns (lse, q_coef)."""
+    in the queue's dtype (C++ only): the logits l = s·scale, each row's n_hard largest columns (its
+    hard set, as mochi_hard_set), the synthetic negatives of positions first, second [R, S] in it by
+    (4), with q_bar [R, D] the query rows in the queue's dtype and row_scale [K] the queue rows'
+    power-of-two scales, and their lse [R] over the queue and synthetic logits together; s ← the
+    weights of its gradient: ∂lse_r/∂qs_r = Σ_k s_rk·queue_k + q_coef_r·q_bar_r. Every row is taken
+    through all of it while it is in cache; bound_r ≥ max_k l_rk (‖qs_r‖) is the exponentials' shift
+    where it is exact (csrc/cpu/mochi.cpp). Returns (lse, q_coef) in fp32 (fp64 for fp64)."""
     kernel = _ext.kernel(impl, s.device, cpp="mochi_queue_rows_cpu")
     return kernel(s, bound, scale, n_hard, qs, q_bar, queue, row_scale, first, second, weight)
 
 
 @mochi_queue_rows.register_fake
 def _(s, bound, scale, n_hard, qs, q_bar, queue, row_scale, first, second, weight, impl):
-    return s.new_empty(s.shape[0]), s.new_empty(s.shape[0])
+    acc = _checks.accumulate_dtype(s.dtype)
+    return s.new_empty(s.shape[0], dtype=acc), s.new_empty(s.shape[0], dtype=acc)
 
 
 def hard_negatives(scores: Tensor, n_hard: int, impl: str) -> Tensor:
