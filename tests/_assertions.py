@@ -63,3 +63,22 @@ def assert_training_matches_reference(n: int, steps: int, make_loss) -> None:
     assert finals["cpp"][0][-1] < finals["cpp"][0][0] - 0.5  # it learned
     assert_verbose_allclose(finals["cpp"][0], finals["reference"][0], rtol=1e-9, atol=1e-9, name="losses")
     assert_verbose_allclose(finals["cpp"][1], finals["reference"][1], rtol=1e-8, atol=1e-9, name="params")
+
+
+def zero_fills_in_backward(loss, shape) -> list[str]:
+    """The aten ops of loss.backward() that make a new zero tensor of `shape`, as autograd does to
+    materialise the gradient of an op output that nothing used (ctx.set_materialize_grads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == shape and "zeros" in str(func):
+                seen.append(str(func))
+            return out
+
+    with Record():
+        loss.backward()
+    return seen

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from _assertions import assert_lowprec_close, assert_verbose_allclose
+from _assertions import assert_lowprec_close, assert_verbose_allclose, zero_fills_in_backward
 
 import fastssl
 from fastssl import masking
@@ -358,6 +358,18 @@ def test_masked_mse_gradient_is_not_a_buffer_the_graph_holds(impl):
         loss.backward(retain_graph=True)
         assert_verbose_allclose(pred.grad, ref, rtol=1e-5, atol=1e-8, name="grad after zeroing .grad")
         pred.grad = None
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_masked_mse_backward_makes_no_pred_sized_tensor(impl):
+    """The op's second output (the gradient) gets no gradient: autograd must not materialise a
+    pred-sized zero tensor for it on every backward. It did: a 154 MB fill at MAE's size, half of
+    the loss's forward+backward (benchmarks/bench_masking.py). The forward's gradient is handed over
+    as it is."""
+    pred, target, mask = _loss_inputs(2, 5, 6, torch.float32)
+    pred.requires_grad_()
+    loss = fastssl.masked_mse_loss(pred, target, mask, impl=impl)
+    assert not zero_fills_in_backward(loss, pred.shape)
 
 
 def test_masking_grads_follow_the_tensors_device(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _assertions import assert_lowprec_close, assert_verbose_allclose
+from _assertions import assert_lowprec_close, assert_verbose_allclose, zero_fills_in_backward
 from _dist import free_port
 from _peers import peer
 
@@ -205,6 +205,13 @@ def test_fused_gradients_equal_backward_pass(reduction, monkeypatch):
     assert_verbose_allclose(fused[0], plain[0], rtol=1e-13, atol=0)
     for a, b in zip(fused[1], plain[1], strict=True):
         assert_verbose_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_fused_backward_makes_no_zero_gradients():
+    """siglip_fused's gradient outputs get no gradient: autograd must not fill x- and y-sized zero
+    tensors for them on every backward."""
+    x, y = (t.clone().requires_grad_() for t in _inputs(40, 6))
+    assert not zero_fills_in_backward(fastssl.siglip_loss(x, y), x.shape)
 
 
 def test_fused_with_a_non_uniform_upstream_gradient():

@@ -134,10 +134,13 @@ def _mse_setup(ctx, inputs, output):
     # .grad would alias one the graph still holds); a second backward computes it again from these.
     ctx.grad = output[1]
     ctx.save_for_backward(pred, target, weight)
+    # the second output (the gradient itself) gets no gradient: left None rather than materialised as
+    # a zero tensor of pred's size on every backward (a 154 MB fill at MAE's size)
+    ctx.set_materialize_grads(False)
 
 
 def _mse_backward(ctx, grad_loss, grad_grad):
-    if not ctx.need_grad:  # pred did not require grad (the target and the weights are not differentiated)
+    if not ctx.need_grad or grad_loss is None:  # pred needs no grad, or the loss was not used
         return None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient has no graph back to pred
         raise RuntimeError("masked_mse_loss: double backward is not supported by the kernels; use impl='reference'")

@@ -89,10 +89,13 @@ def _setup_context(ctx, inputs, output):
     _, q_bar, queue, first, second, _, _, impl = inputs
     ctx.save_for_backward(q_bar, queue, first, second, output[1])
     ctx.impl = impl
+    ctx.set_materialize_grads(False)  # coef gets no gradient: None, not a [B, S, 2] tensor of zeros
 
 
 def _backward(ctx, grad_logits, grad_coef):
     # the mixed vectors are constants (detached): the gradient reaches q alone
+    if grad_logits is None:  # the logits were not used
+        return None, None, None, None, None, None, None, None
     q_bar, queue, first, second, coef = ctx.saved_tensors
     grad_q = mochi_mix_backward(grad_logits.contiguous(), q_bar, queue, first, second, coef, ctx.impl)
     return grad_q, None, None, None, None, None, None, None

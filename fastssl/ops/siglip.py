@@ -94,12 +94,16 @@ def _(x, y, scale, bias, offset, impl):
 def _fused_setup_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
     ctx.grads = output[1:]
+    # the gradient outputs get no gradient: left None, not materialised as zeros of x's and y's size
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_row, *unused):
     """A mean or a sum passes the same g to every row: the gradients are g times those at g = 1,
     held since the forward. Any other grad_row (or create_graph) takes the backward pass, and so does
     a traced one (FakeTensor, FunctionalTensor), whose values cannot be compared."""
+    if grad_row is None:  # the loss rows were not used
+        return None, None, None, None, None, None
     g = grad_row.reshape(-1)[:1]
     if type(grad_row) is torch.Tensor and not torch.is_grad_enabled() and bool((grad_row == g).all()):
         dx, dy, d_scale, d_bias = (t * g.to(t.dtype).reshape(()) for t in ctx.grads)
