@@ -12,6 +12,8 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/vec_math.h"
+
 namespace fastssl {
 
 // Rows are unit vectors, so s = q . k / tau <= m = 1/tau and exp(s - m) >= exp(-2/tau), which is a
@@ -184,6 +186,7 @@ void reduce_tiles(int64_t m, int64_t n, at::Tensor& rows, at::Tensor& cols, Comb
     const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
     at::parallel_for(0, num_threads, 1, [&](int64_t slot, int64_t) {
       at::ThreadLocalStateGuard guard(caller);
+      const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
       at::Tensor mine = partial[slot];
       for (int64_t J = next++; J < col_tiles; J = next++) {
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);

@@ -128,3 +128,24 @@ def test_bf16_rows_with_onednn_disabled():
         off = fastssl.info_nce(q, k, symmetric=True, impl="cpp")
         off.backward()
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_leave_the_callers_denormals_alone():
+    """The C++ row loops run with flush-to-zero and denormals-are-zero (csrc/cpu/vec_math.h,
+    FlushDenormals: denormal products made large logits 30-60 × slower) and restore the thread's
+    state after: the calling thread still computes with denormals."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    import fastssl
+
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(300, 16, generator=g, requires_grad=True) for _ in range(2))
+    fastssl.siglip_loss(x, y, scale=100.0, bias=-100.0).backward()
+    fastssl.nt_xent(x, y, temperature=0.01).backward()
+    fastssl.mochi_loss(x, y, torch.randn(500, 16, generator=g), n_hard=20, n_mix=8, n_mix_query=4).backward()
+    w = F.normalize(torch.randn(64, 16, generator=g), dim=1).requires_grad_()
+    fastssl.dino_loss(x[:200] * 20, y[:100].detach() * 20, w, w.detach() * 20).backward()
+    tiny = np.array([1e-39], dtype=np.float32)  # a denormal
+    assert (tiny * np.float32(2))[0] == np.float32(2e-39)
+    assert (torch.tensor([1e-39]) * 2).item() != 0

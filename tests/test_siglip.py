@@ -207,6 +207,17 @@ def test_fused_gradients_equal_backward_pass(reduction, monkeypatch):
         assert_verbose_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
+def test_large_scale_matches_fp64():
+    """scale = 100 (SigLIP's learnt scale grows to about that): the fp32 kernels' loss and gradients,
+    whose small terms are flushed to 0 below FLT_MIN (csrc/cpu/vec_math.h), against fp64."""
+    x, y = _inputs(300, 20)
+    got_loss, got = _loss_and_grads(x.float(), y.float(), 100.0, -100.0)
+    want_loss, want = _loss_and_grads(x, y, 100.0, -100.0)
+    assert_verbose_allclose(got_loss, want_loss, rtol=1e-5, atol=0, name="loss")
+    for a, b, name in zip(got, want, NAMES[1:], strict=True):
+        assert_verbose_allclose(a, b, rtol=1e-4, atol=1e-6, name=name)
+
+
 def test_fused_backward_makes_no_zero_gradients():
     """siglip_fused's gradient outputs get no gradient: autograd must not fill x- and y-sized zero
     tensors for them on every backward."""

@@ -163,7 +163,10 @@ struct LossShapes {
 // f(b0, b1) takes the samples b0 .. b1 - 1.
 template <class F>
 void per_sample(const LossShapes& z, int64_t kc, const F& f) {
-  at::parallel_for(0, z.b, std::max<int64_t>(1, grain(kc) / (z.g + z.v)), f);
+  at::parallel_for(0, z.b, std::max<int64_t>(1, grain(kc) / (z.g + z.v)), [&](int64_t b0, int64_t b1) {
+    const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
+    f(b0, b1);
+  });
 }
 
 LossShapes loss_shapes(const at::Tensor& s, const at::Tensor& w, const at::Tensor& t, const at::Tensor& wt,
@@ -199,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor> dino_teacher_lse_cpu(const at::Tensor& teache
       const int64_t kc = std::min(k, k0 + kt) - k0;
       T* x = tile_logits(buf, t_rows, teacher_weight, k0, k0 + kc).data_ptr<T>();
       at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
+        const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
         std::vector<T> e(kc);
         for (int64_t row = begin; row < end; ++row) {
           online_lse(x + row * kc, kc, T(inv_tau), cc + k0, max[row], sum[row], e.data());  // (2)
@@ -231,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_sums_cpu(const at::Tensor& teac
       at::Tensor e = tile_logits(buf, t_rows, teacher_weight, k0, k0 + kc);
       T* x = e.data_ptr<T>();
       at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
+        const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
         for (int64_t row = begin; row < end; ++row) {
           T* xr = x + row * kc;
           for (int64_t j = 0; j < kc; ++j) xr[j] = fastssl::exp_tile(xr[j] * T(inv_tau) - T(shift)) * pu[k0 + j] * pv[row];
@@ -272,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_cpu(const at::Tensor& teacher, 
         T* ak = pa + k0;
         // columns split over the threads, every row for each
         at::parallel_for(0, kc, 64, [&](int64_t c0, int64_t c1) {
+          const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
           if (it == 0) {
             std::fill(ak + c0, ak + c1, -std::numeric_limits<T>::infinity());
             for (int64_t row = 0; row < r; ++row) max_into(ak + c0, x + row * kc + c0, c1 - c0, T(inv_tau));
@@ -286,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor> dino_sinkhorn_cpu(const at::Tensor& teacher, 
           }
         });
         at::parallel_for(0, r, grain(kc), [&](int64_t begin, int64_t end) {
+          const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
           for (int64_t row = begin; row < end; ++row) cols[row] += lane_dot(x + row * kc, scale.data(), kc);
         });
       }

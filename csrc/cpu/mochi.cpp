@@ -617,6 +617,7 @@ std::tuple<at::Tensor, at::Tensor> mochi_queue_rows_cpu(at::Tensor s, const at::
     const acc_t* sc = scale.data_ptr<acc_t>();
     const int64_t ns = mix.s;
     at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
+      const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
       Selection<acc_t> work;
       std::vector<int64_t> hard(n);
       // a bf16/fp16 row is widened into an fp32 row (in L2) and its weights rounded back in place:
@@ -678,6 +679,7 @@ at::Tensor mochi_hard_set_cpu(const at::Tensor& scores_in, int64_t n) {
     scalar_t* v = scores.data_ptr<scalar_t>();  // read only: select_largest writes v only to scale it
     int64_t* idx = out.data_ptr<int64_t>();
     at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+      const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
       Selection<scalar_t> work;
       for (int64_t row = begin; row < end; ++row) {
         select_largest(v + row * k, k, n, idx + row * n, work);
@@ -722,6 +724,7 @@ std::tuple<at::Tensor, at::Tensor> mochi_mix_fwd_cpu(const at::Tensor& q_in, con
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t d = mix.d, s = mix.s;
     at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
+      const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
       std::vector<acc_t> buf(3 * d);
       for (int64_t row = begin; row < end; ++row) {
         const acc_t* qr = widen(in.q.data_ptr<scalar_t>() + row * d, d, buf.data());
@@ -749,6 +752,7 @@ at::Tensor mochi_mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& q_bar,
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t d = mix.d, s = mix.s;
     at::parallel_for(0, mix.b, 1, [&](int64_t begin, int64_t end) {
+      const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
       std::vector<acc_t> buf(2 * d);
       for (int64_t row = begin; row < end; ++row) {
         mix_grad_row<scalar_t>(mix, row, grad.data_ptr<acc_t>() + row * s, coef.data_ptr<acc_t>() + 2 * row * s,

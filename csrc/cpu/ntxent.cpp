@@ -68,6 +68,7 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
     const at::ThreadLocalState caller;  // dispatch state (below autograd, grad mode) for the workers
     at::parallel_for(0, num_threads, 1, [&](int64_t slot, int64_t) {
       at::ThreadLocalStateGuard guard(caller);
+      const fastssl::FlushDenormals flush;  // denormals: csrc/cpu/vec_math.h
       at::Tensor mine = partial[slot];
       for (int64_t J = next--; J >= lo; J = next--) {
         const int64_t j0 = J * kTile, j1 = std::min(n, j0 + kTile);
