@@ -37,6 +37,8 @@ class FlushDenormals {
 
  private:
   unsigned saved_;
+#else
+  FlushDenormals() {}  // user-provided, so that `const FlushDenormals flush;` compiles everywhere
 #endif
 };
 
