@@ -144,20 +144,38 @@ void release_tile_products();
 // The pair (r, r + drop) of a tile is left out (set to 0); kKeepAll leaves none out.
 constexpr int64_t kKeepAll = std::numeric_limits<int64_t>::min();
 
-// Adds the row sums of e_rc = exp(scale w_r w'_c s_rc - shift) over a contiguous [R, C] fp32/fp64
-// tile s (left as it is) to out.rows [R, 1] and, when out.cols is defined, the column sums to
-// out.cols [C, 1] (both contiguous), the left-out pair counted as 0: the fixed-shift forward of the
-// tile kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels"). w [R]
-// and w' [C] are the rows' inverse norms where the tile holds products of rows that are not unit
-// (NT-Xent's bf16 numbers); undefined means 1.
-void exp_sums(const at::Tensor& s, double scale, double shift, int64_t drop, const TileOut& out,
+// The shift of the exponent x_rc of pair (r, c): one number for every pair (fixed: m = 1/tau over unit
+// rows, exact while 2/tau <= 80), or, when rows is defined, rows[r] for row r's sums and weights and
+// cols[c] for column c's (each row's and column's own max x in the forward, its lse in the
+// backward). rows [R] and cols [C] are the tile's slices.
+struct Shift {
+  double fixed = 0.0;
+  at::Tensor rows, cols;
+};
+
+// Raises out.rows [R, 1] to the row maxima of x_rc = scale w_r w'_c s_rc over a contiguous [R, C]
+// fp32/fp64 tile s and, when out.cols is defined, out.cols [C, 1] to the column maxima, the left-out
+// pair not counted (out.op is kMax): the per-row shifts of the kernels where the fixed one may
+// underflow, in one pass. w, w' as in exp_sums.
+void score_max(const at::Tensor& s, double scale, int64_t drop, const TileOut& out, const at::Tensor& w = {},
+               const at::Tensor& w_cols = {});
+
+// Adds the row sums of e_rc = exp(x_rc - shift) over a contiguous [R, C] fp32/fp64 tile s (left as it
+// is), x_rc = scale w_r w'_c s_rc, to out.rows [R, 1] and, when out.cols is defined, the column sums
+// to out.cols [C, 1] (both contiguous), the left-out pair counted as 0: the forward of the tile
+// kernels in one pass that vectorises (csrc/tiles.cpp; docs/design.md, "Tile kernels"); with a
+// per-row shift the column sums take shift.cols (two exponentials per pair). w [R] and w' [C] are the
+// rows' inverse norms where the tile holds products of rows that are not unit (NT-Xent's bf16
+// numbers); undefined means 1.
+void exp_sums(const at::Tensor& s, double scale, const Shift& shift, int64_t drop, const TileOut& out,
               const at::Tensor& w = {}, const at::Tensor& w_cols = {});
 
-// a_rc = exp(scale w_r w'_c s_rc - shift) (u_r + v_c) w_r w'_c in place (u_r alone when v is undefined),
-// the left-out pair set to 0: the fixed-shift backward's weights A in one pass, times the inverse
-// norms that turn A Z into A' X for the rows X = Z / w. u, w [R]; v, w' [C]; w, w' as in exp_sums.
-void exp_weights(at::Tensor& s, double scale, double shift, const at::Tensor& u, const at::Tensor& v, int64_t drop,
-                 const at::Tensor& w = {}, const at::Tensor& w_cols = {});
+// a_rc = exp(x_rc - shift) (u_r + v_c) w_r w'_c in place (u_r alone when v is undefined), or with a
+// per-row shift (u_r exp(x_rc - shift.rows_r) + v_c exp(x_rc - shift.cols_c)) w_r w'_c, the left-out
+// pair set to 0: the backward's weights A in one pass, times the inverse norms that turn A Z into A' X
+// for the rows X = Z / w. u, w [R]; v, w' [C]; w, w' as in exp_sums.
+void exp_weights(at::Tensor& s, double scale, const Shift& shift, const at::Tensor& u, const at::Tensor& v,
+                 int64_t drop, const at::Tensor& w = {}, const at::Tensor& w_cols = {});
 
 // Edge of the square tiles reduce_tiles visits.
 constexpr int64_t kTile = 256;

@@ -50,7 +50,7 @@ def _kernels():
     return _ext._C
 
 
-@pytest.mark.parametrize("inv_tau", [1 / 0.07, 1 / 0.01])  # the fixed shift, and the per-row shifts
+@pytest.mark.parametrize("inv_tau", [1 / 0.07, 1 / 0.01, 1 / 0.003])  # the fixed shift, then the per-row shifts
 def test_bf16_rows_match_the_fp64_kernels(inv_tau):
     """Rows that are bf16 numbers: the InfoNCE and NT-Xent kernels multiply their tiles on bf16
     micro-kernels where the CPU has them (csrc/tiles.h, TileProducts): S exactly (fp32 accumulation),

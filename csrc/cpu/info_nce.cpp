@@ -18,7 +18,7 @@
 // per pair in (1) and in (2). Every e_ij >= exp(-2/tau) stays a normal float while 2/tau <= 80,
 // and c_i, d_j <= exp(2/tau) stay finite. Beyond that (tau < 0.025) a first pass finds each row's
 // and column's max s_ij and (1) uses those shifts; (2) then takes P and C from their own
-// exponentials.
+// exponentials (two per pair, in the same elementwise pass: fastssl::Shift).
 //
 // bf16 rows: the tile products run on bf16 micro-kernels with fp32 accumulation where the CPU has
 // them (fastssl::TileProducts): S exactly, since the rows are bf16 numbers, and A K with A split into
@@ -42,11 +42,6 @@ using fastssl::fixed_shift_is_exact;
 using fastssl::reduce_tiles;
 using fastssl::unit_rows;
 
-// Sets the pairs (i, i + self_offset) of tile (i0.., j0..) to value: a diagonal of the tile.
-void drop_self(at::Tensor& tile, int64_t self_offset, int64_t i0, int64_t j0, double value) {
-  if (self_offset >= 0) tile.diagonal(i0 + self_offset - j0).fill_(value);
-}
-
 // Rows read from bf16: where the micro-kernels are missing, the forward's tile products may still take
 // oneDNN's bf16 dot products (fastssl::Bf16Dots).
 bool bf16_rows(const at::Tensor& q, const at::Tensor& k) {
@@ -58,8 +53,13 @@ int64_t tile_drop(int64_t self_offset, int64_t i0, int64_t j0) {
   return self_offset >= 0 ? i0 + self_offset - j0 : fastssl::kKeepAll;
 }
 
-at::Tensor column(const at::Tensor& v, int64_t a, int64_t b) { return v.slice(0, a, b).unsqueeze(1); }
-at::Tensor row(const at::Tensor& v, int64_t a, int64_t b) { return v.slice(0, a, b).unsqueeze(0); }
+// The tile's exponent shift: m for every pair, or row i's and column j's own, from rows [M] and cols
+// [N] (cols undefined without column sums).
+fastssl::Shift tile_shift(bool fixed, double inv_tau, const at::Tensor& rows, const at::Tensor& cols, int64_t i0,
+                          int64_t i1, int64_t j0, int64_t j1) {
+  if (fixed) return fastssl::Shift{inv_tau};
+  return fastssl::Shift{0.0, rows.slice(0, i0, i1), cols.defined() ? cols.slice(0, j0, j1) : at::Tensor()};
+}
 
 }  // namespace
 
@@ -82,9 +82,8 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
     if (with_cols) col_shift.fill_(lowest);
     reduce_tiles(m, n, row_shift, col_shift, Combine::kMax, lowest,
                  [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, const fastssl::TileOut& parts) {
-                   at::Tensor s = products.scores(i0, i1, j0, j1, inv_tau);
-                   drop_self(s, self_offset, i0, j0, lowest);
-                   parts.combine(std::get<0>(s.max(1, true)), with_cols ? std::get<0>(s.max(0)).unsqueeze(1) : at::Tensor());
+                   fastssl::score_max(products.scores(i0, i1, j0, j1, 1.0), inv_tau, tile_drop(self_offset, i0, j0),
+                                      parts);
                  });
   }
   at::Tensor row_sums = at::zeros({m, 1}, q.options());
@@ -92,20 +91,10 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& q_in, 
   reduce_tiles(m, n, row_sums, col_sums, Combine::kSum, 0.0,
                [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, const fastssl::TileOut& parts) {
                  // fixed shift: e_ij is the same number for row i and for column j, summed both ways in
-                 // one pass (the scale 1/tau applied there)
-                 at::Tensor s = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);
-                 if (fixed) {
-                   fastssl::exp_sums(s, inv_tau, inv_tau, tile_drop(self_offset, i0, j0), parts);
-                   return;
-                 }
-                 at::Tensor e_row = at::exp(s - row_shift.slice(0, i0, i1));
-                 drop_self(e_row, self_offset, i0, j0, 0.0);
-                 at::Tensor e_col;
-                 if (with_cols) {
-                   e_col = at::exp(s - col_shift.slice(0, j0, j1).t());
-                   drop_self(e_col, self_offset, i0, j0, 0.0);
-                 }
-                 parts.combine(e_row.sum(1, true), with_cols ? e_col.sum(0).unsqueeze(1) : at::Tensor());
+                 // one pass (the scale 1/tau applied there); else row i and column j take their own max
+                 const at::Tensor s = products.scores(i0, i1, j0, j1, 1.0);
+                 fastssl::exp_sums(s, inv_tau, tile_shift(fixed, inv_tau, row_shift, col_shift, i0, i1, j0, j1),
+                                   tile_drop(self_offset, i0, j0), parts);
                });
   at::Tensor row_lse = (row_shift + row_sums.log()).squeeze(1);
   at::Tensor col_lse = with_cols ? (col_shift + col_sums.log()).squeeze(1) : at::empty({0}, q.options());
@@ -128,24 +117,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   const at::Tensor h = with_cols ? as_acc(grad_col) : at::Tensor();
   const at::Tensor col_lse = with_cols ? as_acc(col_lse_in) : at::Tensor();
   const bool fixed = fixed_shift_is_exact(inv_tau);
-  // fixed shift: A_ij = e_ij (u_i + v_j) with u_i = g_i c_i, v_j = h_j d_j
-  const at::Tensor u = fixed ? g * (inv_tau - row_lse).exp() : at::Tensor();
-  const at::Tensor v = fixed && with_cols ? h * (inv_tau - col_lse).exp() : at::Tensor();
+  // fixed shift: A_ij = e_ij (u_i + v_j) with u_i = g_i c_i, v_j = h_j d_j; else
+  // A_ij = g_i exp(s_ij - row_i) + h_j exp(s_ij - col_j), u = g and v = h
+  const at::Tensor u = fixed ? g * (inv_tau - row_lse).exp() : g;
+  const at::Tensor v = !with_cols ? at::Tensor() : fixed ? h * (inv_tau - col_lse).exp() : h;
   const fastssl::TileProducts products(q, k, true);
   at::Tensor dq = at::zeros({m, q.size(1)}, q.options());
   at::Tensor dk = products.cols_like(n);
   reduce_tiles(m, n, dq, dk, Combine::kSum, 0.0, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1,
                                                       const fastssl::TileOut& parts) {
-    at::Tensor a = products.scores(i0, i1, j0, j1, fixed ? 1.0 : inv_tau);  // (s), then A of (2) in place
-    if (fixed) {
-      fastssl::exp_weights(a, inv_tau, inv_tau, u.slice(0, i0, i1), with_cols ? v.slice(0, j0, j1) : at::Tensor(),
-                           tile_drop(self_offset, i0, j0));
-    } else {
-      const at::Tensor s = a;
-      a = at::exp(s - column(row_lse, i0, i1)).mul_(column(g, i0, i1));
-      if (with_cols) a.add_(at::exp(s - row(col_lse, j0, j1)).mul_(row(h, j0, j1)));
-      drop_self(a, self_offset, i0, j0, 0.0);
-    }
+    at::Tensor a = products.scores(i0, i1, j0, j1, 1.0);  // (s), then A of (2) in place
+    fastssl::exp_weights(a, inv_tau, tile_shift(fixed, inv_tau, row_lse, col_lse, i0, i1, j0, j1), u.slice(0, i0, i1),
+                         with_cols ? v.slice(0, j0, j1) : at::Tensor(), tile_drop(self_offset, i0, j0));
     products.weighted(a, i0, i1, j0, j1, parts);
   });
   at::Tensor grad_inv_tau = (q * dq).sum();  // (3)

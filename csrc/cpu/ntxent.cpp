@@ -18,7 +18,8 @@
 //     needed and e_ij = exp(s_ij - m) serves row i and row j alike. Every e_ij >= exp(-2/tau)
 //     stays a normal float while 2/tau <= 80; beyond that (tau < 0.025) rows whose every
 //     neighbour is far away would underflow, so a first pass finds each row's max s_ij and
-//     the sums use that per-row shift (two exponentials per pair instead of one).
+//     the sums use that per-row shift (two exponentials per pair instead of one, in the same
+//     elementwise pass: fastssl::exp_sums / exp_weights with a fastssl::Shift per row).
 //
 // Threads: stripes I and T-1-I are processed together, column by column, the columns J shared among
 // threads (reduce_upper_tiles). Rows of J are then written by one thread only; rows of the stripes go
@@ -89,28 +90,25 @@ void reduce_upper_tiles(int64_t n, at::Tensor& out, Combine op, double identity,
   }
 }
 
-// s_ij - shift_i for the tile: inv_tau r_i r_j X_I X_J^T - shift_i.
-at::Tensor tile_scores(const fastssl::TileProducts& products, const at::Tensor& r, double inv_tau, int64_t i0, int64_t i1,
-                       int64_t j0, int64_t j1, const at::Tensor& neg_shift_i) {
-  return products.scores(i0, i1, j0, j1, inv_tau)
-      .mul_(r.slice(0, i0, i1).unsqueeze(1))
-      .mul_(r.slice(0, j0, j1).unsqueeze(0))
-      .add_(neg_shift_i);
-}
-
-// max_{j != i} s_ij for every row: the per-row shift when the fixed one may underflow.
+// max_{j != i} s_ij for every row, s_ij = inv_tau r_i r_j x_i . x_j: the per-row shift when the fixed
+// one may underflow.
 at::Tensor row_max(const fastssl::TileProducts& products, const at::Tensor& r, double inv_tau) {
   const int64_t n = r.size(0);
   const double lowest = -std::numeric_limits<double>::infinity();
   at::Tensor out = at::full({n, 1}, lowest, r.options());
-  const at::Tensor zero = at::zeros({1, 1}, r.options());
   reduce_upper_tiles(n, out, Combine::kMax, lowest,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
-                       at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, zero);
-                       if (diagonal) s.fill_diagonal_(lowest);
-                       parts.combine(std::get<0>(s.max(1, true)), diagonal ? at::Tensor() : std::get<0>(s.max(0)).unsqueeze(1));
+                       fastssl::score_max(products.scores(i0, i1, j0, j1, 1.0), inv_tau, diagonal ? 0 : fastssl::kKeepAll,
+                                          parts, r.slice(0, i0, i1), r.slice(0, j0, j1));
                      });
   return out.squeeze(1);
+}
+
+// The tile's exponent shift: m for every pair (a), or per row and column, from v [N] (b).
+fastssl::Shift tile_shift(bool fixed, double inv_tau, const at::Tensor& v, int64_t i0, int64_t i1, int64_t j0,
+                          int64_t j1) {
+  if (fixed) return fastssl::Shift{inv_tau};
+  return fastssl::Shift{0.0, v.slice(0, i0, i1), v.slice(0, j0, j1)};
 }
 
 // r [N] in x's dtype, contiguous.
@@ -126,30 +124,15 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& x_in, const at::Tensor& r_in, do
   const at::Tensor r = inverse_norms(r_in, x, "ntxent_lse_fwd_cpu");
   const int64_t n = x.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
-  // shift_i = m for every row (a), or the row's own max (b).
   const fastssl::TileProducts products(x, x, false);
+  // shift_i = m for every row (a), or the row's own max (b); S is symmetric, so column j's is row j's
   const at::Tensor shift = fixed ? at::full({n}, inv_tau, x.options()) : row_max(products, r, inv_tau);
-  const at::Tensor neg_shift = -shift.unsqueeze(1);
   at::Tensor sums = at::zeros({n, 1}, x.options());
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
-                       if (fixed) {  // e_ij = exp(s_ij - m) serves row i and row j: one pass
-                         const at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
-                         fastssl::exp_sums(e, inv_tau, inv_tau, diagonal ? 0 : fastssl::kKeepAll, parts,
-                                           r.slice(0, i0, i1), r.slice(0, j0, j1));
-                         return;
-                       }
-                       // s_ij - shift_i
-                       at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
-                       at::Tensor e_row = s.exp();
-                       if (diagonal) {
-                         e_row.fill_diagonal_(0);
-                         parts.combine(e_row.sum(1, true), at::Tensor());
-                         return;
-                       }
-                       // s_ij - shift_j = (s_ij - shift_i) + shift_i - shift_j
-                       at::Tensor e_col = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
-                       parts.combine(e_row.sum(1, true), e_col.sum(0).unsqueeze(1));
+                       const at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
+                       fastssl::exp_sums(e, inv_tau, tile_shift(fixed, inv_tau, shift, i0, i1, j0, j1),
+                                         diagonal ? 0 : fastssl::kKeepAll, parts, r.slice(0, i0, i1), r.slice(0, j0, j1));
                      });
   return shift + sums.squeeze(1).log();
 }
@@ -163,28 +146,18 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x_in
   const at::Tensor lse = lse_in.to(x.scalar_type()).contiguous();
   const int64_t n = x.size(0);
   const bool fixed = fixed_shift_is_exact(inv_tau);
-  // (b): P_ij = e_ij c_i with c_i = exp(m - lse_i) <= exp(2/tau), finite under the same bound.
+  // (a): P_ij = e_ij c_i with c_i = exp(m - lse_i) <= exp(2/tau), finite under the same bound, so
+  // A_ij = e_ij (u_i + u_j) with u_i = g_i c_i; (b): P_ij = exp(s_ij - lse_i), u_i = g_i.
   const at::Tensor u = fixed ? g * (inv_tau - lse).exp() : g;
-  const at::Tensor neg_shift = fixed ? at::full({n, 1}, -inv_tau, x.options()) : -lse.unsqueeze(1);
   const fastssl::TileProducts products(x, x, true);
   at::Tensor grad = products.cols_like(n);
   reduce_upper_tiles(
       n, grad, Combine::kSum, 0.0,
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
-        const at::Tensor r_i = r.slice(0, i0, i1), r_j = r.slice(0, j0, j1);
-        // B_ij = r_i r_j (g_i P_ij + g_j P_ji), from (2)
-        at::Tensor b;
-        if (fixed) {  // P_ij = e_ij c_i, P_ji = e_ij c_j: A_ij = e_ij (u_i + u_j) in one pass
-          b = products.scores(i0, i1, j0, j1, 1.0);
-          fastssl::exp_weights(b, inv_tau, inv_tau, u.slice(0, i0, i1), u.slice(0, j0, j1),
-                               diagonal ? 0 : fastssl::kKeepAll, r_i, r_j);
-        } else {  // P_ij = exp(s_ij - lse_i), P_ji = exp(s_ij - lse_j); s is s_ij - shift_i
-          at::Tensor s = tile_scores(products, r, inv_tau, i0, i1, j0, j1, neg_shift.slice(0, i0, i1));
-          at::Tensor p_ji = (s - neg_shift.slice(0, i0, i1) + neg_shift.slice(0, j0, j1).t()).exp_();
-          b = s.exp_().mul_(u.slice(0, i0, i1).unsqueeze(1)).add_(p_ji.mul_(u.slice(0, j0, j1).unsqueeze(0)));
-          b.mul_(r_i.unsqueeze(1)).mul_(r_j.unsqueeze(0));
-          if (diagonal) b.fill_diagonal_(0);
-        }
+        // B_ij = r_i r_j (g_i P_ij + g_j P_ji), from (2), in place of the tile's products
+        at::Tensor b = products.scores(i0, i1, j0, j1, 1.0);
+        fastssl::exp_weights(b, inv_tau, tile_shift(fixed, inv_tau, lse, i0, i1, j0, j1), u.slice(0, i0, i1),
+                             u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll, r.slice(0, i0, i1), r.slice(0, j0, j1));
         products.weighted(b, i0, i1, j0, j1, parts);
       });
   return grad.mul_(inv_tau).to(x_in.scalar_type()).contiguous();
