@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import fastssl
+from benchmarks.bench_autoattack import digits_classifier
 
 
 @pytest.fixture(scope="module")
 def digits():
     """(model, x, y): a CNN trained 4 epochs on 1500 digits (8×8, in [0, 1]); 48 held-out points."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(d.target)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 32), nn.ReLU(),
-        nn.Linear(32, 10),
-    )  # fmt: skip
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(4):
-        perm = torch.randperm(1500)
-        for i in range(0, 1500, 100):
-            b = perm[i : i + 100]
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), x[1500:1548], y[1500:1548]
+    return digits_classifier(48)
 
 
 def _check(model, x, y, x_adv, robust, eps):
