@@ -156,8 +156,17 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x_in
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
         // B_ij = r_i r_j (g_i P_ij + g_j P_ji), from (2), in place of the tile's products
         at::Tensor b = products.scores(i0, i1, j0, j1, 1.0);
-        fastssl::exp_weights(b, inv_tau, tile_shift(fixed, inv_tau, lse, i0, i1, j0, j1), u.slice(0, i0, i1),
-                             u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll, r.slice(0, i0, i1), r.slice(0, j0, j1));
+        const fastssl::Shift shift = tile_shift(fixed, inv_tau, lse, i0, i1, j0, j1);
+        const at::Tensor r_i = r.slice(0, i0, i1), r_j = r.slice(0, j0, j1);
+        if (!diagonal) {  // pair (i, j) is this entry alone: P_ij and P_ji both from its s_ij
+          fastssl::exp_weights(b, inv_tau, shift, u.slice(0, i0, i1), u.slice(0, j0, j1), fastssl::kKeepAll, r_i, r_j);
+        } else {
+          // The tile holds s_ij and s_ji, two dot products that may differ in the last bit, and the
+          // forward summed row j's terms from s_ji: so P_ji is taken from entry (j, i), B = C + C^T
+          // with C_ij = r_i r_j g_i P_ij. At |s| ~ 1/tau = 1e8 an fp32 ulp is 8, e^8 in P_ji.
+          fastssl::exp_weights(b, inv_tau, shift, u.slice(0, i0, i1), at::zeros_like(r_j), 0, r_i, r_j);
+          b = (b + b.t()).contiguous();
+        }
         products.weighted(b, i0, i1, j0, j1, parts);
       });
   return grad.mul_(inv_tau).to(x_in.scalar_type()).contiguous();
