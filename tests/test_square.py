@@ -67,6 +67,33 @@ def test_global_generator():
     assert torch.equal(torch.get_rng_state(), their_state)
 
 
+def test_lone_point_scores_queries_ahead():
+    """A lone point that resists: the sequential run's result and generator state, from far fewer
+    forwards than queries (the look-ahead grows k while no query is accepted; it had stayed at 1
+    for a single point, one forward per query)."""
+    import torchattacks
+
+    model = _RowWise(_model()).eval()
+    x, y = _data(model, 16)
+    eps, queries = 0.03, 1000
+    theirs = torchattacks.Square(model, eps=eps, n_queries=queries, resc_schedule=False, seed=3)(x, y)
+    with torch.no_grad():
+        robust = (model(theirs).argmax(1) == y).nonzero().view(-1)
+    assert len(robust) > 0
+    x, y = x[robust[:1]], y[robust[:1]]
+    theirs = torchattacks.Square(model, eps=eps, n_queries=queries, resc_schedule=False, seed=3)(x, y)
+    their_state = torch.get_rng_state()
+    forwards = []
+    counted = _RowWise(model.model)
+    counted.register_forward_hook(lambda *_: forwards.append(1))
+    gen = torch.Generator().manual_seed(3)
+    ours, success = fastssl.square_attack(counted, x, y, eps=eps, queries=queries, generator=gen)
+    assert not bool(success.any())
+    assert torch.equal(ours, theirs)
+    assert torch.equal(gen.get_state(), their_state)
+    assert len(forwards) < queries / 4, len(forwards)
+
+
 def test_plain_model_robust_accuracy():
     """On the batched model itself: the same points broken as torchattacks' Square."""
     import torchattacks
