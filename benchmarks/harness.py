@@ -98,10 +98,16 @@ def device_name() -> str:
 def _version() -> tuple[str, str]:
     import fastssl
 
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10)
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10
-        ).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        # "-dirty" when tracked files other than the results differ from HEAD: the rows then come
+        # from a tree that no commit holds
+        beside_results = (":(top)", ":(top,exclude)benchmarks/results")
+        if commit and git("diff", "--quiet", "HEAD", "--", *beside_results).returncode == 1:
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return fastssl.__version__, commit
