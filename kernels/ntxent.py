@@ -216,10 +216,16 @@ def _ntxent_lse_bwd_kernel(
             g_j = tl.load(G_ptr + rows_j * G_stride_n, mask=ok_j, other=0.0).to(ACC) * inv_tau
             lse_j = tl.load(Lse_ptr + rows_j * Lse_stride_n, mask=ok_j, other=0.0).to(ACC)
             if ROW_SHIFT:
-                # backward, row shift: A_ij = (g_i/τ)·exp(s_ij − lse_i) + (g_j/τ)·exp(s_ij − lse_j), s
-                # rounded as in the forward ("forward matches backward"); masked pairs give exp(−∞) = 0
+                # backward, row shift: A_ij = (g_i/τ)·exp(s_ij − lse_i) + (g_j/τ)·exp(s_ji − lse_j), s
+                # rounded as in the forward ("forward matches backward"); masked pairs give exp(−∞) = 0.
+                # Off the diagonal s_ji is this entry's s_ij; on it, entry (j, i), which the forward
+                # summed for row j (the two dot products may differ in the last bit): A = C + Cᵀ
                 s = tl.where(keep, dots * inv_tau, float("-inf"))
-                a = g_i[:, None] * tl.exp(s - lse_i[:, None]) + g_j[None, :] * tl.exp(s - lse_j[None, :])
+                c = g_i[:, None] * tl.exp(s - lse_i[:, None])
+                if I == J:
+                    a = c + tl.trans(c)
+                else:
+                    a = c + g_j[None, :] * tl.exp(s - lse_j[None, :])
             else:
                 # backward, fixed shift: A_ij = e_ij·(u_i + u_j), one exponential per pair
                 u_j = g_j * tl.exp(inv_tau - lse_j)
