@@ -19,6 +19,10 @@ bool left_out(int64_t i, int64_t drop, int64_t c) { return drop != kKeepAll && i
 // The shift is one number for every pair (rs, cs nullptr: e_ij = exp(x_ij - shift) feeds row i and
 // column j alike) or per row and per column (row i sums exp(x_ij - rs_i), column j exp(x_ij - cs_j):
 // two exponentials per pair).
+// The four loops are spelled out: a generic lambda around them (one instance per column scale, as
+// score_max_rows does for its short loop) was not inlined, and a lambda is not cloned per ISA
+// (FASTSSL_ROW_KERNEL), so every clone called baseline code (`nm -C` of the extension shows a lambda
+// that was not inlined as a symbol of its own; it shows none for these row kernels).
 // One pass per row, kLanes columns at a time: each e_ij goes into the row's partial sums (a register)
 // and the column sum, and is not stored (the sums are all the forward needs), so the tile is read once.
 // The sums are added to row and col.
@@ -115,8 +119,8 @@ FASTSSL_ROW_KERNEL void exp_weights_rows(T* a, int64_t r, int64_t c, T scale, T 
 // Row and column maxima of x_ij = scale w_i wc_j s_ij (max is exact in any order), the left-out pair
 // not counted; col may be nullptr.
 template <class T>
-FASTSSL_ROW_KERNEL void max_rows(const T* s, int64_t r, int64_t c, T scale, int64_t drop, T* row, T* col, const T* w,
-                                 const T* wc) {
+FASTSSL_ROW_KERNEL void score_max_rows(const T* s, int64_t r, int64_t c, T scale, int64_t drop, T* row, T* col,
+                                       const T* w, const T* wc) {
   const T lowest = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < r; ++i) {
     const T* p = s + i * c;
@@ -174,9 +178,9 @@ void score_max(const at::Tensor& s, double scale, int64_t drop, const TileOut& o
                         (!cols || (out.cols.is_contiguous() && out.cols.numel() == c)));
   at::Tensor hold_w, hold_wc;
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "score_max", [&] {
-    max_rows(s.const_data_ptr<scalar_t>(), r, c, static_cast<scalar_t>(scale), drop, out.rows.data_ptr<scalar_t>(),
-             cols ? out.cols.data_ptr<scalar_t>() : nullptr, scales_ptr<scalar_t>(w, s, r, hold_w),
-             scales_ptr<scalar_t>(w_cols, s, c, hold_wc));
+    score_max_rows(s.const_data_ptr<scalar_t>(), r, c, static_cast<scalar_t>(scale), drop,
+                   out.rows.data_ptr<scalar_t>(), cols ? out.cols.data_ptr<scalar_t>() : nullptr,
+                   scales_ptr<scalar_t>(w, s, r, hold_w), scales_ptr<scalar_t>(w_cols, s, c, hold_wc));
   });
 }
 

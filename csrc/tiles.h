@@ -153,6 +153,14 @@ struct Shift {
   at::Tensor rows, cols;
 };
 
+// The shift of tile (i0..i1, j0..j1): m for every pair when fixed, else rows[i0:i1] and cols[j0:j1]
+// (cols undefined: no column sums).
+inline Shift tile_shift(bool fixed, double m, const at::Tensor& rows, const at::Tensor& cols, int64_t i0, int64_t i1,
+                        int64_t j0, int64_t j1) {
+  if (fixed) return Shift{m};
+  return Shift{0.0, rows.slice(0, i0, i1), cols.defined() ? cols.slice(0, j0, j1) : at::Tensor()};
+}
+
 // Raises out.rows [R, 1] to the row maxima of x_rc = scale w_r w'_c s_rc over a contiguous [R, C]
 // fp32/fp64 tile s and, when out.cols is defined, out.cols [C, 1] to the column maxima, the left-out
 // pair not counted (out.op is kMax): the per-row shifts of the kernels where the fixed one may

@@ -1127,7 +1127,7 @@ def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tenso
     # sequential run draws `stop` iterations, stop > every iteration a point was still active at
     drawn, base, states, stop = 0, 0, [], 0
     k, lines = 1, torch.arange(max(h, w), device=dev)
-    tried = took_sum = 0.0  # decayed counts of the queries consumed and accepted, for k
+    recent_consumed = recent_accepted = 0.0  # decayed counts of the queries consumed and accepted, for k
     while len(ids):
         k = min(k, max(1, LOOKAHEAD_VALUES // (len(ids) * c * h * w)))
         last = int(it.max())
@@ -1181,8 +1181,9 @@ def _square_rows(model, x, y, eps, queries, p_init, rescale, generator) -> Tenso
         # the last few forwards (counts decayed by 3/4 per forward); none accepted yet: the rate is
         # below 1 / consumed, so k doubles past it (consumed / 1 kept a lone point's k at 1: 5000
         # forwards of one row)
-        tried, took_sum = 0.75 * tried + consumed, 0.75 * took_sum + accepted
-        k = min(LOOKAHEAD, max(1, round(tried / took_sum) if took_sum else 2 * consumed))
+        recent_consumed = 0.75 * recent_consumed + consumed
+        recent_accepted = 0.75 * recent_accepted + accepted
+        k = min(LOOKAHEAD, max(1, round(recent_consumed / recent_accepted) if recent_accepted else 2 * consumed))
         done = (margin_a <= 0) | (it >= queries)
         if bool(done.any()):
             best[ids[done]] = best_a[done]

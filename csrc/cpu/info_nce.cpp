@@ -40,6 +40,7 @@ namespace {
 using fastssl::Combine;
 using fastssl::fixed_shift_is_exact;
 using fastssl::reduce_tiles;
+using fastssl::tile_shift;
 using fastssl::unit_rows;
 
 // Rows read from bf16: where the micro-kernels are missing, the forward's tile products may still take
@@ -51,14 +52,6 @@ bool bf16_rows(const at::Tensor& q, const at::Tensor& k) {
 // The left-out pair's column offset in tile (i0.., j0..) for fastssl::exp_sums / exp_weights.
 int64_t tile_drop(int64_t self_offset, int64_t i0, int64_t j0) {
   return self_offset >= 0 ? i0 + self_offset - j0 : fastssl::kKeepAll;
-}
-
-// The tile's exponent shift: m for every pair, or row i's and column j's own, from rows [M] and cols
-// [N] (cols undefined without column sums).
-fastssl::Shift tile_shift(bool fixed, double inv_tau, const at::Tensor& rows, const at::Tensor& cols, int64_t i0,
-                          int64_t i1, int64_t j0, int64_t j1) {
-  if (fixed) return fastssl::Shift{inv_tau};
-  return fastssl::Shift{0.0, rows.slice(0, i0, i1), cols.defined() ? cols.slice(0, j0, j1) : at::Tensor()};
 }
 
 }  // namespace

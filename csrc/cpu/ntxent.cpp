@@ -104,13 +104,6 @@ at::Tensor row_max(const fastssl::TileProducts& products, const at::Tensor& r, d
   return out.squeeze(1);
 }
 
-// The tile's exponent shift: m for every pair (a), or per row and column, from v [N] (b).
-fastssl::Shift tile_shift(bool fixed, double inv_tau, const at::Tensor& v, int64_t i0, int64_t i1, int64_t j0,
-                          int64_t j1) {
-  if (fixed) return fastssl::Shift{inv_tau};
-  return fastssl::Shift{0.0, v.slice(0, i0, i1), v.slice(0, j0, j1)};
-}
-
 // r [N] in x's dtype, contiguous.
 at::Tensor inverse_norms(const at::Tensor& r, const at::Tensor& x, const char* fn) {
   TORCH_CHECK(r.dim() == 1 && r.size(0) == x.size(0), fn, ": r must be [", x.size(0), "], got ", r.sizes());
@@ -131,7 +124,7 @@ at::Tensor ntxent_lse_fwd_cpu(const at::Tensor& x_in, const at::Tensor& r_in, do
   reduce_upper_tiles(n, sums, Combine::kSum, 0.0,
                      [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
                        const at::Tensor e = products.scores(i0, i1, j0, j1, 1.0);
-                       fastssl::exp_sums(e, inv_tau, tile_shift(fixed, inv_tau, shift, i0, i1, j0, j1),
+                       fastssl::exp_sums(e, inv_tau, fastssl::tile_shift(fixed, inv_tau, shift, shift, i0, i1, j0, j1),
                                          diagonal ? 0 : fastssl::kKeepAll, parts, r.slice(0, i0, i1), r.slice(0, j0, j1));
                      });
   return shift + sums.squeeze(1).log();
@@ -156,7 +149,7 @@ at::Tensor ntxent_lse_bwd_cpu(const at::Tensor& grad_lse, const at::Tensor& x_in
       [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool diagonal, const fastssl::TileOut& parts) {
         // B_ij = r_i r_j (g_i P_ij + g_j P_ji), from (2), in place of the tile's products
         at::Tensor b = products.scores(i0, i1, j0, j1, 1.0);
-        const fastssl::Shift shift = tile_shift(fixed, inv_tau, lse, i0, i1, j0, j1);
+        const fastssl::Shift shift = fastssl::tile_shift(fixed, inv_tau, lse, lse, i0, i1, j0, j1);
         const at::Tensor r_i = r.slice(0, i0, i1), r_j = r.slice(0, j0, j1);
         if (!diagonal || fixed) {  // P_ij and P_ji both from entry (i, j)
           fastssl::exp_weights(b, inv_tau, shift, u.slice(0, i0, i1), u.slice(0, j0, j1), diagonal ? 0 : fastssl::kKeepAll,
