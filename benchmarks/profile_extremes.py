@@ -44,12 +44,28 @@ def cases(gen):
     def siglip(scale):
         return fastssl.siglip_loss(x, y, scale=scale, bias=-scale)
 
+    def dino_at(**kw):  # the prototype losses at unit features (weights x4), one setting changed
+        return fastssl.dino_loss(student, teacher, weight * 4, teacher_weight * 4, **kw)
+
+    z, prototypes = _leaf(8 * 256, 128, gen=gen, unit=True), _leaf(3000, 128, gen=gen, unit=True)
+    k2 = _leaf(4096, 128, gen=gen)
+
     return [
         ("nt_xent B=4096 D=128, temperature", 0.1, 0.003, lambda t: fastssl.nt_xent(q, k, temperature=t)),
         ("info_nce M=4096 D=128, temperature", 0.1, 0.003, lambda t: fastssl.info_nce(q, k, temperature=t)),
         ("siglip M=4096 D=256, scale (bias = -scale)", 10.0, 100.0, siglip),
         ("mochi B=256 K=65536, temperature", 0.2, 0.01, lambda t: fastssl.mochi_loss(qm, key, queue, temperature=t)),
         ("dino B=64 2+6 crops K=65536, feature norm (weights x4)", 0.25, 16.0, dino),
+        ("dino, student temperature", 0.1, 0.01, lambda t: dino_at(student_temperature=t)),
+        ("dino, teacher temperature", 0.04, 0.005, lambda t: dino_at(teacher_temperature=t)),
+        ("dino sinkhorn, teacher temperature", 0.04, 0.005,
+         lambda t: dino_at(teacher_temperature=t, centering="sinkhorn")),
+        ("swav B=256 8 crops K=3000, epsilon", 0.05, 0.005, lambda e: fastssl.swav_loss(z, prototypes, epsilon=e)),
+        ("swav, temperature", 0.1, 0.005, lambda t: fastssl.swav_loss(z, prototypes, temperature=t)),
+        ("uniformity N=4096 D=128, t", 2.0, 50.0, lambda t: fastssl.uniformity_loss(q, t=t)),
+        ("dcl B=4096 D=128, temperature", 0.1, 0.003, lambda t: fastssl.dcl_loss(q, k2, temperature=t)),
+        ("koleo N=4096, rows duplicated (0 no, 1 yes)", 0, 1,
+         lambda dup: fastssl.koleo_loss(torch.cat([q[:2048], q[:2048]]) if dup else q)),
     ]
 
 
